@@ -1,0 +1,33 @@
+# lorarar: `make demo` runs the built-in demo, `make test` the tests. Both set up .venv/ first (idempotent).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lorarar-installed
+# CPU machines get the local CPU build of torch; a machine with an NVIDIA driver takes pip's default build.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench lint clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
+	$(PY) -m pip install -q --no-build-isolation -e ".[diffusers,triton,test]"
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/lorarar demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-only
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lorarar_kernels python_api tests bench
+
+clean:
+	rm -rf build $(VENV)

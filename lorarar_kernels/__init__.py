@@ -1,0 +1,49 @@
+"""lorarar_kernels: the LoRA.rar merge engine. ``import lorarar_kernels as lk``.
+
+    m = lk.merge(unet, lk.LoRA.load("dog.safetensors"), lk.LoRA.load("watercolour.safetensors"),
+                 lk.Hypernet.load("hypernet.pth"))
+    ...                      # generate: the UNet runs at full speed, no adapters
+    lk.merge(unet, c2, s2, hypernet)   # hot swap
+    m.restore()              # original weights, bit for bit
+"""
+
+from .dispatch import backends
+from .errors import (
+    BackendUnavailableError,
+    LayerMismatchError,
+    LoraFileError,
+    LoraRarError,
+    TargetModifiedError,
+)
+from .hypernet import Hypernet
+from .lora import LoRA, LoRALayer
+from .merge import Merge, current, merge, merged_adapter, restore, target_lock
+
+
+def compiled_with_cuda() -> bool:
+    """Whether the native extension was built with its CUDA kernels."""
+    try:
+        from .ops.native import compiled_with_cuda as _cwc
+    except Exception:
+        return False
+    return bool(_cwc())
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "Hypernet",
+    "LayerMismatchError",
+    "LoRA",
+    "LoRALayer",
+    "LoraFileError",
+    "LoraRarError",
+    "Merge",
+    "TargetModifiedError",
+    "backends",
+    "compiled_with_cuda",
+    "current",
+    "merge",
+    "merged_adapter",
+    "restore",
+    "target_lock",
+]

@@ -1,0 +1,324 @@
+"""Merging a (content, style) pair into a model's weights in place; hot swap; bit-exact restore.
+
+A merge is *prepare* (read and validate everything, compute coefficients and factors; may synchronise)
+then *apply* (one pass over the touched weights through a backend; nothing can fail there on bad input).
+Swap semantics (DESIGN.md section 4): the result of any merge equals a fresh merge onto the original
+weights; layers touched only by the previous pair are restored; `restore` puts every original bit back.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .errors import LayerMismatchError, LoraRarError, TargetModifiedError
+from .hypernet import Hypernet
+from .lora import LoRA
+from .ops import ApplyJob
+from .plan import LayerFactors, plan_pair
+
+KEEP_MODES = ("device", "host", "none")
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Layer:
+    """Engine state of one touched layer."""
+
+    param: torch.Tensor
+    snapshot: torch.Tensor | None  # original weights (device or host copy); None in keep_original="none"
+    stamp: tuple[int, int] = (0, 0)  # (param._version, data_ptr) after the engine's last write
+    applied: LayerFactors | None = None  # the delta currently in the weights
+
+
+@dataclass
+class _TargetState:
+    keep: str | None = None
+    layers: dict[str, _Layer] = field(default_factory=dict)
+    current: Merge | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+_STATES: weakref.WeakKeyDictionary[nn.Module, _TargetState] = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _unwrap(target: nn.Module) -> nn.Module:
+    """Look through ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``)."""
+    if not isinstance(target, nn.Module):
+        raise LoraRarError(f"merge target must be a torch.nn.Module, got {type(target).__name__}")
+    while isinstance(getattr(target, "_orig_mod", None), nn.Module):
+        target = target._orig_mod
+    return target
+
+
+def _state(target: nn.Module) -> _TargetState:
+    root = _unwrap(target)
+    with _STATES_LOCK:
+        st = _STATES.get(root)
+        if st is None:
+            st = _STATES[root] = _TargetState()
+        return st
+
+
+def target_lock(target: nn.Module) -> threading.RLock:
+    """The lock every merge, swap and restore of ``target`` holds; hold it to keep weights still."""
+    return _state(target).lock
+
+
+class Merge:
+    """Handle of one merge. ``restore()`` from any handle restores the target's original weights."""
+
+    def __init__(self, target, plan, backend, timings, content, style) -> None:
+        self._target = weakref.ref(target)
+        self.plan: dict[str, LayerFactors] = plan
+        self.backend: str = backend
+        self.timings: dict[str, float] = timings
+        self.content: LoRA | None = content
+        self.style: LoRA | None = style
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.plan)
+
+    @property
+    def coefficients(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``name -> (m_c, m_s)`` for the layers merged with hypernetwork coefficients."""
+        return {
+            n: (f.col_scale[0].detach(), f.col_scale[1].detach())
+            for n, f in self.plan.items()
+            if f.mode == "hypernet"
+        }
+
+    @property
+    def is_current(self) -> bool:
+        target = self._target()
+        return target is not None and _state(target).current is self
+
+    def restore(self) -> None:
+        """Put the original weights of every layer the engine touched on this target back."""
+        target = self._target()
+        if target is not None:
+            restore(target)
+
+    def export(self, dtype: torch.dtype = torch.float32) -> LoRA:
+        """The merged pair as one LoRA of rank r_c + r_s per layer, scale 1 (diffusers-loadable)."""
+        return LoRA({n: f.as_lora_layer(dtype) for n, f in self.plan.items()}, source="merged adapter")
+
+    def __repr__(self) -> str:
+        return f"Merge({len(self.plan)} layers, backend={self.backend!r}, current={self.is_current})"
+
+
+def _as_lora(x, unet_config) -> LoRA | None:
+    if x is None or isinstance(x, LoRA):
+        return x
+    if isinstance(x, (str, os.PathLike)):
+        return LoRA.load(x, unet_config=unet_config)
+    raise LoraRarError(f"expected a LoRA, a path or None, got {type(x).__name__}")
+
+
+def _modules(root: nn.Module) -> dict[str, nn.Module]:
+    return {n.replace("_orig_mod.", ""): m for n, m in root.named_modules()}
+
+
+def _check_target(name: str, f: LayerFactors, modules, state: _TargetState) -> torch.Tensor:
+    """The layer's weight Parameter if the delta fits it; LayerMismatchError otherwise."""
+    module = modules.get(name)
+    if module is None:
+        hint = [n for n in modules if n.endswith(name.rsplit(".", 2)[-1])][:3]
+        raise LayerMismatchError(f"layer {name!r} is not a module of the target (similar: {hint})")
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise LayerMismatchError(f"layer {name!r}: module {type(module).__name__} has no weight tensor")
+    out_f, in_f = f.up.shape[0], f.down.shape[1]
+    if w.dim() < 2 or w.shape[0] != out_f or w[0].numel() != in_f:
+        raise LayerMismatchError(
+            f"layer {name!r}: LoRA delta is [{out_f}, {in_f}] but the weight is {list(w.shape)}"
+        )
+    if w.dtype not in WEIGHT_DTYPES:
+        raise LayerMismatchError(f"layer {name!r}: weight dtype {w.dtype} unsupported (fp32/fp16/bf16 only)")
+    if not w.is_contiguous():
+        raise LayerMismatchError(f"layer {name!r}: weight is not contiguous")
+    known = state.layers.get(name)
+    if known is not None and known.param is not w:
+        raise TargetModifiedError(f"layer {name!r}: its weight Parameter was replaced since the last merge")
+    return w
+
+
+def _check_untouched(state: _TargetState) -> None:
+    for name, layer in state.layers.items():
+        p = layer.param
+        if (p._version, p.data_ptr()) != layer.stamp:
+            raise TargetModifiedError(
+                f"layer {name!r}: weights changed outside lorarar since its last merge "
+                f"(version {layer.stamp[0]} -> {p._version}, storage moved: {p.data_ptr() != layer.stamp[1]}); "
+                "refusing to overwrite them. Rebuild or reload the model, then merge again"
+            )
+
+
+def merge(
+    target: nn.Module,
+    content: LoRA | str | os.PathLike | None,
+    style: LoRA | str | os.PathLike | None,
+    hypernet: Hypernet | None = None,
+    *,
+    backend: str = "auto",
+    coefficients: Mapping[str, tuple] | None = None,
+    hyper_parts: Sequence[str] = ("to_q", "to_out.0"),
+    keep_original: str | None = None,
+) -> Merge:
+    """Write ``W = W_original + dW_merged`` into ``target``'s weights in place; a hot swap if merged before.
+
+    target: an ``nn.Module`` (UNet, possibly ``torch.compile``d); content/style: `LoRA`s or paths (one may be
+    None); hypernet: coefficients for ``hyper_parts`` layers present in both (None: plain sum everywhere);
+    coefficients: ``{name: (m_c [in], m_s [in])}`` overriding any layer; backend: "auto" or a name from
+    `lorarar_kernels.backends`; keep_original: where the original weights are kept on the first merge —
+    "device" (default), "host", or "none" (swap/restore by subtracting the old delta: not bit-exact, error
+    below ``(k + 1) / 2`` ulp of the weight after k swaps plus fp32 rounding of the deltas).
+    Everything is validated before the first weight is written; errors are `LoraRarError`s.
+    """
+    root = _unwrap(target)
+    state = _state(root)
+    if keep_original is not None and keep_original not in KEEP_MODES:
+        raise LoraRarError(f"keep_original must be one of {KEEP_MODES}, got {keep_original!r}")
+    with state.lock:
+        t0 = time.perf_counter()
+        if state.keep is not None and keep_original not in (None, state.keep):
+            raise LoraRarError(
+                f"target was first merged with keep_original={state.keep!r}; restore() before changing it"
+            )
+        keep = state.keep or keep_original or "device"
+        unet_config = getattr(root, "config", None)
+        content, style = _as_lora(content, unet_config), _as_lora(style, unet_config)
+        modules = _modules(root)
+        weights: dict[str, torch.Tensor] = {}
+        # Names and shapes first (cheap, clear errors), then factors and coefficients on the weights' device.
+        for lora in (content, style):
+            for name, layer in (lora.unet_layers() if lora is not None else {}).items():
+                probe = LayerFactors(name, "", layer.up.reshape(layer.up.shape[0], -1),
+                                     layer.down.reshape(layer.down.shape[0], -1), None, 0, ())
+                try:
+                    weights[name] = _check_target(name, probe, modules, state)
+                except LayerMismatchError as exc:
+                    raise type(exc)(f"{lora.source}: {exc}") from None
+        _check_untouched(state)
+        devices = {w.device for w in weights.values()}
+        device = devices.pop() if len(devices) == 1 else None
+        if device is None and weights:
+            raise LoraRarError(f"touched weights span several devices; not supported ({devices})")
+        plan = plan_pair(content, style, hypernet, coefficients=coefficients, hyper_parts=hyper_parts,
+                         device=device or "cpu")
+        chosen = {}
+        for w in weights.values():
+            key = (w.device, w.dtype)
+            if key not in chosen:
+                chosen[key] = dispatch.choose(backend, w.device, w.dtype)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            _apply(state, keep, plan, weights, chosen)
+        t2 = time.perf_counter()
+        names = sorted({name for name, _ in chosen.values()})
+        handle = Merge(root, plan, names[0] if len(names) == 1 else "+".join(names),
+                       {"prepare_s": t1 - t0, "apply_s": t2 - t1}, content, style)
+        state.keep, state.current = keep, handle
+        return handle
+
+
+def _apply(state: _TargetState, keep: str, plan, weights, chosen) -> None:
+    """The pass over the weights. Inputs are validated; this only snapshots, restores and updates."""
+    jobs: dict[tuple, list[ApplyJob]] = {}
+
+    def add(name: str, w: torch.Tensor, src: torch.Tensor, f: LayerFactors, up=None, down=None, scale=True):
+        w2 = w.view(w.shape[0], -1)
+        job = ApplyJob(name, w2, src.view(w2.shape), f.up if up is None else up, f.down if down is None else down,
+                       f.col_scale.detach() if (scale and f.col_scale is not None) else None, f.split)
+        jobs.setdefault((w.device, w.dtype), []).append(job)
+
+    for name in [n for n in state.layers if n not in plan]:  # touched by the old pair only
+        layer = state.layers.pop(name)
+        _restore_layer(layer)
+    for name, f in plan.items():
+        w = weights[name]
+        layer = state.layers.get(name)
+        if layer is None:
+            snap = None
+            if keep == "device":
+                snap = w.detach().clone()
+            elif keep == "host":
+                snap = w.detach().to("cpu", copy=True)
+                if w.is_cuda:
+                    snap = snap.pin_memory()
+            layer = state.layers[name] = _Layer(w, snap)
+        if keep == "device":
+            add(name, w, layer.snapshot, f)
+        elif keep == "host":
+            w.copy_(layer.snapshot, non_blocking=True)
+            add(name, w, w, f)
+        elif layer.applied is None:
+            add(name, w, w, f)
+        else:  # keep="none": W += new - old in one rounding
+            old = layer.applied
+            up = torch.cat([f.up, -old.up], dim=1)
+            down = torch.cat([f.scaled_down().detach(), old.scaled_down().detach()], dim=0)
+            add(name, w, w, f, up=up, down=down, scale=False)
+        layer.applied = f
+    for key, group in jobs.items():
+        chosen[key][1].apply(group)
+    for layer in state.layers.values():
+        layer.stamp = (layer.param._version, layer.param.data_ptr())
+
+
+def _restore_layer(layer: _Layer) -> None:
+    w = layer.param
+    if layer.snapshot is not None:
+        w.copy_(layer.snapshot)
+    elif layer.applied is not None:
+        f = layer.applied
+        w2 = w.view(w.shape[0], -1)
+        from .ops import reference
+
+        reference.apply([ApplyJob("restore", w2, w2, -f.up, f.scaled_down().detach())])
+
+
+def restore(target: nn.Module) -> None:
+    """Put back the original weights of every layer merged into ``target`` and free the snapshot."""
+    state = _state(target)
+    with state.lock:
+        if not state.layers:
+            return
+        _check_untouched(state)
+        with torch.no_grad():
+            for layer in state.layers.values():
+                _restore_layer(layer)
+        state.layers.clear()
+        state.keep, state.current = None, None
+
+
+def current(target: nn.Module) -> Merge | None:
+    """The merge whose pair is in ``target``'s weights now, or None."""
+    return _state(target).current
+
+
+def merged_adapter(
+    content: LoRA | str | os.PathLike | None,
+    style: LoRA | str | os.PathLike | None,
+    hypernet: Hypernet | None = None,
+    *,
+    coefficients: Mapping[str, tuple] | None = None,
+    hyper_parts: Sequence[str] = ("to_q", "to_out.0"),
+    unet_config: Mapping | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoRA:
+    """The merged pair as a rank-(r_c + r_s) LoRA without touching any model (what `Merge.export` gives)."""
+    content, style = _as_lora(content, unet_config), _as_lora(style, unet_config)
+    with torch.no_grad():
+        plan = plan_pair(content, style, hypernet, coefficients=coefficients, hyper_parts=hyper_parts)
+    return LoRA({n: f.as_lora_layer(dtype) for n, f in plan.items()}, source="merged adapter")

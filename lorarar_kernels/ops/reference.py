@@ -1,0 +1,52 @@
+"""The `torch` backend: plain PyTorch, the oracle every other backend is tested against.
+
+On CPU, fp16/bf16 ``addmm_`` runs 80-200x slower than fp32 (DESIGN.md section 3), so 16-bit weights are
+upcast a block of rows at a time, updated with fp32 ``addmm_`` and rounded once on write-back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import ApplyJob, scaled_down
+
+ROWS_PER_BLOCK = 256  # rows upcast at a time: a [256, in] fp32 temporary per layer
+
+
+def unavailable(device: torch.device) -> str | None:
+    return None
+
+
+def apply(jobs: Sequence[ApplyJob]) -> None:
+    """dst = round(fp32(src) + up @ (down * S)) for every job; see `lorarar_kernels.ops`."""
+    for job in jobs:
+        apply_one(job)
+
+
+def apply_one(job: ApplyJob) -> None:
+    dst, src, up = job.dst, job.src, job.up
+    down = scaled_down(job)
+    rows = dst.shape[0]
+    if dst.dtype == torch.float32:
+        if src.data_ptr() != dst.data_ptr():
+            dst.copy_(src)
+        dst.addmm_(up, down)
+        return
+    block = ROWS_PER_BLOCK if dst.device.type == "cpu" else rows
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        tmp = src[r0:r1].to(torch.float32, copy=True)
+        tmp.addmm_(up[r0:r1], down)
+        dst[r0:r1].copy_(tmp)
+
+
+def exact(job: ApplyJob) -> torch.Tensor:
+    """fp64 ``src + up @ (down * S)`` rounded once to dst's dtype: what every backend approximates."""
+    s = None if job.col_scale is None else job.col_scale.double()
+    down = job.down.double().clone()
+    if s is not None:
+        down[: job.split] *= s[0]
+        down[job.split :] *= s[1]
+    return (job.src.double() + job.up.double() @ down).to(job.dst.dtype)

@@ -1,0 +1,155 @@
+"""Per-layer factors of a merged (content, style) pair: the low-rank form of the LoRA.rar merge rule.
+
+For a layer the merged delta is (DESIGN.md section 2)
+
+    dW = [s_c B_c | s_s B_s] @ [A_c diag(m_c) ; A_s diag(m_s)]        (rank r_c + r_s)
+
+with ``m_c = m_s = 1`` for plain-sum layers. `plan_pair` builds ``up [out, R]`` and ``down [R, in]`` in fp32
+and keeps the coefficients apart (``col_scale [2, in]``) so kernels can fold them into their tile loads.
+Nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LayerMismatchError
+from .hypernet import Hypernet, check_pair
+from .lora import LoRA, LoRALayer
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """The merged delta of one layer, ``up @ (down * S)``; see `lorarar_kernels.ops.ApplyJob`."""
+
+    name: str
+    mode: str  # "hypernet", "coefficients", "sum", "content" or "style"
+    up: torch.Tensor  # [out, R] fp32, LoRA scales folded in
+    down: torch.Tensor  # [R, in] fp32 (flattened for conv)
+    col_scale: torch.Tensor | None  # [2, in] fp32 or None
+    split: int  # rows of down from the content LoRA
+    down_shape: tuple[int, ...]  # the original down shape's tail, to rebuild conv layers on export
+
+    def scaled_down(self) -> torch.Tensor:
+        if self.col_scale is None:
+            return self.down
+        return torch.cat([self.down[: self.split] * self.col_scale[0], self.down[self.split :] * self.col_scale[1]])
+
+    def as_lora_layer(self, dtype: torch.dtype = torch.float32) -> LoRALayer:
+        """This delta as one LoRA layer of rank R and scale 1 (``down = A_cat * S``, ``up = B_cat``)."""
+        down = self.scaled_down().detach().to("cpu", dtype)
+        up = self.up.detach().to("cpu", dtype)
+        if len(self.down_shape) == 3:  # conv: [R, in, kh, kw] and [out, R, 1, 1]
+            down = down.reshape(down.shape[0], *self.down_shape)
+            up = up[:, :, None, None]
+        return LoRALayer(down.contiguous(), up.contiguous(), 1.0)
+
+
+def part_of(name: str, parts: Sequence[str]) -> str | None:
+    """The entry of ``parts`` that ``name`` ends with (``...attn1.to_out.0`` -> ``to_out.0``), else None."""
+    for p in parts:
+        if name == p or name.endswith("." + p):
+            return p
+    return None
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise LayerMismatchError(f"{what} has NaN or Inf values")
+
+
+def _coefficient_pair(name: str, given, n_in: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        m_c, m_s = given
+    except (TypeError, ValueError):
+        raise LayerMismatchError(f"coefficients[{name!r}] must be a pair (m_c, m_s)") from None
+    out = []
+    for label, m in (("m_c", m_c), ("m_s", m_s)):
+        m = torch.ones(n_in) if m is None else torch.as_tensor(m)
+        if m.shape != (n_in,):
+            raise LayerMismatchError(f"coefficients[{name!r}] {label} has shape {tuple(m.shape)}, expected ({n_in},)")
+        out.append(m.detach().to(device, torch.float32))
+    return out[0], out[1]
+
+
+def plan_pair(
+    content: LoRA | None,
+    style: LoRA | None,
+    hypernet: Hypernet | None = None,
+    *,
+    coefficients: Mapping[str, tuple] | None = None,
+    hyper_parts: Sequence[str] = ("to_q", "to_out.0"),
+    device: torch.device | str = "cpu",
+    grad: bool = False,
+) -> dict[str, LayerFactors]:
+    """Factors of every UNet layer either LoRA touches; validates everything, writes nothing.
+
+    Rule: a layer in ``coefficients`` takes those; else a ``hyper_parts`` layer present in both LoRAs takes
+    the hypernetwork's coefficients; else the plain sum (a layer in only one LoRA takes that one's delta).
+    ``grad=True`` keeps the autograd graph to the hypernetwork (training).
+    """
+    if content is None and style is None:
+        raise LayerMismatchError("merge needs at least one LoRA (content or style)")
+    device = torch.device(device)
+    c_layers = content.unet_layers() if content is not None else {}
+    s_layers = style.unet_layers() if style is not None else {}
+    for lora in (content, style):
+        if lora is not None and lora.other_layers():
+            warnings.warn(
+                f"{lora.source}: {len(lora.other_layers())} text-encoder layers are kept on the LoRA but not "
+                "merged into the UNet",
+                stacklevel=3,
+            )
+    coefficients = dict(coefficients or {})
+    unknown = sorted(set(coefficients) - set(c_layers) - set(s_layers))
+    if unknown:
+        raise LayerMismatchError(f"coefficients given for layers no LoRA touches: {unknown[:5]}")
+    names = list(c_layers) + [n for n in s_layers if n not in c_layers]
+    plan: dict[str, LayerFactors] = {}
+    with torch.set_grad_enabled(grad):
+        for name in names:
+            plan[name] = _plan_layer(
+                name, c_layers.get(name), s_layers.get(name), content, style, hypernet,
+                coefficients.get(name), hyper_parts, device,
+            )
+    return plan
+
+
+def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device) -> LayerFactors:
+    present = [(x, lora) for x, lora in ((c, content), (s, style)) if x is not None]
+    for x, lora in present:
+        for label, t in (("down", x.down), ("up", x.up)):
+            _check_finite(t, f"{lora.source}: layer {name!r} {label}")
+        if x.is_conv != present[0][0].is_conv or (x.out_features, x.in_features) != (
+            present[0][0].out_features,
+            present[0][0].in_features,
+        ):
+            raise LayerMismatchError(
+                f"layer {name!r}: content and style deltas differ in shape "
+                f"([{c.out_features}, {c.in_features}] vs [{s.out_features}, {s.in_features}])"
+            )
+    ref = present[0][0]
+    ups, downs = zip(*(x.factors(torch.float32) for x, _ in present))
+    up = torch.cat([u.to(device) for u in ups], dim=1).contiguous()
+    down = torch.cat([d.to(device) for d in downs], dim=0).contiguous()
+    split = c.rank if c is not None else 0
+    col_scale, mode = None, ("sum" if len(present) == 2 else ("content" if c is not None else "style"))
+    if given is not None:
+        if ref.is_conv:
+            raise LayerMismatchError(f"layer {name!r}: coefficients apply to linear layers only, not conv")
+        m_c, m_s = _coefficient_pair(name, given, ref.in_features, device)
+        col_scale, mode = torch.stack([m_c, m_s]), "coefficients"
+    elif hypernet is not None and c is not None and s is not None and part_of(name, hyper_parts):
+        check_pair(c, s, where=f"layer {name!r}")
+        try:
+            m_c, m_s = hypernet.coefficients(c, s)
+        except LayerMismatchError as exc:
+            raise LayerMismatchError(f"layer {name!r}: {exc}") from None
+        col_scale, mode = torch.stack([m_c, m_s]).to(device), "hypernet"
+    if col_scale is not None:
+        _check_finite(col_scale.detach(), f"layer {name!r} coefficients")
+    return LayerFactors(name, mode, up, down, col_scale, split, tuple(ref.down.shape[1:]))
