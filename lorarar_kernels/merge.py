@@ -181,8 +181,9 @@ def merge(
     None); hypernet: coefficients for ``hyper_parts`` layers present in both (None: plain sum everywhere);
     coefficients: ``{name: (m_c [in], m_s [in])}`` overriding any layer; backend: "auto" or a name from
     `lorarar_kernels.backends`; keep_original: where the original weights are kept on the first merge —
-    "device" (default), "host", or "none" (swap/restore by subtracting the old delta: not bit-exact, error
-    below ``(k + 1) / 2`` ulp of the weight after k swaps plus fp32 rounding of the deltas).
+    "device" (default), "host", or "none" (swap/restore by subtracting the old delta in one rounding: not bit-exact; after k
+    swaps the error is below ``(k + 1) / 2`` ulp of the largest intermediate weight plus the fp32
+    accumulation error of each step, tested in tests/test_merge.py).
     Everything is validated before the first weight is written; errors are `LoraRarError`s.
     """
     root = _unwrap(target)
