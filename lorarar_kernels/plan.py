@@ -58,8 +58,12 @@ def part_of(name: str, parts: Sequence[str]) -> str | None:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise LayerMismatchError(f"{what} has NaN or Inf values")
+    # One fp32 reduction instead of an elementwise mask: any NaN or Inf makes the sum non-finite.
+    if not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        bad = int((~torch.isfinite(t)).sum())
+        raise LayerMismatchError(
+            f"{what} has NaN or Inf values ({bad} of {t.numel()})" if bad else f"{what} has values too large for fp32"
+        )
 
 
 def _coefficient_pair(name: str, given, n_in: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +137,15 @@ def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device
                 f"([{c.out_features}, {c.in_features}] vs [{s.out_features}, {s.in_features}])"
             )
     ref = present[0][0]
-    ups, downs = zip(*(x.factors(torch.float32) for x, _ in present))
-    up = torch.cat([u.to(device) for u in ups], dim=1).contiguous()
-    down = torch.cat([d.to(device) for d in downs], dim=0).contiguous()
+    rank = sum(x.rank for x, _ in present)
+    up = torch.empty(ref.out_features, rank, device=device, dtype=torch.float32)
+    down = torch.empty(rank, ref.in_features, device=device, dtype=torch.float32)
+    r0 = 0
+    for x, _ in present:  # [s_c B_c | s_s B_s] and [A_c ; A_s], converted on the way in
+        r1 = r0 + x.rank
+        up[:, r0:r1].copy_(x.up.reshape(x.up.shape[0], -1)).mul_(x.scale)  # scale applied in fp32
+        down[r0:r1].copy_(x.down.reshape(x.rank, -1))
+        r0 = r1
     split = c.rank if c is not None else 0
     col_scale, mode = None, ("sum" if len(present) == 2 else ("content" if c is not None else "style"))
     if given is not None:
