@@ -1,0 +1,381 @@
+"""The `triton` backend: the pass over the weights as one grouped Triton launch per weight dtype.
+
+    dst = round(fp32(src) + up @ (down * S))   per layer, S[k, j] = col_scale[0 if k < split else 1, j]
+
+Layout (DESIGN.md section 3): a swap touches hundreds of layers, so one launch covers every layer of a
+dtype. Each layer is a row of an int64 *layer table* holding element offsets of its tensors from the
+launch's two base tensors (the group's first ``dst`` for weights, its first ``up`` for the fp32 factors),
+plus its sizes and the index of its first tile. Programs are (layer, row tile, column tile) triples,
+numbered layer after layer (a prefix sum of tile counts); a per-program int32 table names the layer.
+Offsets rather than raw addresses cast with ``.to(tl.pointer_type(...))``: both work under Triton 3.9's
+interpreter, but plain pointer arithmetic needs no cast and lets ``tl.multiple_of`` keep vector loads.
+
+Precision: the update is accumulated in fp32 by ``tl.dot``; the column scales are folded into the
+``down`` tile in fp32 as it is loaded; ``src`` is added in fp32 and the sum is rounded once to the
+weight dtype on store (round to nearest even; for bf16 done with integer ops, because the interpreter's
+fp32->bf16 cast truncates). Operand precision (``precision``): ``"ieee"`` (exact fp32 products on CUDA
+cores; default for fp32 weights) or ``"tf32"`` (default for 16-bit weights: tensor cores read ``up`` and
+``down * S`` with a 10-bit mantissa, so each product is off by up to ~2^-10 relative and the update by
+~2^-10 of its magnitude: about one fp16 ulp when |update| ~ |weight|, less for bf16). TF32 rather than
+16-bit operands: the factors are fp32 in memory (so 16-bit operands would save no bandwidth), TF32 has
+fp16's mantissa with fp32's range, and its MMA rate (~0.5 ms for SDXL's rank-128 update on an H200)
+stays under the ~0.9 ms memory floor. The interpreter computes every ``tl.dot`` in exact fp32, so on
+CPU both settings give the ``"ieee"`` result.
+
+Capture: `apply` launches kernels only, on the current stream, without host sync, once the tables of
+that set of jobs exist. They are built (and copied to the device) the first time a set of jobs is seen
+and memoised by the complete table content (addresses, shapes, dtype, split: the key *is* the table,
+so a hit can never be stale); `prepare` builds them ahead, e.g. before CUDA-graph capture. `TritonPlan`
+holds the tables and the tensors for a caller that wants no per-call host work at all.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import BackendUnavailableError, LayerMismatchError, LoraRarError
+from . import ApplyJob
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PRECISIONS = ("ieee", "tf32")
+_NF = 11  # int64 columns of the layer table, in this order:
+# dst, src, up, down, col_scale (element offsets), rows, cols, rank, split, has col_scale, first tile
+_INT32_MAX = 2**31 - 1
+_CACHE_SIZE = 8
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE, round to nearest even (bf16 by integer ops: the interpreter's cast truncates)."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        bits = tl.where(nan, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))  # NaN stays (quiet) NaN
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _apply_kernel(
+    w_base,  # *W: the group's first dst; every dst/src is w_base + element offset
+    f_base,  # *fp32: the group's first up; every up/down/col_scale is f_base + element offset
+    table,  # *i64 [layers, NF]: see _NF
+    tile_layer,  # *i32 [tiles]: the layer of each program
+    NF: tl.constexpr,  # columns of the table
+    ALIGN: tl.constexpr,  # a power of two dividing every offset, column count and rank of the group
+    BLOCK_M: tl.constexpr,  # rows of W per program
+    BLOCK_N: tl.constexpr,  # columns of W per program
+    BLOCK_K: tl.constexpr,  # rank chunk (power of two >= 16; the rank is masked up to it)
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" or "tf32"
+):
+    """One [BLOCK_M, BLOCK_N] tile of one layer: dst = round(fp32(src) + up @ (down * S))."""
+    pid = tl.program_id(0)
+    layer = tl.load(tile_layer + pid)
+    row = table + layer.to(tl.int64) * NF
+    dst_off = tl.multiple_of(tl.load(row + 0), ALIGN)
+    src_off = tl.multiple_of(tl.load(row + 1), ALIGN)
+    up_off = tl.multiple_of(tl.load(row + 2), ALIGN)
+    down_off = tl.multiple_of(tl.load(row + 3), ALIGN)
+    cs_off = tl.multiple_of(tl.load(row + 4), ALIGN)
+    rows = tl.load(row + 5).to(tl.int32)
+    cols = tl.multiple_of(tl.load(row + 6).to(tl.int32), ALIGN)
+    rank = tl.multiple_of(tl.load(row + 7).to(tl.int32), ALIGN)
+    split = tl.load(row + 8).to(tl.int32)
+    cs_cols = tl.where(tl.load(row + 9) != 0, cols, 0)  # columns that have a scale: all or none
+    t = pid - tl.load(row + 10).to(tl.int32)
+
+    n_tiles_n = tl.cdiv(cols, BLOCK_N)
+    tm = t // n_tiles_n
+    tn = t - tm * n_tiles_n
+    offs_m = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < rows
+    mask_n = offs_n < cols
+
+    # Column scales, ones when the layer has none; folded into the down tile as it is loaded.
+    s0 = tl.load(f_base + cs_off + offs_n, mask=offs_n < cs_cols, other=1.0)
+    s1 = tl.load(f_base + cs_off + cols + offs_n, mask=offs_n < cs_cols, other=1.0)
+    up_ptrs = f_base + up_off + offs_m[:, None] * rank + ks[None, :]  # [BLOCK_M, BLOCK_K]
+    down_ptrs = f_base + down_off + ks[:, None] * cols + offs_n[None, :]  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, rank, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(up_ptrs + k0, mask=mask_m[:, None] & (k[None, :] < rank), other=0.0)
+        b = tl.load(down_ptrs + k0 * cols, mask=(k[:, None] < rank) & mask_n[None, :], other=0.0)
+        b = b * tl.where(k[:, None] < split, s0[None, :], s1[None, :])
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    w_offs = offs_m[:, None] * cols + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    w = tl.load(w_base + src_off + w_offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(w_base + dst_off + w_offs, _round_to(w + acc, w_base.dtype.element_ty), mask=mask)
+
+
+def interpreted() -> bool:
+    """True when this module's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_apply_kernel).__name__ == "InterpretedFunction"
+
+
+def unavailable(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else the reason."""
+    device = torch.device(device)
+    if interpreted():
+        if device.type == "cpu":
+            return None
+        return "Triton runs in interpreter mode (TRITON_INTERPRET=1), which works on CPU tensors only"
+    if device.type != "cuda":
+        return (
+            f"Triton compiles kernels for CUDA devices, not {device.type}; for CPU (slow, for tests) "
+            "set TRITON_INTERPRET=1 before triton is imported"
+        )
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch settings of `apply_grouped`; None picks the default for the weight dtype and mode."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    precision: str | None = None  # "ieee" or "tf32"
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The tables of one launch: the layers of one dtype on one device."""
+
+    jobs: tuple[int, ...]  # indices into the job list; jobs[0] holds the base tensors
+    table: torch.Tensor  # int64 [layers, _NF] on the device
+    tile_layer: torch.Tensor  # int32 [tiles] on the device
+    tiles: int
+    align: int
+    block_m: int
+    block_n: int
+    block_k: int
+    precision: str
+    num_warps: int
+    num_stages: int
+
+
+def _settings(dtype: torch.dtype, max_rank: int, cfg: Config) -> tuple[int, int, int, str, int, int]:
+    """Block sizes, precision, warps and stages. GPU defaults are untuned first guesses."""
+    if interpreted():  # few, large programs: each costs milliseconds of numpy
+        bm, bn, bk_cap, warps, stages = 128, 256, 128, 4, 1
+    else:
+        bm, bn, bk_cap, warps, stages = 128, 128, 32, 8, 3
+    bk = min(bk_cap, max(16, triton.next_power_of_2(max(max_rank, 1))))
+    precision = cfg.precision or ("ieee" if dtype == torch.float32 else "tf32")
+    if precision not in PRECISIONS:
+        raise LoraRarError(f"triton backend: precision must be one of {PRECISIONS}, got {precision!r}")
+    bm, bn, bk = cfg.block_m or bm, cfg.block_n or bn, cfg.block_k or bk
+    for name, v in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
+        if v < 16 or v & (v - 1):
+            raise LoraRarError(f"triton backend: {name} must be a power of two >= 16, got {v}")
+    return bm, bn, bk, precision, cfg.num_warps or warps, cfg.num_stages or stages
+
+
+def _check(job: ApplyJob) -> None:
+    """Shapes, dtypes, devices and contiguity of one job; raises LayerMismatchError naming the layer."""
+    dst, src, up, down, cs = job.dst, job.src, job.up, job.down, job.col_scale
+
+    def bad(msg: str) -> LayerMismatchError:
+        return LayerMismatchError(f"layer {job.name!r}: {msg}")
+
+    if dst.dim() != 2 or dst.dtype not in WEIGHT_DTYPES:
+        raise bad(f"dst must be a 2-D float32/float16/bfloat16 tensor, got {tuple(dst.shape)} {dst.dtype}")
+    rows, cols = dst.shape
+    if src.shape != dst.shape or src.dtype != dst.dtype:
+        raise bad(f"src {tuple(src.shape)} {src.dtype} does not match dst {tuple(dst.shape)} {dst.dtype}")
+    if up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape[1] != cols:
+        raise bad(f"up {tuple(up.shape)} / down {tuple(down.shape)} do not fit dst {tuple(dst.shape)}")
+    if up.shape[1] != down.shape[0]:
+        raise bad(f"rank mismatch: up {tuple(up.shape)}, down {tuple(down.shape)}")
+    if up.dtype != torch.float32 or down.dtype != torch.float32:
+        raise bad(f"up and down must be float32, got {up.dtype}/{down.dtype}")
+    if cs is not None and (cs.dtype != torch.float32 or tuple(cs.shape) != (2, cols)):
+        raise bad(f"col_scale must be float32 [2, {cols}], got {tuple(cs.shape)} {cs.dtype}")
+    if not 0 <= job.split <= down.shape[0]:
+        raise bad(f"split {job.split} outside [0, {down.shape[0]}]")
+    tensors = [t for t in (dst, src, up, down, cs) if t is not None]
+    if any(t.device != dst.device for t in tensors):
+        raise bad(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
+    if not all(t.is_contiguous() for t in tensors):
+        raise bad("dst, src, up, down and col_scale must be contiguous")
+    if max(rows * cols, rows * up.shape[1], up.shape[1] * cols) > _INT32_MAX:
+        raise bad(f"too large for 32-bit indexing: {tuple(dst.shape)} with rank {up.shape[1]}")
+
+
+def _offset(t: torch.Tensor | None, base: torch.Tensor, job: ApplyJob) -> int:
+    """Element offset of ``t`` from ``base`` (0 for an absent or empty tensor)."""
+    if t is None or t.numel() == 0:
+        return 0
+    delta = t.data_ptr() - base.data_ptr()
+    if delta % t.element_size():
+        raise LayerMismatchError(f"layer {job.name!r}: a tensor is not aligned to its element size")
+    return delta // t.element_size()
+
+
+def _build_group(jobs: Sequence[ApplyJob], idx: list[int], cfg: Config) -> _Group | None:
+    first = jobs[idx[0]]
+    w_base, f_base = first.dst, first.up
+    max_rank = max(jobs[i].rank for i in idx)
+    bm, bn, bk, precision, warps, stages = _settings(w_base.dtype, max_rank, cfg)
+    rows_out, tiles_per_layer, align, tile0 = [], [], 16, 0
+    for i in idx:
+        job = jobs[i]
+        rows, cols = job.dst.shape
+        has_cs = job.col_scale is not None
+        fields = [
+            _offset(job.dst, w_base, job),
+            _offset(job.src, w_base, job),
+            _offset(job.up, f_base, job),
+            _offset(job.down, f_base, job),
+            _offset(job.col_scale, f_base, job),
+            rows,
+            cols,
+            job.rank,
+            job.split,
+            int(has_cs),
+            tile0,
+        ]
+        for v in fields[:5] + [cols, job.rank]:
+            align = math.gcd(align, v)
+        n = triton.cdiv(rows, bm) * triton.cdiv(cols, bn)
+        tile0 += n
+        rows_out.append(fields)
+        tiles_per_layer.append(n)
+    if tile0 == 0:
+        return None
+    if tile0 > _INT32_MAX:
+        raise LayerMismatchError(f"{tile0} tiles in one launch: too many for 32-bit program ids")
+    device = w_base.device
+    table = torch.tensor(rows_out, dtype=torch.int64).to(device)
+    counts = torch.tensor(tiles_per_layer, dtype=torch.int64)
+    tile_layer = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32), counts).to(device)
+    return _Group(tuple(idx), table, tile_layer, tile0, align or 16, bm, bn, bk, precision, warps, stages)
+
+
+def _key(jobs: Sequence[ApplyJob], cfg: Config) -> tuple:
+    """Everything a layer table is computed from (so a memoised table can never be stale)."""
+    parts: list = [cfg]
+    for j in jobs:
+        cs = j.col_scale
+        parts.append(
+            (
+                j.dst.data_ptr(), j.src.data_ptr(), j.up.data_ptr(), j.down.data_ptr(),
+                0 if cs is None else cs.data_ptr(),
+                j.dst.device, j.dst.dtype, j.src.dtype, j.up.dtype, j.down.dtype,
+                j.dst.shape, j.src.shape, j.up.shape, j.down.shape,
+                j.dst.stride(), j.src.stride(), j.up.stride(), j.down.stride(),
+                None if cs is None else (cs.dtype, cs.shape, cs.stride()),
+                j.split,
+            )
+        )  # fmt: skip
+    return tuple(parts)
+
+
+_groups_cache: OrderedDict[tuple, tuple[_Group, ...]] = OrderedDict()
+_groups_lock = threading.Lock()
+
+
+def _groups(jobs: Sequence[ApplyJob], cfg: Config) -> tuple[_Group, ...]:
+    """The launches for ``jobs`` (one per device and dtype), memoised by `_key`."""
+    key = _key(jobs, cfg)
+    with _groups_lock:
+        hit = _groups_cache.get(key)
+        if hit is not None:
+            _groups_cache.move_to_end(key)
+            return hit
+    for job in jobs:
+        _check(job)
+    for device in {job.dst.device for job in jobs}:
+        if (why := unavailable(device)) is not None:
+            raise BackendUnavailableError(f"backend 'triton' is unavailable on {device}: {why}")
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_kind.setdefault((job.dst.device, job.dst.dtype), []).append(i)
+    groups = tuple(g for idx in by_kind.values() if (g := _build_group(jobs, idx, cfg)) is not None)
+    with _groups_lock:
+        _groups_cache[key] = groups
+        while len(_groups_cache) > _CACHE_SIZE:
+            _groups_cache.popitem(last=False)
+    return groups
+
+
+def _launch(group: _Group, jobs: Sequence[ApplyJob]) -> None:
+    first = jobs[group.jobs[0]]
+    if first.dst.device.type == "cuda" and first.dst.device.index != torch.cuda.current_device():
+        with torch.cuda.device(first.dst.device):
+            _launch_kernel(group, first)
+    else:
+        _launch_kernel(group, first)
+
+
+def _launch_kernel(group: _Group, first: ApplyJob) -> None:
+    _apply_kernel[(group.tiles,)](
+        first.dst,
+        first.up,
+        group.table,
+        group.tile_layer,
+        NF=_NF,
+        ALIGN=group.align,
+        BLOCK_M=group.block_m,
+        BLOCK_N=group.block_n,
+        BLOCK_K=group.block_k,
+        PRECISION=group.precision,
+        num_warps=group.num_warps,
+        num_stages=group.num_stages,
+    )
+
+
+def apply_grouped(jobs: Sequence[ApplyJob], config: Config | None = None) -> None:
+    """dst = round(fp32(src) + up @ (down * S)) for every job, one launch per (device, weight dtype).
+
+    Shapes per job: dst/src ``[out, in]`` (fp32/fp16/bf16, contiguous), up ``[out, R]`` fp32,
+    down ``[R, in]`` fp32, col_scale ``[2, in]`` fp32 or None; any R >= 0 (padded to a multiple of
+    BLOCK_K with masks). Invalid jobs raise LayerMismatchError before anything is launched.
+    """
+    jobs = list(jobs)
+    for group in _groups(jobs, config or Config()):
+        _launch(group, jobs)
+
+
+def apply(jobs: Sequence[ApplyJob]) -> None:
+    """The backend entry point (see `lorarar_kernels.ops`): `apply_grouped` with default settings."""
+    apply_grouped(jobs)
+
+
+def prepare(jobs: Sequence[ApplyJob], config: Config | None = None) -> None:
+    """Build and upload the tables of ``jobs`` now (may synchronise), so that `apply` only launches."""
+    _groups(list(jobs), config or Config())
+
+
+class TritonPlan:
+    """The launches of a fixed set of jobs: ``plan()`` runs them with no per-layer host work.
+
+    Holds references to the jobs' tensors, so the addresses in its tables stay valid while it lives;
+    the tensors' contents may change between calls (new factors written in place = a hot swap).
+    """
+
+    def __init__(self, jobs: Sequence[ApplyJob], config: Config | None = None) -> None:
+        self.jobs = tuple(jobs)
+        self.groups = _groups(self.jobs, config or Config())
+
+    def __call__(self) -> None:
+        for group in self.groups:
+            _launch(group, self.jobs)

@@ -1,0 +1,7 @@
+"""``python -m lorarar``: the same command line as the ``lorarar`` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

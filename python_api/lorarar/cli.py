@@ -1,0 +1,305 @@
+"""The ``lorarar`` command line (also ``python -m lorarar``): merge, generate, demo.
+
+Errors on bad input (missing or unreadable files, mismatched layers, unknown backends) print one line
+``lorarar <command>: error: ...`` and exit with status 1; ``lorarar --traceback <command> ...`` shows the
+Python traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+DESCRIPTION = """\
+lorarar: LoRA.rar merges of a content (subject) LoRA and a style LoRA.
+
+A small hypernetwork predicts per-column coefficients (m_c, m_s) for the attention to_q and to_out.0
+layers; the merged delta dW = dW_c * m_c + dW_s * m_s (to_k/to_v: dW_c + dW_s) is written straight
+into the UNet's weights, so generation runs at full speed; a swap to another pair is one pass over the
+weights and restore is bit-exact.
+
+commands:
+  merge      write the merged pair as one LoRA file (rank r_c + r_s, diffusers/PEFT safetensors)
+  generate   merge a pair into a local diffusers model directory and generate an image (offline)
+  demo       the built-in demo: a tiny offline pipeline, two random LoRAs, an untrained hypernet;
+             merge -> generate -> swap -> restore with timings and a coefficient heat map
+
+LoRA files: .safetensors (diffusers/PEFT, kohya) or .pth/.bin read with torch.load(weights_only=True).
+Run `lorarar <command> --help` for the options of each command."""
+
+EPILOG = """\
+examples:
+  lorarar demo --out demo-output
+  lorarar merge --content dog.safetensors --style watercolour.safetensors \\
+                --hypernet hypernet.pth --out dog_watercolour.safetensors
+  lorarar generate --model ./sdxl-base --content dog.safetensors --style watercolour.safetensors \\
+                   --hypernet hypernet.pth --prompt "a sks dog in watercolour style" --out dog.png"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+_positive_int.__name__ = "positive integer"  # what argparse names in "invalid ... value"
+
+
+def _existing_file(flag: str, value: str | None) -> Path | None:
+    from lorarar_kernels import LoraFileError
+
+    if value is None:
+        return None
+    p = Path(value)
+    if not p.is_file():
+        raise LoraFileError(f"{flag} {value}: no such file")
+    return p
+
+
+def _quiet_frameworks() -> None:
+    """No hub access, and no framework chatter (e.g. optional-dependency notices) on the terminal."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _load_hypernet(path: Path | None):
+    import lorarar_kernels as lk
+
+    if path is None:
+        print("no --hypernet: direct merge (plain sum dW_c + dW_s in every layer)")
+        return None
+    return lk.Hypernet.load(path)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    import lorarar_kernels as lk
+    from lorarar_kernels.safeio import read_json
+
+    content = _existing_file("--content", args.content)
+    style = _existing_file("--style", args.style)
+    hyper_path = _existing_file("--hypernet", args.hypernet)
+    config_path = _existing_file("--unet-config", args.unet_config)
+    unet_config = read_json(config_path) if config_path is not None else None
+    if config_path is not None and not isinstance(unet_config, dict):
+        raise lk.LoraFileError(f"--unet-config {config_path}: expected a JSON object")
+    if Path(args.out).suffix != ".safetensors":
+        raise lk.LoraRarError(f"--out {args.out}: the merged adapter is written as .safetensors; name it so")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    hypernet = _load_hypernet(hyper_path)
+    t0 = time.perf_counter()
+    c = lk.LoRA.load(content, unet_config=unet_config)
+    s = lk.LoRA.load(style, unet_config=unet_config)
+    t1 = time.perf_counter()
+    adapter = lk.merged_adapter(c, s, hypernet, unet_config=unet_config, dtype=dtype)
+    t2 = time.perf_counter()
+    adapter.save(args.out, dtype=dtype)
+    t3 = time.perf_counter()
+    ranks = sorted({layer.rank for layer in adapter.values()})
+    print(f"content: {c!r}\nstyle:   {s!r}")
+    print(
+        f"wrote {args.out}: {len(adapter)} layers, ranks {ranks}, {args.dtype} "
+        f"(read {1e3 * (t1 - t0):.1f} ms, merge {1e3 * (t2 - t1):.1f} ms, write {1e3 * (t3 - t2):.1f} ms)"
+    )
+    return 0
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns from 0.36 on)."""
+    import importlib
+
+    try:
+        helpers = importlib.import_module("diffusers.utils.deprecation_utils")
+    except ImportError:
+        return "torch_dtype"
+    return "dtype" if hasattr(helpers, "_resolve_dtype") else "torch_dtype"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import lorarar_kernels as lk
+
+    model = Path(args.model)
+    if not (model / "model_index.json").is_file():
+        raise lk.LoraFileError(f"--model {model}: not a diffusers pipeline directory (no model_index.json)")
+    content = _existing_file("--content", args.content)
+    style = _existing_file("--style", args.style)
+    if content is None and style is None:
+        raise lk.LoraRarError("give --content and/or --style")
+    from PIL import Image
+
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise lk.LoraRarError(f"--out {args.out}: unknown image type; use .png, .jpg or .webp")
+    hypernet = _load_hypernet(_existing_file("--hypernet", args.hypernet))
+    _quiet_frameworks()
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from .pipeline import attach
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    dtype = getattr(torch, DTYPES[dtype_name])
+    t0 = time.perf_counter()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, **{_dtype_kwarg(): dtype})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise lk.LoraFileError(f"--model {model}: cannot load the pipeline offline ({first})") from None
+    pipe.to(device)
+    if hypernet is not None:
+        hypernet.to(device)
+    t1 = time.perf_counter()
+    swapper = attach(pipe, hypernet, backend=args.backend)
+    m = swapper.swap(content, style)
+    t2 = time.perf_counter()
+    gen = torch.Generator(device).manual_seed(args.seed)
+    kwargs = {"num_inference_steps": args.steps, "generator": gen}
+    for key in ("negative_prompt", "height", "width", "guidance_scale"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    image = swapper(args.prompt, **kwargs).images[0]
+    t3 = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"model {model} ({type(pipe).__name__}, {device}, {dtype_name}) loaded in {t1 - t0:.1f} s")
+    print(
+        f"merged {len(m.layers)} layers with backend {m.backend!r} in {1e3 * (t2 - t1):.1f} ms "
+        f"(prepare {1e3 * m.timings['prepare_s']:.1f} ms, apply {1e3 * m.timings['apply_s']:.1f} ms)"
+    )
+    print(f"generated {args.steps} steps in {t3 - t2:.1f} s -> {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _quiet_frameworks()
+    from .demo import run_demo
+
+    res = run_demo(
+        args.out,
+        steps=args.steps,
+        size=args.size,
+        seed=args.seed,
+        backend=args.backend,
+        progress=not args.no_progress,
+    )
+    return 0 if res.restore_bit_exact else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lorarar`` argument parser (subcommands merge, generate, demo)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="lorarar", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="{merge,generate,demo}")
+    sub.required = True
+
+    def pair_args(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--content", required=required, metavar="A", help="content (subject) LoRA file")
+        p.add_argument("--style", required=required, metavar="B", help="style LoRA file")
+        p.add_argument(
+            "--hypernet",
+            metavar="H",
+            help="LoRA.rar hypernetwork (official .pth or lorarar .safetensors); omit for a plain-sum merge",
+        )
+
+    p = sub.add_parser(
+        "merge",
+        formatter_class=fmt,
+        help="write the merged pair as one LoRA file",
+        description="Write the merged (content, style) pair as one LoRA of rank r_c + r_s per layer,\n"
+        "scale 1, in diffusers/PEFT safetensors:\n"
+        "up = [s_c B_c | s_s B_s], down = [A_c diag(m_c); A_s diag(m_s)].\n"
+        "No model is needed: layer shapes come from the LoRAs.",
+    )
+    pair_args(p, required=True)
+    p.add_argument("--out", required=True, metavar="M", help="output .safetensors file")
+    p.add_argument(
+        "--unet-config",
+        metavar="config.json",
+        help="the UNet's config.json, to map kohya/SGM layer names of non-SDXL UNets (default: SDXL layout)",
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written factors (fp32)"
+    )
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "generate",
+        formatter_class=fmt,
+        help="merge a pair into a local diffusers model and generate an image",
+        description="Load a diffusers pipeline directory offline (SD 1.x, SDXL, KOALA: anything with a\n"
+        ".unet), merge the pair into its UNet's weights in place, and generate one image.",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="DIR", help="diffusers pipeline directory (model_index.json)"
+    )
+    pair_args(p, required=False)
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", help="negative prompt")
+    p.add_argument("--out", required=True, metavar="IMG", help="output image (.png, .jpg)")
+    p.add_argument("--steps", type=_positive_int, default=30, help="denoising steps (30)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--height", type=_positive_int, help="image height (the model's default)")
+    p.add_argument("--width", type=_positive_int, help="image width (the model's default)")
+    p.add_argument(
+        "--guidance-scale", type=float, help="classifier-free guidance scale (the pipeline's default)"
+    )
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--backend", default="auto", help="merge backend: auto, torch, cpp, cuda, triton (auto)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="run the built-in offline demo",
+        description="The built-in demo, fully offline: a tiny SDXL-shaped pipeline, two random demo LoRAs\n"
+        "(content, style) and an UNTRAINED tiny hypernetwork (its coefficients are arbitrary).\n"
+        "Stages: content only, style only, merged pair, swapped roles, restore; prints what each took and\n"
+        "which backend ran, checks that restore is bit-exact, writes the images, a heat map of m_c/m_s\n"
+        "per layer (coefficients.png) and the table (timings.md).",
+    )
+    p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (demo-output)")
+    p.add_argument("--steps", type=_positive_int, default=4, help="denoising steps per image (4)")
+    p.add_argument(
+        "--size", type=_positive_int, default=64, help="image side in pixels, a multiple of 8 (64)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the model, hypernet and sampling (0)")
+    p.add_argument("--backend", default="auto", help="merge backend (auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lorarar`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lorarar_kernels.errors import LoraRarError
+
+    try:
+        return int(args.func(args) or 0)
+    except (LoraRarError, OSError) as exc:
+        if args.traceback:
+            raise
+        msg = str(exc) if isinstance(exc, LoraRarError) else f"{type(exc).__name__}: {exc}"
+        print(f"lorarar {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lorarar {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
