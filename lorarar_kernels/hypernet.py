@@ -74,18 +74,27 @@ class Hypernet(nn.Module):
         content, style: linear layers of the same ``[out, in]``; out must be one of ``widths``.
         """
         check_pair(content, style)
-        inp = self.input_layer(content.out_features)
-        w = content.out_features
-        dev = inp.weight.device
-        w1 = inp.weight.float()
+        dev = self.output[1].weight.device
         up_c, down_c = content.factors(torch.float32)
         up_s, down_s = style.factors(torch.float32)
-        p_c = w1[:, :w] @ up_c.to(dev)  # [hidden, r_c]
-        p_s = w1[:, w:] @ up_s.to(dev)  # [hidden, r_s]
-        h = torch.addmm(inp.bias.float()[:, None], p_c, down_c.to(dev)).addmm_(p_s, down_s.to(dev))
-        head = self.output[1]
-        out = torch.addmm(head.bias.float()[:, None], head.weight.float(), torch.relu(h))  # [2, in]
+        up = torch.cat([up_c, up_s], dim=1).to(dev)
+        down = torch.cat([down_c, down_s], dim=0).to(dev)
+        out = self.coefficients_from_factors(up, down, content.rank)
         return out[0], out[1]
+
+    def coefficients_from_factors(self, up: torch.Tensor, down: torch.Tensor, split: int) -> torch.Tensor:
+        """``[2, in]`` = (m_c; m_s) from a pair's concatenated factors; differentiable.
+
+        up: ``[out, R]`` fp32 ``[s_c B_c | s_s B_s]``; down: ``[R, in]`` fp32 ``[A_c ; A_s]``; split: r_c.
+        ``H = relu([W1c s_c B_c | W1s s_s B_s] @ down + b1)``, ``out = W2 H + b2``.
+        """
+        width = up.shape[0]
+        inp = self.input_layer(width)
+        w1 = inp.weight.float()
+        p = torch.cat([w1[:, :width] @ up[:, :split], w1[:, width:] @ up[:, split:]], dim=1)  # [hidden, R]
+        h = torch.relu(torch.addmm(inp.bias.float()[:, None], p, down))
+        head = self.output[1]
+        return torch.addmm(head.bias.float()[:, None], head.weight.float(), h)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Hypernet:

@@ -156,10 +156,11 @@ def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device
     elif hypernet is not None and c is not None and s is not None and part_of(name, hyper_parts):
         check_pair(c, s, where=f"layer {name!r}")
         try:
-            m_c, m_s = hypernet.coefficients(c, s)
+            hdev = hypernet.output[1].weight.device
+            col_scale = hypernet.coefficients_from_factors(up.to(hdev), down.to(hdev), split).to(device)
         except LayerMismatchError as exc:
             raise LayerMismatchError(f"layer {name!r}: {exc}") from None
-        col_scale, mode = torch.stack([m_c, m_s]).to(device), "hypernet"
+        mode = "hypernet"
     if col_scale is not None:
         _check_finite(col_scale.detach(), f"layer {name!r} coefficients")
     return LayerFactors(name, mode, up, down, col_scale, split, tuple(ref.down.shape[1:]))
