@@ -1,10 +1,10 @@
 """lorarar_kernels: the LoRA.rar merge engine. ``import lorarar_kernels as lk``.
 
-    m = lk.merge(unet, lk.LoRA.load("dog.safetensors"), lk.LoRA.load("watercolour.safetensors"),
-                 lk.Hypernet.load("hypernet.pth"))
-    ...                      # generate: the UNet runs at full speed, no adapters
-    lk.merge(unet, c2, s2, hypernet)   # hot swap
-    m.restore()              # original weights, bit for bit
+m = lk.merge(unet, lk.LoRA.load("dog.safetensors"), lk.LoRA.load("watercolour.safetensors"),
+             lk.Hypernet.load("hypernet.pth"))
+...                      # generate: the UNet runs at full speed, no adapters
+lk.merge(unet, c2, s2, hypernet)   # hot swap
+m.restore()              # original weights, bit for bit
 """
 
 from .dispatch import backends

@@ -8,7 +8,7 @@ measurements in ``bench/`` and the GPU check; the `torch` reference is always la
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -33,7 +33,7 @@ AUTO_ORDER: dict[tuple[str, torch.dtype], tuple[str, ...]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str):
     where = _LOCATIONS[name]
     module_name, _, attr = where.partition(":")

@@ -105,7 +105,9 @@ class Hypernet(nn.Module):
         while f"input_{k}.weight" in sd:
             shape = sd[f"input_{k}.weight"].shape
             if len(shape) != 2 or shape[1] % 2:
-                raise LoraFileError(f"{name}: input_{k}.weight has shape {tuple(shape)}, expected [hidden, 2*width]")
+                raise LoraFileError(
+                    f"{name}: input_{k}.weight has shape {tuple(shape)}, expected [hidden, 2*width]"
+                )
             widths.append(shape[1] // 2)
             k += 1
         if not widths or "output.1.weight" not in sd:
@@ -117,7 +119,9 @@ class Hypernet(nn.Module):
         if meta.get("format") == HYPERNET_FORMAT and meta.get("widths"):
             declared = tuple(int(x) for x in meta["widths"].split(","))
             if declared != tuple(widths):
-                raise LoraFileError(f"{name}: metadata widths {declared} disagree with tensors {tuple(widths)}")
+                raise LoraFileError(
+                    f"{name}: metadata widths {declared} disagree with tensors {tuple(widths)}"
+                )
         parts = tuple(meta["parts"].split(",")) if meta.get("parts") else ("to_q", "to_out.0")
         net = cls(widths, hidden, parts)
         try:

@@ -91,7 +91,9 @@ class LoRA(Mapping[str, LoRALayer]):
     def __init__(self, layers: Mapping[str, LoRALayer], *, source: str = "<memory>") -> None:
         for name, layer in layers.items():
             if not isinstance(layer, LoRALayer):
-                raise LayerMismatchError(f"{source}: layer {name!r} is a {type(layer).__name__}, not a LoRALayer")
+                raise LayerMismatchError(
+                    f"{source}: layer {name!r} is a {type(layer).__name__}, not a LoRALayer"
+                )
         self._layers = dict(layers)
         self.source = source
 

@@ -204,8 +204,15 @@ def merge(
         # Names and shapes first (cheap, clear errors), then factors and coefficients on the weights' device.
         for lora in (content, style):
             for name, layer in (lora.unet_layers() if lora is not None else {}).items():
-                probe = LayerFactors(name, "", layer.up.reshape(layer.up.shape[0], -1),
-                                     layer.down.reshape(layer.down.shape[0], -1), None, 0, ())
+                probe = LayerFactors(
+                    name,
+                    "",
+                    layer.up.reshape(layer.up.shape[0], -1),
+                    layer.down.reshape(layer.down.shape[0], -1),
+                    None,
+                    0,
+                    (),
+                )
                 try:
                     weights[name] = _check_target(name, probe, modules, state)
                 except LayerMismatchError as exc:
@@ -215,8 +222,14 @@ def merge(
         device = devices.pop() if len(devices) == 1 else None
         if device is None and weights:
             raise LoraRarError(f"touched weights span several devices; not supported ({devices})")
-        plan = plan_pair(content, style, hypernet, coefficients=coefficients, hyper_parts=hyper_parts,
-                         device=device or "cpu")
+        plan = plan_pair(
+            content,
+            style,
+            hypernet,
+            coefficients=coefficients,
+            hyper_parts=hyper_parts,
+            device=device or "cpu",
+        )
         chosen = {}
         for w in weights.values():
             key = (w.device, w.dtype)
@@ -227,8 +240,14 @@ def merge(
             _apply(state, keep, plan, weights, chosen)
         t2 = time.perf_counter()
         names = sorted({name for name, _ in chosen.values()})
-        handle = Merge(root, plan, names[0] if len(names) == 1 else "+".join(names),
-                       {"prepare_s": t1 - t0, "apply_s": t2 - t1}, content, style)
+        handle = Merge(
+            root,
+            plan,
+            names[0] if len(names) == 1 else "+".join(names),
+            {"prepare_s": t1 - t0, "apply_s": t2 - t1},
+            content,
+            style,
+        )
         state.keep, state.current = keep, handle
         return handle
 
@@ -239,8 +258,15 @@ def _apply(state: _TargetState, keep: str, plan, weights, chosen) -> None:
 
     def add(name: str, w: torch.Tensor, src: torch.Tensor, f: LayerFactors, up=None, down=None, scale=True):
         w2 = w.view(w.shape[0], -1)
-        job = ApplyJob(name, w2, src.view(w2.shape), f.up if up is None else up, f.down if down is None else down,
-                       f.col_scale.detach() if (scale and f.col_scale is not None) else None, f.split)
+        job = ApplyJob(
+            name,
+            w2,
+            src.view(w2.shape),
+            f.up if up is None else up,
+            f.down if down is None else down,
+            f.col_scale.detach() if (scale and f.col_scale is not None) else None,
+            f.split,
+        )
         jobs.setdefault((w.device, w.dtype), []).append(job)
 
     for name in [n for n in state.layers if n not in plan]:  # touched by the old pair only

@@ -37,7 +37,9 @@ class LayerFactors:
     def scaled_down(self) -> torch.Tensor:
         if self.col_scale is None:
             return self.down
-        return torch.cat([self.down[: self.split] * self.col_scale[0], self.down[self.split :] * self.col_scale[1]])
+        return torch.cat(
+            [self.down[: self.split] * self.col_scale[0], self.down[self.split :] * self.col_scale[1]]
+        )
 
     def as_lora_layer(self, dtype: torch.dtype = torch.float32) -> LoRALayer:
         """This delta as one LoRA layer of rank R and scale 1 (``down = A_cat * S``, ``up = B_cat``)."""
@@ -62,7 +64,9 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(t.sum(dtype=torch.float32))):
         bad = int((~torch.isfinite(t)).sum())
         raise LayerMismatchError(
-            f"{what} has NaN or Inf values ({bad} of {t.numel()})" if bad else f"{what} has values too large for fp32"
+            f"{what} has NaN or Inf values ({bad} of {t.numel()})"
+            if bad
+            else f"{what} has values too large for fp32"
         )
 
 
@@ -75,7 +79,9 @@ def _coefficient_pair(name: str, given, n_in: int, device) -> tuple[torch.Tensor
     for label, m in (("m_c", m_c), ("m_s", m_s)):
         m = torch.ones(n_in) if m is None else torch.as_tensor(m)
         if m.shape != (n_in,):
-            raise LayerMismatchError(f"coefficients[{name!r}] {label} has shape {tuple(m.shape)}, expected ({n_in},)")
+            raise LayerMismatchError(
+                f"coefficients[{name!r}] {label} has shape {tuple(m.shape)}, expected ({n_in},)"
+            )
         out.append(m.detach().to(device, torch.float32))
     return out[0], out[1]
 
@@ -117,8 +123,15 @@ def plan_pair(
     with torch.set_grad_enabled(grad):
         for name in names:
             plan[name] = _plan_layer(
-                name, c_layers.get(name), s_layers.get(name), content, style, hypernet,
-                coefficients.get(name), hyper_parts, device,
+                name,
+                c_layers.get(name),
+                s_layers.get(name),
+                content,
+                style,
+                hypernet,
+                coefficients.get(name),
+                hyper_parts,
+                device,
             )
     return plan
 

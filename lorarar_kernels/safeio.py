@@ -59,7 +59,9 @@ def _read_pickle(p: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
     from safetensors.torch import save_file
 
     p = Path(path)

@@ -27,7 +27,9 @@ def rand_layer(out_f: int, in_f: int, rank: int, gen: torch.Generator, scale: fl
     return lk.LoRALayer(down, up, scale)
 
 
-def rand_lora(shapes, rank: int, seed: int, *, scale: float = 1.0, amp: float = 0.05, name: str = "") -> lk.LoRA:
+def rand_lora(
+    shapes, rank: int, seed: int, *, scale: float = 1.0, amp: float = 0.05, name: str = ""
+) -> lk.LoRA:
     """A LoRA on ``[(name, out, in)]`` with random factors (never zeros)."""
     gen = torch.Generator().manual_seed(seed)
     ranks = rank if isinstance(rank, (list, tuple)) else [rank] * len(shapes)

@@ -9,7 +9,7 @@ from engine_helpers import ulp
 import lorarar_kernels as lk
 
 pytest.importorskip("diffusers")
-from lorarar.tiny import attention_linears, build_tiny_pipeline, default_hypernet, demo_loras  # noqa: E402
+from lorarar.tiny import attention_linears, build_tiny_pipeline, default_hypernet, demo_loras
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

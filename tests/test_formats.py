@@ -380,7 +380,7 @@ def test_kohya_alpha_rule_sd1_names_and_text_encoders(tmp_path):
     save_file(sd, str(path))
     lora = load_lora(path)
     assert set(lora.unet_layers()) == set(names)
-    for n, (d, u, a) in fac.items():
+    for n, (d, _u, a) in fac.items():
         assert torch.equal(lora[n].down, d) and lora[n].scale == expected_scale(d, a), n
     assert set(lora.other_layers()) == {f"{c}.{n}" for c in ("text_encoder", "text_encoder_2") for n in te}
     for c in ("text_encoder", "text_encoder_2"):

@@ -33,7 +33,12 @@ def test_official_checkpoint_layout():
     assert net.widths == (640, 1280) and net.hidden == 128
     assert sum(p.numel() for p in net.parameters()) == 492034
     assert set(net.state_dict()) == {
-        "input_1.weight", "input_1.bias", "input_2.weight", "input_2.bias", "output.1.weight", "output.1.bias"
+        "input_1.weight",
+        "input_1.bias",
+        "input_2.weight",
+        "input_2.bias",
+        "output.1.weight",
+        "output.1.bias",
     }
 
 

@@ -5,13 +5,15 @@ import threading
 import pytest
 import torch
 from engine_helpers import DTYPES, official, rand_lora, ulp, weights
+from lorarar.shapes import AttentionStack, attention_shapes, sdxl_attention_shapes
 
 import lorarar_kernels as lk
-from lorarar.shapes import AttentionStack, attention_shapes, sdxl_attention_shapes
 
 # Two small transformer stacks (widths 48 and 64, context 40) plus SDXL's widest shapes.
 SMALL = attention_shapes((("down_blocks.0", 48, 1, 1), ("up_blocks.0", 64, 1, 2)), context=40)
-SDXL_SOME = [s for s in sdxl_attention_shapes() if "down_blocks.1.attentions.0.transformer_blocks.0" in s[0]][:8]
+SDXL_SOME = [s for s in sdxl_attention_shapes() if "down_blocks.1.attentions.0.transformer_blocks.0" in s[0]][
+    :8
+]
 
 
 def fresh(shapes, dtype=torch.float32, seed=0):
@@ -107,9 +109,7 @@ def test_hot_swap_equals_fresh_merge_and_restore_is_exact(dtype):
 
 def test_thousands_of_swaps_restore_bit_exact():
     shapes = attention_shapes((("mid_block", 24, 1, 1),), context=16)
-    pairs = [
-        (rand_lora(shapes[:5], 2, 10 + i), rand_lora(shapes[3 - i:], 3, 20 + i)) for i in range(3)
-    ]
+    pairs = [(rand_lora(shapes[:5], 2, 10 + i), rand_lora(shapes[3 - i :], 3, 20 + i)) for i in range(3)]
     module = fresh(shapes, torch.float16)
     w0 = weights(module)
     for k in range(2000):
@@ -127,8 +127,10 @@ def test_keep_original_modes(keep):
     w0 = weights(module)
     if keep == "none":  # plain sums, so |W0| + sum |terms| bounds every intermediate weight
         net = None
-        mag = {n: torch.stack([expected(w0[n + ".weight"], c, s, None, n)[1] for c, s in pairs]).amax(0)
-               for n, _, _ in SMALL}
+        mag = {
+            n: torch.stack([expected(w0[n + ".weight"], c, s, None, n)[1] for c, s in pairs]).amax(0)
+            for n, _, _ in SMALL
+        }
     k = 12
     for i in range(k):
         lk.merge(module, *pairs[i % 3], net, keep_original=keep)
@@ -162,7 +164,9 @@ def test_changing_keep_original_mid_session_is_refused():
 def test_coefficients_override_any_layer():
     c, s = rand_lora(SMALL, 3, 5), rand_lora(SMALL, 2, 6)
     gen = torch.Generator().manual_seed(7)
-    coeffs = {n: (torch.rand(i, generator=gen) + 0.5, torch.rand(i, generator=gen) - 0.5) for n, _, i in SMALL}
+    coeffs = {
+        n: (torch.rand(i, generator=gen) + 0.5, torch.rand(i, generator=gen) - 0.5) for n, _, i in SMALL
+    }
     module = fresh(SMALL)
     w0 = weights(module)
     m = lk.merge(module, c, s, small_hypernet(), coefficients=coeffs)
@@ -191,7 +195,9 @@ def test_export_is_the_applied_delta():
         torch.testing.assert_close(got, layer.delta(torch.float64), rtol=0, atol=1e-6)
     standalone = lk.merged_adapter(c, s, net)
     for n in adapter:
-        assert torch.equal(adapter[n].down, standalone[n].down) and torch.equal(adapter[n].up, standalone[n].up)
+        assert torch.equal(adapter[n].down, standalone[n].down) and torch.equal(
+            adapter[n].up, standalone[n].up
+        )
 
 
 def test_compiled_module_is_looked_through():

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from engine_helpers import rand_lora, weights
+from lorarar.shapes import AttentionStack, attention_shapes
 
 import lorarar_kernels as lk
-from lorarar.shapes import AttentionStack, attention_shapes
 
 SHAPES = attention_shapes((("mid_block", 32, 1, 1),), context=24)
 Q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -23,7 +23,10 @@ def setup_merged():
 
 
 def bad_inputs():
-    c, s = rand_lora(SHAPES, 2, 3, name="content.safetensors"), rand_lora(SHAPES, 2, 4, name="style.safetensors")
+    c, s = (
+        rand_lora(SHAPES, 2, 3, name="content.safetensors"),
+        rand_lora(SHAPES, 2, 4, name="style.safetensors"),
+    )
     gen = torch.Generator().manual_seed(0)
     nan_down = torch.randn(2, 32, generator=gen)
     nan_down[1, 5] = float("nan")
@@ -31,18 +34,58 @@ def bad_inputs():
     inf_up[3, 0] = float("inf")
     net = lk.Hypernet(widths=(64,), hidden=4)  # no input layer for width 32
     return {
-        "shape": (c, replaced(s, Q, lk.LoRALayer(torch.randn(2, 33), torch.randn(32, 2))), None, {},
-                  "style.safetensors.*to_q"),
-        "nan": (replaced(c, Q, lk.LoRALayer(nan_down, torch.randn(32, 2))), s, None, {}, "content.safetensors.*NaN"),
-        "inf": (c, replaced(s, Q, lk.LoRALayer(torch.randn(2, 32), inf_up)), None, {}, "style.safetensors.*Inf"),
-        "unknown layer": (replaced(c, "mid_block.attentions.0.proj_in", lk.LoRALayer(torch.randn(2, 32),
-                          torch.randn(32, 2))), s, None, {}, "proj_in.*not a module"),
+        "shape": (
+            c,
+            replaced(s, Q, lk.LoRALayer(torch.randn(2, 33), torch.randn(32, 2))),
+            None,
+            {},
+            "style.safetensors.*to_q",
+        ),
+        "nan": (
+            replaced(c, Q, lk.LoRALayer(nan_down, torch.randn(32, 2))),
+            s,
+            None,
+            {},
+            "content.safetensors.*NaN",
+        ),
+        "inf": (
+            c,
+            replaced(s, Q, lk.LoRALayer(torch.randn(2, 32), inf_up)),
+            None,
+            {},
+            "style.safetensors.*Inf",
+        ),
+        "unknown layer": (
+            replaced(
+                c, "mid_block.attentions.0.proj_in", lk.LoRALayer(torch.randn(2, 32), torch.randn(32, 2))
+            ),
+            s,
+            None,
+            {},
+            "proj_in.*not a module",
+        ),
         "unknown width": (c, s, net, {}, "no input layer for width 32"),
-        "coefficient shape": (c, s, None, {"coefficients": {Q: (torch.ones(31), torch.ones(32))}}, "m_c has shape"),
-        "coefficient nan": (c, s, None, {"coefficients": {Q: (torch.ones(32), torch.full((32,), float("nan")))}},
-                            "coefficients has NaN"),
-        "coefficient for untouched layer": (c, None, None, {"coefficients": {"foo.to_q": (None, None)}},
-                                            "no LoRA touches"),
+        "coefficient shape": (
+            c,
+            s,
+            None,
+            {"coefficients": {Q: (torch.ones(31), torch.ones(32))}},
+            "m_c has shape",
+        ),
+        "coefficient nan": (
+            c,
+            s,
+            None,
+            {"coefficients": {Q: (torch.ones(32), torch.full((32,), float("nan")))}},
+            "coefficients has NaN",
+        ),
+        "coefficient for untouched layer": (
+            c,
+            None,
+            None,
+            {"coefficients": {"foo.to_q": (None, None)}},
+            "no LoRA touches",
+        ),
         "unknown backend": (c, s, None, {"backend": "fastest"}, "unknown backend"),
         "unavailable backend": (c, s, None, {"backend": "cuda"}, "unavailable"),
         "missing file": ("does-not-exist.safetensors", s, None, {}, "does-not-exist.safetensors"),
