@@ -1,0 +1,42 @@
+// The job table shared by Python (lorarar_kernels/ops/native.py), the CPU kernel and the CUDA kernels.
+//
+// One row per layer of a swap, all int64 (raw addresses and sizes; no libtorch):
+//   dst = round_to_dtype(float32(src) + up @ (down * S)),  S[k, j] = scale[(k < split ? 0 : 1), j]
+// with dst/src [rows, cols] (row stride ld_dst / ld_src elements, unit column stride), up [rows, rank]
+// fp32 (row stride ld_up), down [rank, cols] fp32 (row stride ld_down), scale [2, cols] fp32 (row stride
+// ld_scale) or 0 for S = 1. `tile_start` is filled by the CUDA planner (first tile of the layer in the
+// grouped launch); the CPU kernel ignores it.
+#pragma once
+
+#include <cstdint>
+
+namespace lorarar {
+
+enum DType : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct Job {
+  int64_t dst, src, up, down, scale;
+  int64_t rows, cols, rank, split;
+  int64_t ld_dst, ld_src, ld_up, ld_down, ld_scale;
+  int64_t dtype, tile_start;
+};
+static_assert(sizeof(Job) == 16 * sizeof(int64_t), "Job must be 16 packed int64 fields");
+
+// Field order of Job, exported to Python as _C.JOB_FIELDS so that native.py fills rows by name.
+inline constexpr const char* kJobFields[16] = {
+    "dst",    "src",    "up",    "down",    "scale",    "rows",  "cols",      "rank",
+    "split",  "ld_dst", "ld_src", "ld_up", "ld_down", "ld_scale", "dtype", "tile_start"};
+
+// One layer of the batched hypernetwork coefficient kernel (all layers of one width share the head):
+//   out[:, j] = b2 + W2 relu(P @ A[:, j] + b1),   P [hidden, rank], A [rank, cols], out [2, cols], fp32.
+struct CoeffJob {
+  int64_t p, a, out;
+  int64_t cols, rank, ld_p, ld_a, ld_out;
+  int64_t tile_start, pad0, pad1, pad2;
+};
+static_assert(sizeof(CoeffJob) == 12 * sizeof(int64_t), "CoeffJob must be 12 packed int64 fields");
+
+inline constexpr const char* kCoeffFields[12] = {"p",    "a",    "out",   "cols",       "rank", "ld_p",
+                                                 "ld_a", "ld_out", "tile_start", "pad0", "pad1", "pad2"};
+
+}  // namespace lorarar

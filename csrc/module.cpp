@@ -1,0 +1,247 @@
+// lorarar_kernels._C: the pybind11 surface of the native kernels. Raw addresses and sizes in, no libtorch.
+//
+// Every entry validates its job table before anything is written (std::invalid_argument -> ValueError,
+// which native.py turns into a LoraRarError naming the layer); the kernels then trust the table.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_apply.h"
+#include "cuda_api.h"
+#include "job_table.h"
+
+#ifndef LORARAR_BUILD_CUDA_MODE  // set by CMakeLists.txt
+#define LORARAR_BUILD_CUDA_MODE "unknown"
+#endif
+#ifndef LORARAR_BUILD_NVCC
+#define LORARAR_BUILD_NVCC ""
+#endif
+
+namespace py = pybind11;
+using lorarar::CoeffJob;
+using lorarar::Job;
+
+namespace {
+
+int64_t element_size(int64_t dtype) { return dtype == lorarar::kFloat32 ? 4 : 2; }
+
+// Byte range [first, last) spanned by a [rows, cols] matrix with row stride ld.
+struct Span {
+  int64_t first, last;
+};
+Span span(int64_t addr, int64_t rows, int64_t cols, int64_t ld, int64_t es) {
+  return {addr, addr + ((rows - 1) * ld + cols) * es};
+}
+bool overlap(Span a, Span b) { return a.first < b.last && b.first < a.last; }
+
+void check_job(const Job& j, int64_t i) {
+  auto fail = [i](const std::string& what) {
+    throw std::invalid_argument("job " + std::to_string(i) + ": " + what);
+  };
+  if (j.dtype < 0 || j.dtype > 2) {
+    fail("dtype code " + std::to_string(j.dtype) + " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
+  }
+  if (j.rows < 1 || j.cols < 1) {
+    fail("empty weight [" + std::to_string(j.rows) + ", " + std::to_string(j.cols) + "]");
+  }
+  if (j.rank < 0 || j.split < 0 || j.split > j.rank) {
+    fail("rank " + std::to_string(j.rank) + " / split " + std::to_string(j.split) + " out of range");
+  }
+  if (j.dst == 0 || j.src == 0 || (j.rank > 0 && (j.up == 0 || j.down == 0))) fail("null address");
+  if (j.ld_dst < j.cols || j.ld_src < j.cols || j.ld_down < j.cols || j.ld_up < j.rank ||
+      (j.scale != 0 && j.ld_scale < j.cols)) {
+    fail("a row stride is shorter than its row");
+  }
+  const int64_t es = element_size(j.dtype);
+  if (j.dst % es || j.src % es || j.up % 4 || j.down % 4 || j.scale % 4) fail("misaligned address");
+  const Span dst = span(j.dst, j.rows, j.cols, j.ld_dst, es);
+  if (j.src == j.dst) {
+    if (j.ld_src != j.ld_dst) fail("in place with different row strides for src and dst");
+  } else if (overlap(dst, span(j.src, j.rows, j.cols, j.ld_src, es))) {
+    fail("src and dst overlap without being the same matrix");
+  }
+  if (j.rank > 0 && (overlap(dst, span(j.up, j.rows, j.rank, j.ld_up, 4)) ||
+                     overlap(dst, span(j.down, j.rank, j.cols, j.ld_down, 4)))) {
+    fail("up or down overlaps dst");
+  }
+  if (j.scale != 0 && overlap(dst, span(j.scale, 2, j.cols, j.ld_scale, 4))) fail("col_scale overlaps dst");
+}
+
+void check_coeff_job(const CoeffJob& j, int64_t i, int64_t hidden) {
+  auto fail = [i](const std::string& what) {
+    throw std::invalid_argument("coefficient job " + std::to_string(i) + ": " + what);
+  };
+  if (j.cols < 1 || j.rank < 1) fail("empty layer");
+  if (j.p == 0 || j.a == 0 || j.out == 0) fail("null address");
+  if (j.p % 4 || j.a % 4 || j.out % 4) fail("misaligned address");
+  if (j.ld_p < j.rank || j.ld_a < j.cols || j.ld_out < j.cols) fail("a row stride is shorter than its row");
+  const Span out = span(j.out, 2, j.cols, j.ld_out, 4);
+  if (overlap(out, span(j.p, hidden, j.rank, j.ld_p, 4)) ||
+      overlap(out, span(j.a, j.rank, j.cols, j.ld_a, 4))) {
+    fail("out overlaps an input");
+  }
+}
+
+template <typename Row>
+std::vector<Row> rows_of(const py::bytes& table) {
+  const std::string raw = table;
+  if (raw.size() % sizeof(Row) != 0) {
+    throw std::invalid_argument("job table size is not a whole number of rows");
+  }
+  std::vector<Row> rows(raw.size() / sizeof(Row));
+  if (!rows.empty()) std::memcpy(rows.data(), raw.data(), raw.size());
+  return rows;
+}
+
+// Appends the tile -> layer map (int32) after the rows and returns (blob, total tiles).
+template <typename Row>
+py::tuple finish_plan(std::vector<Row>& rows, const std::vector<int64_t>& tiles_per_row) {
+  int64_t total = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    rows[i].tile_start = total;
+    total += tiles_per_row[i];
+  }
+  if (total >= (int64_t{1} << 31)) throw std::invalid_argument("too many tiles for one launch");
+  std::string blob(rows.size() * sizeof(Row) + static_cast<size_t>(total) * sizeof(int32_t), '\0');
+  if (!rows.empty()) std::memcpy(blob.data(), rows.data(), rows.size() * sizeof(Row));
+  auto* map = reinterpret_cast<int32_t*>(blob.data() + rows.size() * sizeof(Row));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    for (int64_t t = 0; t < tiles_per_row[i]; ++t) *map++ = static_cast<int32_t>(i);
+  }
+  return py::make_tuple(py::bytes(blob), total);
+}
+
+py::tuple plan_apply(const py::bytes& table) {
+  std::vector<Job> rows = rows_of<Job>(table);
+  std::vector<int64_t> tiles;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    check_job(rows[i], static_cast<int64_t>(i));
+    if (rows[i].dtype != rows[0].dtype) throw std::invalid_argument("one CUDA launch takes one weight dtype");
+    tiles.push_back(((rows[i].rows + lorarar::kCudaTileRows - 1) / lorarar::kCudaTileRows) *
+                    ((rows[i].cols + lorarar::kCudaTileCols - 1) / lorarar::kCudaTileCols));
+  }
+  return finish_plan(rows, tiles);
+}
+
+py::tuple plan_coefficients(const py::bytes& table, int64_t hidden) {
+  if (hidden < 1 || hidden > lorarar::kCoeffMaxHidden) {
+    throw std::invalid_argument("hidden width " + std::to_string(hidden) + " is not in [1, 256]");
+  }
+  std::vector<CoeffJob> rows = rows_of<CoeffJob>(table);
+  std::vector<int64_t> tiles;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    check_coeff_job(rows[i], static_cast<int64_t>(i), hidden);
+    tiles.push_back((rows[i].cols + lorarar::kCoeffTileCols - 1) / lorarar::kCoeffTileCols);
+  }
+  return finish_plan(rows, tiles);
+}
+
+std::optional<std::string> cpu_unsupported() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (std::string(lorarar::cpu_kernel_isa()) != "portable") {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
+        !__builtin_cpu_supports("f16c")) {
+      return std::string("the CPU kernel was built for x86-64-v3 (AVX2, FMA, F16C) and this CPU lacks one");
+    }
+  }
+#endif
+  return std::nullopt;
+}
+
+void cpu_apply(int64_t table, int64_t n_jobs, int n_threads) {
+  if (n_jobs < 0 || (n_jobs > 0 && table == 0)) throw std::invalid_argument("bad job table");
+  if (auto why = cpu_unsupported()) throw std::runtime_error(*why);
+  const Job* jobs = reinterpret_cast<const Job*>(table);
+  for (int64_t i = 0; i < n_jobs; ++i) check_job(jobs[i], i);
+  py::gil_scoped_release release;
+  lorarar::cpu_apply(jobs, n_jobs, n_threads);
+}
+
+#ifdef LORARAR_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+std::optional<std::string> cuda_unavailable(int device) {
+#ifdef LORARAR_WITH_CUDA
+  std::string why = lorarar::cuda_unavailable(device);
+  if (why.empty()) return std::nullopt;
+  return why;
+#else
+  (void)device;
+  return std::string("lorarar_kernels._C was built without CUDA (nvcc not found or LORARAR_CUDA=0)");
+#endif
+}
+
+void require_cuda() {
+  if (!kWithCuda) throw std::runtime_error("lorarar_kernels._C was built without CUDA");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lorarar native kernels: the CPU (OpenMP, AVX2) and CUDA passes over the weights";
+  std::vector<std::string> fields(std::begin(lorarar::kJobFields), std::end(lorarar::kJobFields));
+  m.attr("JOB_FIELDS") = py::tuple(py::cast(fields));
+  std::vector<std::string> cfields(std::begin(lorarar::kCoeffFields), std::end(lorarar::kCoeffFields));
+  m.attr("COEFF_FIELDS") = py::tuple(py::cast(cfields));
+  m.attr("CUDA_TILE") = py::make_tuple(lorarar::kCudaTileRows, lorarar::kCudaTileCols);
+  py::dict build;
+  build["cuda_mode"] = LORARAR_BUILD_CUDA_MODE;  // LORARAR_CUDA at configure time: AUTO, ON or OFF
+  build["nvcc"] = LORARAR_BUILD_NVCC;            // the CUDA compiler used, "" when none
+  build["cpu_isa"] = lorarar::cpu_kernel_isa();
+  m.attr("BUILD") = build;
+
+  m.def("compiled_with_cuda", [] { return kWithCuda; }, "True when the CUDA kernels were compiled in.");
+  m.def("cpu_isa", [] { return std::string(lorarar::cpu_kernel_isa()); },
+        "Instruction set of the CPU kernel: 'avx2+fma+f16c' or 'portable'.");
+  m.def("cpu_unsupported", &cpu_unsupported, "None when this CPU can run the CPU kernel, else why not.");
+  m.def("cpu_apply", &cpu_apply, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
+        "dst = round(fp32(src) + up @ (down * S)) for n_jobs Job rows at host address `table`.");
+  m.def("plan_apply", &plan_apply, py::arg("table"),
+        "Validate Job rows (bytes) of one dtype; return (rows with tile_start + int32 tile map, tiles).");
+  m.def("plan_coefficients", &plan_coefficients, py::arg("table"), py::arg("hidden"),
+        "Validate CoeffJob rows (bytes); return (rows with tile_start + int32 tile map, tiles).");
+  m.def("cuda_unavailable", &cuda_unavailable, py::arg("device"),
+        "None when CUDA device `device` can run the compiled kernels, else why not.");
+  m.def(
+      "cuda_apply",
+      [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t dtype, int device, int64_t stream) {
+        require_cuda();
+        if (dtype < 0 || dtype > 2) throw std::invalid_argument("bad dtype code");
+        if (table == 0 || n_jobs < 1 || tiles < 1) throw std::invalid_argument("empty plan");
+#ifdef LORARAR_WITH_CUDA
+        lorarar::cuda_apply(table, n_jobs, tiles, dtype, device, stream);
+#else
+        (void)device, (void)stream;
+#endif
+      },
+      py::arg("table"), py::arg("n_jobs"), py::arg("total_tiles"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"), "Grouped apply of a plan_apply plan (device copy) on `stream`; no sync, no alloc.");
+  m.def(
+      "cuda_coefficients",
+      [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t hidden, int64_t b1, int64_t w2, int64_t b2,
+         int device, int64_t stream) {
+        require_cuda();
+        if (table == 0 || n_jobs < 1 || tiles < 1) throw std::invalid_argument("empty plan");
+        if (hidden < 1 || hidden > lorarar::kCoeffMaxHidden) throw std::invalid_argument("bad hidden width");
+        if (b1 == 0 || w2 == 0 || b2 == 0 || b1 % 4 || w2 % 4 || b2 % 4) {
+          throw std::invalid_argument("null or misaligned head address");
+        }
+#ifdef LORARAR_WITH_CUDA
+        lorarar::cuda_coefficients(table, n_jobs, tiles, hidden, b1, w2, b2, device, stream);
+#else
+        (void)device, (void)stream;
+#endif
+      },
+      py::arg("table"), py::arg("n_jobs"), py::arg("total_tiles"), py::arg("hidden"), py::arg("b1"),
+      py::arg("w2"), py::arg("b2"), py::arg("device"), py::arg("stream"),
+      "out = b2 + W2 relu(P A + b1) for every CoeffJob of a device plan from plan_coefficients.");
+}

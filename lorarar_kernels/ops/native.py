@@ -1,0 +1,321 @@
+"""The `cpp` and `cuda` backends: `lorarar_kernels._C` (csrc/), bound with raw addresses (no libtorch link).
+
+Both compute, for every job (see `lorarar_kernels.ops`),
+
+    dst = round_to_dtype(float32(src) + up @ (down * S)),   S[k, j] = col_scale[0 if k < split else 1, j]
+
+- `cpp` (csrc/cpu_apply.cpp): fp32 FMA accumulation from zero over k = 0..R-1 in order, + fp32(src), one
+  round-to-nearest-even on write-back; down * S is formed in fp32 while packing. Bits do not depend on the
+  thread count (torch.get_num_threads() threads, OpenMP).
+- `cuda` (csrc/cuda_apply.cu): one launch for all layers of a dtype (a device-side layer table built once
+  per swap plan). fp16/bf16 weights: `up` and `down * S` (formed in fp32) are rounded to the weight's
+  16-bit type (round-to-nearest-even) before the tensor-core MMA; fp32 accumulation, + fp32(src), one
+  rounding. fp32 weights: 3xTF32 (each operand split into a TF32 head and a TF32 tail, three MMAs,
+  error ~ fp32 FMA), fp32 accumulation. Deterministic for a given GPU and plan. No host sync, no allocation
+  once the plan exists, on the current stream: safe inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import LayerMismatchError, LoraRarError
+from . import ApplyJob
+
+try:
+    from .. import _C
+except ImportError as exc:  # a pure-Python install: both backends report why they are unavailable
+    _C = None
+    _IMPORT_ERROR = f"the native extension lorarar_kernels._C is not built ({exc})"
+else:
+    _IMPORT_ERROR = None
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_JOB_INDEX = re.compile(r"^job (\d+): ")
+
+
+def compiled_with_cuda() -> bool:
+    """True when `lorarar_kernels._C` exists and was built with its CUDA kernels."""
+    return _C is not None and bool(_C.compiled_with_cuda())
+
+
+def _check(job: ApplyJob, device_type: str) -> None:
+    """Raise LayerMismatchError (naming the layer) unless `job` fits the native kernels' contract."""
+    name, dst, src, up, down, cs = job.name, job.dst, job.src, job.up, job.down, job.col_scale
+
+    def fail(what: str) -> None:
+        raise LayerMismatchError(f"{name}: {what}")
+
+    if dst.dtype not in DTYPE_CODES:
+        fail(f"weight dtype {dst.dtype} is not float32, float16 or bfloat16")
+    if src.dtype != dst.dtype:
+        fail(f"src dtype {src.dtype} differs from dst dtype {dst.dtype}")
+    for label, t in (("up", up), ("down", down), ("col_scale", cs)):
+        if t is not None and t.dtype != torch.float32:
+            fail(f"{label} must be float32, got {t.dtype}")
+    tensors = [t for t in (dst, src, up, down, cs) if t is not None]
+    if any(t.device != dst.device for t in tensors):
+        fail(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
+    if dst.device.type != device_type:
+        fail(f"weight is on {dst.device}, this backend runs on {device_type}")
+    if dst.dim() != 2 or src.shape != dst.shape:
+        fail(f"dst {tuple(dst.shape)} and src {tuple(src.shape)} must be the same 2-D shape")
+    out_f, in_f = dst.shape
+    if up.dim() != 2 or down.dim() != 2 or up.shape[0] != out_f or down.shape[1] != in_f:
+        fail(f"up {tuple(up.shape)} @ down {tuple(down.shape)} does not give [{out_f}, {in_f}]")
+    rank = up.shape[1]
+    if down.shape[0] != rank:
+        fail(f"up has rank {rank} but down has {down.shape[0]} rows")
+    if cs is not None and tuple(cs.shape) != (2, in_f):
+        fail(f"col_scale {tuple(cs.shape)} must be [2, {in_f}]")
+    if not 0 <= job.split <= rank:
+        fail(f"split {job.split} outside [0, {rank}]")
+    for label, t in (("dst", dst), ("src", src), ("up", up), ("down", down), ("col_scale", cs)):
+        if t is not None and not _rows_ok(t):
+            fail(f"{label} needs unit column stride and row stride >= its width, got strides {t.stride()}")
+    if dst.numel() == 0:
+        fail("empty weight")
+    if src.data_ptr() == dst.data_ptr():
+        if src.stride() != dst.stride():
+            fail("src aliases dst with different strides")
+    elif src.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr():
+        fail("src and dst share storage without being the same view")
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """A 2-D tensor the kernels can address as rows: unit column stride, row stride >= width."""
+    return (t.shape[1] <= 1 or t.stride(1) == 1) and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
+
+
+def _ld(t: torch.Tensor) -> int:
+    """Row stride in elements (a single row's stride is irrelevant: report its width)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _row(job: ApplyJob) -> list[int]:
+    """The Job row of csrc/job_table.h, in _C.JOB_FIELDS order."""
+    cs = job.col_scale
+    fields = {
+        "dst": job.dst.data_ptr(),
+        "src": job.src.data_ptr(),
+        "up": job.up.data_ptr(),
+        "down": job.down.data_ptr(),
+        "scale": 0 if cs is None else cs.data_ptr(),
+        "rows": job.dst.shape[0],
+        "cols": job.dst.shape[1],
+        "rank": job.up.shape[1],
+        "split": job.split,
+        "ld_dst": _ld(job.dst),
+        "ld_src": _ld(job.src),
+        "ld_up": _ld(job.up),
+        "ld_down": _ld(job.down),
+        "ld_scale": 0 if cs is None else _ld(cs),
+        "dtype": DTYPE_CODES[job.dst.dtype],
+        "tile_start": 0,
+    }
+    return [int(fields[f]) for f in _C.JOB_FIELDS]
+
+
+def _reraise(exc: ValueError, names: Sequence[str]) -> LoraRarError:
+    """A ValueError from the C++ entry ("job i: ...") as a LayerMismatchError naming layer i."""
+    msg = str(exc)
+    m = _JOB_INDEX.match(msg)
+    if m and int(m.group(1)) < len(names):
+        return LayerMismatchError(f"{names[int(m.group(1))]}: {msg[m.end() :]}")
+    return LayerMismatchError(f"native kernel refused the job table: {msg}")
+
+
+class _Cpp:
+    """The `cpp` backend (CPU, OpenMP + AVX2/FMA)."""
+
+    name = "cpp"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if _C is None:
+            return _IMPORT_ERROR
+        if torch.device(device).type != "cpu":
+            return "the cpp backend runs on CPU tensors only"
+        return _C.cpu_unsupported()
+
+    def apply(self, jobs: Sequence[ApplyJob]) -> None:
+        """dst = round(fp32(src) + up @ (down * S)) for every job, one call (validation first)."""
+        if not jobs:
+            return
+        if _C is None:
+            raise LoraRarError(f"cpp backend: {_IMPORT_ERROR}")
+        for job in jobs:
+            _check(job, "cpu")
+        table = torch.tensor([_row(job) for job in jobs], dtype=torch.int64)
+        try:
+            _C.cpu_apply(table.data_ptr(), len(jobs), torch.get_num_threads())
+        except ValueError as exc:
+            raise _reraise(exc, [job.name for job in jobs]) from None
+
+
+class CudaPlan:
+    """A swap plan on the GPU: one device table (rows + tile map) per weight dtype; `run()` launches them.
+
+    Holds the jobs' tensors so that the raw addresses in the table stay valid while the plan lives.
+    """
+
+    def __init__(self, jobs: Sequence[ApplyJob]) -> None:
+        if _C is None:
+            raise LoraRarError(f"cuda backend: {_IMPORT_ERROR}")
+        for job in jobs:
+            _check(job, "cuda")
+        self.jobs = tuple(jobs)
+        self.launches: list[tuple] = []  # (table, stream it was made on, n jobs, tiles, dtype code, device)
+        by_dtype: dict[torch.dtype, list[ApplyJob]] = {}
+        for job in self.jobs:
+            by_dtype.setdefault(job.dst.dtype, []).append(job)
+        for dtype, group in by_dtype.items():
+            rows = torch.tensor([_row(job) for job in group], dtype=torch.int64)
+            try:
+                blob, tiles = _C.plan_apply(rows.numpy().tobytes())
+            except ValueError as exc:
+                raise _reraise(exc, [job.name for job in group]) from None
+            device = group[0].dst.device
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            table = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+            made_on = torch.cuda.current_stream(index)
+            self.launches.append((table, made_on, len(group), int(tiles), DTYPE_CODES[dtype], index))
+
+    def run(self) -> None:
+        """Launch the grouped apply(s) on the current stream: no sync, no allocation."""
+        for table, made_on, n, tiles, code, index in self.launches:
+            stream = torch.cuda.current_stream(index)
+            _C.cuda_apply(table.data_ptr(), n, tiles, code, index, stream.cuda_stream)
+            if stream != made_on and not torch.cuda.is_current_stream_capturing():
+                table.record_stream(stream)  # the table may be freed before this launch has run
+
+
+class _Cuda:
+    """The `cuda` backend (tensor cores, one launch per weight dtype)."""
+
+    name = "cuda"
+    cache_size = 8  # plans kept by apply(); plans used inside CUDA-graph capture are kept for good
+
+    def __init__(self) -> None:
+        self._plans: OrderedDict[tuple, CudaPlan] = OrderedDict()
+        self._pinned: dict[tuple, CudaPlan] = {}
+        self._lock = threading.Lock()  # swaps of different targets may run in different threads
+
+    def unavailable(self, device: torch.device) -> str | None:
+        if _C is None:
+            return _IMPORT_ERROR
+        if not _C.compiled_with_cuda():
+            return _C.cuda_unavailable(0)
+        device = torch.device(device)
+        if device.type != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return _C.cuda_unavailable(device.index if device.index is not None else torch.cuda.current_device())
+
+    def plan(self, jobs: Sequence[ApplyJob]) -> CudaPlan:
+        """Validate and upload the layer tables now (may synchronise); `plan.run()` is the apply."""
+        return CudaPlan(jobs)
+
+    def apply(self, jobs: Sequence[ApplyJob]) -> None:
+        """dst = round(fp32(src) + up @ (down * S)) for every job; reuses the plan of an identical table."""
+        if not jobs:
+            return
+        if _C is None:
+            raise LoraRarError(f"cuda backend: {_IMPORT_ERROR}")
+        for job in jobs:
+            _check(job, "cuda")
+        # The table holds only addresses and shapes, so an identical key means an identical valid table.
+        key = tuple(tuple(_row(job)) for job in jobs)
+        capturing = torch.cuda.is_current_stream_capturing()
+        with self._lock:
+            plan = self._pinned.get(key) or self._plans.get(key)
+            if plan is None:
+                if capturing:
+                    raise LoraRarError(
+                        "cuda backend: build the swap plan before CUDA-graph capture (run apply once first)"
+                    )
+                plan = CudaPlan(jobs)
+                plan.jobs = ()  # the caller owns the tensors; the key pins the addresses
+                self._plans[key] = plan
+                while len(self._plans) > self.cache_size:
+                    self._plans.popitem(last=False)
+            elif key in self._plans:
+                self._plans.move_to_end(key)
+            if capturing:
+                self._pinned[key] = plan  # a captured graph keeps the table's address
+        plan.run()
+
+
+def cuda_coefficients(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+) -> None:
+    """out = b2 + w2 @ relu(P @ A + b1) for every (P, A, out) of one width, one launch (fp32 FMA).
+
+    P [hidden, R] (= [s_c W1c B_c | s_s W1s B_s]), A [R, in] (= [A_c; A_s]), out [2, in] written
+    (row 0 = m_c, row 1 = m_s); b1 [hidden], w2 [2, hidden], b2 [2]; hidden <= 256; all fp32 on one GPU.
+    Sums over k and over the hidden units run in a fixed order (deterministic). See DESIGN.md section 2.
+    """
+    if not layers:
+        return
+    if not compiled_with_cuda():
+        raise LoraRarError("cuda_coefficients: lorarar_kernels._C was built without CUDA")
+    device = b1.device
+    hidden = b1.numel()
+    for t, label in ((b1, "b1"), (w2, "w2"), (b2, "b2")):
+        if t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+            raise LoraRarError(f"cuda_coefficients: {label} must be contiguous float32 on {device}")
+    if tuple(w2.shape) != (2, hidden) or b2.numel() != 2:
+        raise LoraRarError(
+            f"cuda_coefficients: w2 {tuple(w2.shape)} / b2 {tuple(b2.shape)} for hidden {hidden}"
+        )
+    rows = []
+    for i, (p, a, out) in enumerate(layers):
+        for t in (p, a, out):
+            if t.dtype != torch.float32 or t.device != device or t.dim() != 2 or not _rows_ok(t):
+                raise LoraRarError(f"cuda_coefficients: layer {i}: tensors must be 2-D fp32 rows on {device}")
+        if p.shape[0] != hidden or a.shape[0] != p.shape[1] or tuple(out.shape) != (2, a.shape[1]):
+            raise LoraRarError(
+                f"cuda_coefficients: layer {i}: P {tuple(p.shape)}, A {tuple(a.shape)}, out {tuple(out.shape)}"
+            )
+        fields = {
+            "p": p.data_ptr(),
+            "a": a.data_ptr(),
+            "out": out.data_ptr(),
+            "cols": a.shape[1],
+            "rank": a.shape[0],
+            "ld_p": _ld(p),
+            "ld_a": _ld(a),
+            "ld_out": _ld(out),
+        }
+        rows.append([int(fields.get(f, 0)) for f in _C.COEFF_FIELDS])
+    try:
+        blob, tiles = _C.plan_coefficients(torch.tensor(rows, dtype=torch.int64).numpy().tobytes(), hidden)
+    except ValueError as exc:
+        raise LoraRarError(f"cuda_coefficients: {exc}") from None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    table = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    stream = torch.cuda.current_stream(index)
+    # The table was made on `stream` too, so the allocator reuses it only after the kernel has run.
+    _C.cuda_coefficients(
+        table.data_ptr(),
+        len(rows),
+        int(tiles),
+        hidden,
+        b1.data_ptr(),
+        w2.data_ptr(),
+        b2.data_ptr(),
+        index,
+        stream.cuda_stream,
+    )
+
+
+CPP = _Cpp()
+CUDA = _Cuda()
