@@ -92,7 +92,7 @@ class Hypernet(nn.Module):
         inp = self.input_layer(width)
         w1 = inp.weight.float()
         p = torch.cat([w1[:, :width] @ up[:, :split], w1[:, width:] @ up[:, split:]], dim=1)  # [hidden, R]
-        h = torch.relu(torch.addmm(inp.bias.float()[:, None], p, down))
+        h = torch.addmm(inp.bias.float()[:, None], p, down).relu_()
         head = self.output[1]
         return torch.addmm(head.bias.float()[:, None], head.weight.float(), h)
 

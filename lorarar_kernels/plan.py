@@ -138,27 +138,35 @@ def plan_pair(
 
 def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device) -> LayerFactors:
     present = [(x, lora) for x, lora in ((c, content), (s, style)) if x is not None]
-    for x, lora in present:
-        for label, t in (("down", x.down), ("up", x.up)):
-            _check_finite(t, f"{lora.source}: layer {name!r} {label}")
-        if x.is_conv != present[0][0].is_conv or (x.out_features, x.in_features) != (
-            present[0][0].out_features,
-            present[0][0].in_features,
-        ):
-            raise LayerMismatchError(
-                f"layer {name!r}: content and style deltas differ in shape "
-                f"([{c.out_features}, {c.in_features}] vs [{s.out_features}, {s.in_features}])"
-            )
     ref = present[0][0]
-    rank = sum(x.rank for x, _ in present)
-    up = torch.empty(ref.out_features, rank, device=device, dtype=torch.float32)
-    down = torch.empty(rank, ref.in_features, device=device, dtype=torch.float32)
+    if len(present) == 2 and (
+        c.is_conv != s.is_conv or (c.out_features, c.in_features) != (s.out_features, s.in_features)
+    ):
+        raise LayerMismatchError(
+            f"layer {name!r}: content and style deltas differ in shape "
+            f"([{c.out_features}, {c.in_features}] vs [{s.out_features}, {s.in_features}])"
+        )
+    rank, out_f, in_f = sum(x.rank for x, _ in present), ref.out_features, ref.in_features
+    # up and down share one buffer, so that one reduction checks every value of the pair.
+    buf = torch.empty(out_f * rank + rank * in_f, device=device, dtype=torch.float32)
+    up, down = buf[: out_f * rank].view(out_f, rank), buf[out_f * rank :].view(rank, in_f)
     r0 = 0
     for x, _ in present:  # [s_c B_c | s_s B_s] and [A_c ; A_s], converted on the way in
         r1 = r0 + x.rank
-        up[:, r0:r1].copy_(x.up.reshape(x.up.shape[0], -1)).mul_(x.scale)  # scale applied in fp32
+        src = x.up.reshape(x.up.shape[0], -1)
+        if src.dtype == torch.float32:  # one pass; 16-bit factors are converted first, then scaled in fp32
+            torch.mul(src, x.scale, out=up[:, r0:r1])
+        elif x.scale == 1.0:
+            up[:, r0:r1].copy_(src)
+        else:
+            up[:, r0:r1].copy_(src).mul_(x.scale)
         down[r0:r1].copy_(x.down.reshape(x.rank, -1))
         r0 = r1
+    if not bool(torch.isfinite(buf.sum())):
+        for x, lora in present:  # the slow path only names the culprit
+            for label, t in (("down", x.down), ("up", x.up)):
+                _check_finite(t, f"{lora.source}: layer {name!r} {label}")
+        raise LayerMismatchError(f"layer {name!r}: the scaled factors overflow fp32 (scale too large?)")
     split = c.rank if c is not None else 0
     col_scale, mode = None, ("sum" if len(present) == 2 else ("content" if c is not None else "style"))
     if given is not None:
