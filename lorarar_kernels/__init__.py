@@ -17,7 +17,7 @@ from .errors import (
 )
 from .hypernet import Hypernet
 from .lora import LoRA, LoRALayer
-from .merge import Merge, current, merge, merged_adapter, restore, target_lock
+from .merge import Merge, PreparedSwap, current, merge, merged_adapter, prepare, restore, target_lock
 
 
 def compiled_with_cuda() -> bool:
@@ -38,12 +38,14 @@ __all__ = [
     "LoraFileError",
     "LoraRarError",
     "Merge",
+    "PreparedSwap",
     "TargetModifiedError",
     "backends",
     "compiled_with_cuda",
     "current",
     "merge",
     "merged_adapter",
+    "prepare",
     "restore",
     "target_lock",
 ]

@@ -8,7 +8,8 @@ measurements in ``bench/`` and the GPU check; the `torch` reference is always la
 from __future__ import annotations
 
 import importlib
-from functools import cache
+from collections.abc import Callable, Sequence
+from functools import cache, partial
 
 import torch
 
@@ -81,3 +82,15 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str,
         except BackendUnavailableError:
             continue
     return "torch", get("torch", device)
+
+
+def runner(impl, jobs: Sequence) -> Callable[[], None]:
+    """A no-argument callable applying ``jobs``; backends with a ``plan(jobs)`` build their tables now.
+
+    A plan is either callable or has ``run()``; it holds the jobs' tensors, so its addresses stay valid.
+    """
+    make = getattr(impl, "plan", None)
+    if make is None:
+        return partial(impl.apply, list(jobs))
+    built = make(list(jobs))
+    return built.run if hasattr(built, "run") else built

@@ -44,6 +44,7 @@ class _TargetState:
     keep: str | None = None
     layers: dict[str, _Layer] = field(default_factory=dict)
     current: Merge | None = None
+    generation: int = 0  # bumped by every apply and restore; a PreparedSwap must see the one it saw
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -129,8 +130,8 @@ def _modules(root: nn.Module) -> dict[str, nn.Module]:
     return {n.replace("_orig_mod.", ""): m for n, m in root.named_modules()}
 
 
-def _check_target(name: str, f: LayerFactors, modules, state: _TargetState) -> torch.Tensor:
-    """The layer's weight Parameter if the delta fits it; LayerMismatchError otherwise."""
+def _check_target(name: str, out_f: int, in_f: int, modules, state: _TargetState) -> torch.Tensor:
+    """The layer's weight Parameter if an ``[out_f, in_f]`` delta fits it; LayerMismatchError otherwise."""
     module = modules.get(name)
     if module is None:
         hint = [n for n in modules if n.endswith(name.rsplit(".", 2)[-1])][:3]
@@ -138,7 +139,6 @@ def _check_target(name: str, f: LayerFactors, modules, state: _TargetState) -> t
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise LayerMismatchError(f"layer {name!r}: module {type(module).__name__} has no weight tensor")
-    out_f, in_f = f.up.shape[0], f.down.shape[1]
     if w.dim() < 2 or w.shape[0] != out_f or w[0].numel() != in_f:
         raise LayerMismatchError(
             f"layer {name!r}: LoRA delta is [{out_f}, {in_f}] but the weight is {list(w.shape)}"
@@ -164,7 +164,79 @@ def _check_untouched(state: _TargetState) -> None:
             )
 
 
-def merge(
+class PreparedSwap:
+    """A validated swap of one target, ready to `apply`: every allocation and check is already done.
+
+    `apply` is the pass over the weights: snapshot new layers, restore layers only the old pair touched,
+    run the backends' pre-built plans. With ``keep_original="device"`` it allocates nothing and does not
+    synchronise the host (capturable in a CUDA graph where the backend's launches are).
+    """
+
+    def __init__(self, root, state, keep, plan, weights, chosen, content, style, t0) -> None:
+        self._root, self._state, self._keep = root, state, keep
+        self.plan, self.content, self.style = plan, content, style
+        self._generation = state.generation
+        self._new: dict[str, _Layer] = {}
+        self._old_only = [n for n in state.layers if n not in plan]
+        jobs: dict[tuple, list[ApplyJob]] = {}
+        for name, f in plan.items():
+            w = weights[name]
+            layer = state.layers.get(name)
+            if layer is None:
+                snap = None
+                if keep == "device":
+                    snap = torch.empty_like(w)
+                elif keep == "host":
+                    snap = torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda)
+                layer = self._new[name] = _Layer(w, snap)
+            w2 = w.view(w.shape[0], -1)
+            up, down, scale = f.up, f.down, None if f.col_scale is None else f.col_scale.detach()
+            src = layer.snapshot if keep == "device" else w
+            if keep == "none" and layer.applied is not None:  # W += new - old, one rounding
+                old = layer.applied
+                up = torch.cat([f.up, -old.up], dim=1)
+                down = torch.cat([f.scaled_down().detach(), old.scaled_down().detach()], dim=0)
+                scale = None
+            job = ApplyJob(name, w2, src.view(w2.shape), up, down, scale, f.split)
+            jobs.setdefault((w.device, w.dtype), []).append(job)
+        self._runs = [dispatch.runner(chosen[key][1], group) for key, group in jobs.items()]
+        names = sorted({name for name, _ in chosen.values()})
+        self.backend = names[0] if len(names) == 1 else "+".join(names)
+        self.prepare_s = time.perf_counter() - t0
+
+    def apply(self) -> Merge:
+        """Write the pair into the weights (see the class docstring); returns the `Merge` handle."""
+        state = self._state
+        with state.lock:
+            t0 = time.perf_counter()
+            if state.generation != self._generation:
+                raise LoraRarError("this prepared swap is stale: the target was merged or restored since")
+            _check_untouched(state)
+            with torch.no_grad():
+                for layer in self._new.values():
+                    if layer.snapshot is not None:
+                        layer.snapshot.copy_(layer.param, non_blocking=True)
+                for name in self._old_only:  # touched by the old pair only
+                    _restore_layer(state.layers.pop(name))
+                state.layers.update(self._new)
+                if self._keep == "host":
+                    for name in self.plan:
+                        layer = state.layers[name]
+                        layer.param.copy_(layer.snapshot, non_blocking=True)
+                for run in self._runs:
+                    run()
+            for name, f in self.plan.items():
+                state.layers[name].applied = f
+            for layer in state.layers.values():
+                layer.stamp = (layer.param._version, layer.param.data_ptr())
+            timings = {"prepare_s": self.prepare_s, "apply_s": time.perf_counter() - t0}
+            handle = Merge(self._root, self.plan, self.backend, timings, self.content, self.style)
+            state.keep, state.current = self._keep, handle
+            state.generation += 1
+            return handle
+
+
+def prepare(
     target: nn.Module,
     content: LoRA | str | os.PathLike | None,
     style: LoRA | str | os.PathLike | None,
@@ -174,18 +246,9 @@ def merge(
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] = ("to_q", "to_out.0"),
     keep_original: str | None = None,
-) -> Merge:
-    """Write ``W = W_original + dW_merged`` into ``target``'s weights in place; a hot swap if merged before.
-
-    target: an ``nn.Module`` (UNet, possibly ``torch.compile``d); content/style: `LoRA`s or paths (one may be
-    None); hypernet: coefficients for ``hyper_parts`` layers present in both (None: plain sum everywhere);
-    coefficients: ``{name: (m_c [in], m_s [in])}`` overriding any layer; backend: "auto" or a name from
-    `lorarar_kernels.backends`; keep_original: where the original weights are kept on the first merge —
-    "device" (default), "host", or "none" (swap/restore by subtracting the old delta in one rounding: not bit-exact; after k
-    swaps the error is below ``(k + 1) / 2`` ulp of the largest intermediate weight plus the fp32
-    accumulation error of each step, tested in tests/test_merge.py).
-    Everything is validated before the first weight is written; errors are `LoraRarError`s.
-    """
+) -> PreparedSwap:
+    """Everything of `merge` but the pass over the weights: read and validate, coefficients, factors,
+    snapshot buffers, backend plans (may synchronise). ``prepare(...).apply()`` is ``merge(...)``."""
     root = _unwrap(target)
     state = _state(root)
     if keep_original is not None and keep_original not in KEEP_MODES:
@@ -204,103 +267,59 @@ def merge(
         # Names and shapes first (cheap, clear errors), then factors and coefficients on the weights' device.
         for lora in (content, style):
             for name, layer in (lora.unet_layers() if lora is not None else {}).items():
-                probe = LayerFactors(
-                    name,
-                    "",
-                    layer.up.reshape(layer.up.shape[0], -1),
-                    layer.down.reshape(layer.down.shape[0], -1),
-                    None,
-                    0,
-                    (),
-                )
                 try:
-                    weights[name] = _check_target(name, probe, modules, state)
+                    weights[name] = _check_target(name, layer.out_features, layer.in_features, modules, state)
                 except LayerMismatchError as exc:
                     raise type(exc)(f"{lora.source}: {exc}") from None
         _check_untouched(state)
         devices = {w.device for w in weights.values()}
-        device = devices.pop() if len(devices) == 1 else None
-        if device is None and weights:
+        if len(devices) > 1:
             raise LoraRarError(f"touched weights span several devices; not supported ({devices})")
+        device = devices.pop() if devices else torch.device("cpu")
         plan = plan_pair(
-            content,
-            style,
-            hypernet,
-            coefficients=coefficients,
-            hyper_parts=hyper_parts,
-            device=device or "cpu",
+            content, style, hypernet, coefficients=coefficients, hyper_parts=hyper_parts, device=device
         )
         chosen = {}
         for w in weights.values():
-            key = (w.device, w.dtype)
-            if key not in chosen:
-                chosen[key] = dispatch.choose(backend, w.device, w.dtype)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            _apply(state, keep, plan, weights, chosen)
-        t2 = time.perf_counter()
-        names = sorted({name for name, _ in chosen.values()})
-        handle = Merge(
-            root,
-            plan,
-            names[0] if len(names) == 1 else "+".join(names),
-            {"prepare_s": t1 - t0, "apply_s": t2 - t1},
+            if (w.device, w.dtype) not in chosen:
+                chosen[(w.device, w.dtype)] = dispatch.choose(backend, w.device, w.dtype)
+        return PreparedSwap(root, state, keep, plan, weights, chosen, content, style, t0)
+
+
+def merge(
+    target: nn.Module,
+    content: LoRA | str | os.PathLike | None,
+    style: LoRA | str | os.PathLike | None,
+    hypernet: Hypernet | None = None,
+    *,
+    backend: str = "auto",
+    coefficients: Mapping[str, tuple] | None = None,
+    hyper_parts: Sequence[str] = ("to_q", "to_out.0"),
+    keep_original: str | None = None,
+) -> Merge:
+    """Write ``W = W_original + dW_merged`` into ``target``'s weights in place; a hot swap if merged before.
+
+    target: an ``nn.Module`` (UNet, possibly ``torch.compile``d); content/style: `LoRA`s or paths (one may be
+    None); hypernet: coefficients for ``hyper_parts`` layers present in both (None: plain sum everywhere);
+    coefficients: ``{name: (m_c [in], m_s [in])}`` overriding any layer; backend: "auto" or a name from
+    `lk.backends()`; keep_original: where the original weights are kept on the first merge — "device"
+    (default), "host", or "none" (swap/restore by subtracting the old delta in one rounding: not
+    bit-exact; after k swaps the error is below ``(k + 1) / 2`` ulp of the largest intermediate weight
+    plus the fp32 accumulation error of each step, tested in tests/test_merge.py).
+    Everything is validated before the first weight is written; errors are `LoraRarError`s.
+    """
+    state = _state(target)
+    with state.lock:  # prepare and apply as one step: nothing can slip in between
+        return prepare(
+            target,
             content,
             style,
-        )
-        state.keep, state.current = keep, handle
-        return handle
-
-
-def _apply(state: _TargetState, keep: str, plan, weights, chosen) -> None:
-    """The pass over the weights. Inputs are validated; this only snapshots, restores and updates."""
-    jobs: dict[tuple, list[ApplyJob]] = {}
-
-    def add(name: str, w: torch.Tensor, src: torch.Tensor, f: LayerFactors, up=None, down=None, scale=True):
-        w2 = w.view(w.shape[0], -1)
-        job = ApplyJob(
-            name,
-            w2,
-            src.view(w2.shape),
-            f.up if up is None else up,
-            f.down if down is None else down,
-            f.col_scale.detach() if (scale and f.col_scale is not None) else None,
-            f.split,
-        )
-        jobs.setdefault((w.device, w.dtype), []).append(job)
-
-    for name in [n for n in state.layers if n not in plan]:  # touched by the old pair only
-        layer = state.layers.pop(name)
-        _restore_layer(layer)
-    for name, f in plan.items():
-        w = weights[name]
-        layer = state.layers.get(name)
-        if layer is None:
-            snap = None
-            if keep == "device":
-                snap = w.detach().clone()
-            elif keep == "host":
-                snap = w.detach().to("cpu", copy=True)
-                if w.is_cuda:
-                    snap = snap.pin_memory()
-            layer = state.layers[name] = _Layer(w, snap)
-        if keep == "device":
-            add(name, w, layer.snapshot, f)
-        elif keep == "host":
-            w.copy_(layer.snapshot, non_blocking=True)
-            add(name, w, w, f)
-        elif layer.applied is None:
-            add(name, w, w, f)
-        else:  # keep="none": W += new - old in one rounding
-            old = layer.applied
-            up = torch.cat([f.up, -old.up], dim=1)
-            down = torch.cat([f.scaled_down().detach(), old.scaled_down().detach()], dim=0)
-            add(name, w, w, f, up=up, down=down, scale=False)
-        layer.applied = f
-    for key, group in jobs.items():
-        chosen[key][1].apply(group)
-    for layer in state.layers.values():
-        layer.stamp = (layer.param._version, layer.param.data_ptr())
+            hypernet,
+            backend=backend,
+            coefficients=coefficients,
+            hyper_parts=hyper_parts,
+            keep_original=keep_original,
+        ).apply()
 
 
 def _restore_layer(layer: _Layer) -> None:
@@ -327,6 +346,7 @@ def restore(target: nn.Module) -> None:
                 _restore_layer(layer)
         state.layers.clear()
         state.keep, state.current = None, None
+        state.generation += 1
 
 
 def current(target: nn.Module) -> Merge | None:

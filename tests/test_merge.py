@@ -247,3 +247,42 @@ def test_text_encoder_layers_warn_and_are_not_merged():
     with pytest.warns(UserWarning, match="text-encoder layers"):
         m = lk.merge(module, lora, None)
     assert len(m.layers) == len(SMALL)
+
+
+def test_prepare_writes_nothing_and_apply_equals_merge():
+    net = small_hypernet()
+    c, s = rand_lora(SMALL, 4, 1), rand_lora(SMALL, 6, 2)
+    module, ref = fresh(SMALL, torch.bfloat16), fresh(SMALL, torch.bfloat16)
+    lk.merge(module, rand_lora(SMALL[:6], 2, 9), None)
+    before = weights(module)
+    prepared = lk.prepare(module, c, s, net)
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+    m = prepared.apply()
+    lk.merge(ref, c, s, net)
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), ref.parameters()))
+    assert lk.current(module) is m and m.timings["prepare_s"] > 0
+
+
+def test_stale_prepared_swap_is_refused():
+    module = fresh(SMALL)
+    prepared = lk.prepare(module, rand_lora(SMALL, 2, 1), None)
+    lk.merge(module, rand_lora(SMALL, 2, 2), None)
+    before = weights(module)
+    with pytest.raises(lk.LoraRarError, match="stale"):
+        prepared.apply()
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+@pytest.mark.parametrize("backend", [b for b, why in lk.backends("cpu").items() if why is None])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_available_backend_merges_like_the_reference(backend, dtype):
+    net = small_hypernet()
+    c, s = rand_lora(SMALL, 4, 1), rand_lora(SMALL, [1, 7, 3, 8] * 6, 2)
+    module = fresh(SMALL, dtype)
+    w0 = weights(module)
+    lk.merge(module, rand_lora(SMALL, 3, 5), rand_lora(SMALL, 2, 6), net, backend=backend)  # then hot swap
+    m = lk.merge(module, c, s, net, backend=backend)
+    assert m.backend == backend
+    assert_merged(module, w0, c, s, m.coefficients, dtype)
+    m.restore()
+    assert all(torch.equal(w0[n], p) for n, p in module.named_parameters())

@@ -379,3 +379,8 @@ class TritonPlan:
     def __call__(self) -> None:
         for group in self.groups:
             _launch(group, self.jobs)
+
+
+def plan(jobs: Sequence[ApplyJob], config: Config | None = None) -> TritonPlan:
+    """The backend's pre-built form of ``jobs`` (see `lorarar_kernels.dispatch.runner`)."""
+    return TritonPlan(jobs, config)
