@@ -242,3 +242,28 @@ class HotSwap:
         self.apply_s.append(m.timings["apply_s"])
         self.used = m.backend
         return m
+
+
+def fresh_copy(lora: lk.LoRA) -> lk.LoRA:
+    """The same LoRA as new tensors: nothing the engine cached for ``lora`` applies to it."""
+    layers = {n: lk.LoRALayer(x.down.clone(), x.up.clone(), x.scale) for n, x in lora.items()}
+    return lk.LoRA(layers, source=lora.source)
+
+
+class ColdSwap(HotSwap):
+    """A hot swap to a pair of LoRA objects the engine has never seen (fresh tensors each call, made in the
+    untimed `setup`): what a swap to a newly loaded pair costs, with no per-LoRA cache to help."""
+
+    def setup(self) -> None:
+        c, s = self.wl.pairs[self.calls % 2]
+        self.next_pair = (fresh_copy(c), fresh_copy(s))
+
+    def __call__(self):
+        pair = getattr(self, "next_pair", None) or self.wl.pairs[self.calls % 2]
+        self.next_pair = None
+        self.calls += 1
+        m = lk.merge(self.module, *pair, self.wl.hypernet, backend=self.backend)
+        self.prepare_s.append(m.timings["prepare_s"])
+        self.apply_s.append(m.timings["apply_s"])
+        self.used = m.backend
+        return m

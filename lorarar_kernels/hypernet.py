@@ -15,6 +15,7 @@ and the coefficients cost ``O(hidden * r * (out + in))``: no dense delta is ever
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,18 @@ from .lora import LoRALayer
 from .safeio import read_tensors, write_safetensors
 
 HYPERNET_FORMAT = "lorarar-hypernet/1"
+
+# id(up factor) -> (weakref to it, {side: (weakref to the input layer's weight, stamp, P)}). Keyed by id
+# (tensors compare elementwise, so they cannot be dict keys); an entry is dropped when its LoRA dies.
+_PROJECTIONS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _projection_cache(up: torch.Tensor) -> dict:
+    key = id(up)
+    entry = _PROJECTIONS.get(key)
+    if entry is None or entry[0]() is not up:
+        entry = _PROJECTIONS[key] = (weakref.ref(up, lambda _, k=key: _PROJECTIONS.pop(k, None)), {})
+    return entry[1]
 
 
 class Hypernet(nn.Module):
@@ -75,24 +88,47 @@ class Hypernet(nn.Module):
         """
         check_pair(content, style)
         dev = self.output[1].weight.device
-        up_c, down_c = content.factors(torch.float32)
-        up_s, down_s = style.factors(torch.float32)
-        up = torch.cat([up_c, up_s], dim=1).to(dev)
-        down = torch.cat([down_c, down_s], dim=0).to(dev)
-        out = self.coefficients_from_factors(up, down, content.rank)
+        down = torch.cat([content.factors()[1], style.factors()[1]], dim=0).to(dev)
+        p_c, p_s = self.projection(content, 0), self.projection(style, 1)
+        out = self.coefficients_from_projection(content.out_features, p_c, p_s, down)
         return out[0], out[1]
 
-    def coefficients_from_factors(self, up: torch.Tensor, down: torch.Tensor, split: int) -> torch.Tensor:
-        """``[2, in]`` = (m_c; m_s) from a pair's concatenated factors; differentiable.
+    def projection(self, layer: LoRALayer, side: int) -> torch.Tensor:
+        """``P = W1_side @ (s B)`` ``[hidden, r]``: the first layer applied to one LoRA's up factor.
 
-        up: ``[out, R]`` fp32 ``[s_c B_c | s_s B_s]``; down: ``[R, in]`` fp32 ``[A_c ; A_s]``; split: r_c.
-        ``H = relu([W1c s_c B_c | W1s s_s B_s] @ down + b1)``, ``out = W2 H + b2``.
+        side: 0 for the content half of the input layer, 1 for the style half. P depends on one LoRA
+        only, not on the pair, so it is cached per (layer, side) while neither that LoRA's up factor nor
+        this network's input layer changes (tensor version and storage); never while grad is enabled.
         """
-        width = up.shape[0]
+        width = layer.out_features
         inp = self.input_layer(width)
-        w1 = inp.weight.float()
-        p = torch.cat([w1[:, :width] @ up[:, :split], w1[:, width:] @ up[:, split:]], dim=1)  # [hidden, R]
-        h = torch.addmm(inp.bias.float()[:, None], p, down).relu_()
+        stamp = (
+            layer.up._version,
+            layer.up.data_ptr(),
+            layer.scale,
+            inp.weight._version,
+            inp.weight.data_ptr(),
+        )
+        cache = None if torch.is_grad_enabled() else _projection_cache(layer.up)
+        hit = cache.get(side) if cache is not None else None
+        if hit is not None and hit[0]() is inp.weight and hit[1] == stamp:
+            return hit[2]
+        up = layer.factors()[0].to(inp.weight.device)
+        p = inp.weight.float()[:, side * width : (side + 1) * width] @ up
+        if cache is not None:
+            cache[side] = (weakref.ref(inp.weight), stamp, p)
+        return p
+
+    def coefficients_from_projection(
+        self, width: int, p_c: torch.Tensor, p_s: torch.Tensor, down: torch.Tensor
+    ) -> torch.Tensor:
+        """``[2, in]`` = (m_c; m_s) = ``W2 relu([P_c | P_s] @ [A_c ; A_s] + b1) + b2``; differentiable.
+
+        width: the layer's out_features; p_c ``[hidden, r_c]``, p_s ``[hidden, r_s]`` from `projection`;
+        down ``[r_c + r_s, in]`` fp32.
+        """
+        inp = self.input_layer(width)
+        h = torch.addmm(inp.bias.float()[:, None], torch.cat([p_c, p_s], dim=1), down).relu_()
         head = self.output[1]
         return torch.addmm(head.bias.float()[:, None], head.weight.float(), h)
 

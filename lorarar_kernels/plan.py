@@ -178,7 +178,8 @@ def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device
         check_pair(c, s, where=f"layer {name!r}")
         try:
             hdev = hypernet.output[1].weight.device
-            col_scale = hypernet.coefficients_from_factors(up.to(hdev), down.to(hdev), split).to(device)
+            p_c, p_s = hypernet.projection(c, 0), hypernet.projection(s, 1)
+            col_scale = hypernet.coefficients_from_projection(out_f, p_c, p_s, down.to(hdev)).to(device)
         except LayerMismatchError as exc:
             raise LayerMismatchError(f"layer {name!r}: {exc}") from None
         mode = "hypernet"

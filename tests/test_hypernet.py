@@ -91,3 +91,26 @@ def test_bad_hypernet_files(tmp_path):
     torch.save(sd, tmp_path / "nan.pth")
     with pytest.raises(lk.LoraFileError, match="non-finite"):
         lk.Hypernet.load(tmp_path / "nan.pth")
+
+
+def test_projection_cache_follows_changes_to_the_lora_and_the_network():
+    torch.manual_seed(0)
+    net = lk.Hypernet(widths=(64,), hidden=8)
+    gen = torch.Generator().manual_seed(3)
+    c, s = rand_layer(64, 40, 4, gen), rand_layer(64, 40, 2, gen)
+
+    def fresh_dense():
+        d_c, d_s = dense_coefficients(net, c, s)
+        return torch.stack([d_c, d_s]).float()
+
+    with torch.no_grad():
+        first = torch.stack(net.coefficients(c, s))
+        assert net.projection(c, 0) is net.projection(c, 0)  # cached while nothing changes
+        c.up.mul_(2.0)  # the LoRA changed in place: its projection must be recomputed
+        torch.testing.assert_close(torch.stack(net.coefficients(c, s)), fresh_dense(), rtol=1e-4, atol=1e-5)
+        net.input_1.weight.add_(0.1)  # so did the network (an optimiser step)
+        torch.testing.assert_close(torch.stack(net.coefficients(c, s)), fresh_dense(), rtol=1e-4, atol=1e-5)
+        assert not torch.equal(first, torch.stack(net.coefficients(c, s)))
+    m_c, _ = net.coefficients(c, s)  # grad enabled: never served from the cache, graph intact
+    m_c.sum().backward()
+    assert net.input_1.weight.grad is not None and net.input_1.weight.grad.abs().max() > 0
