@@ -234,8 +234,11 @@ class HotSwap:
         self.apply_s: list[float] = []
         self.used = backend
 
+    def pair(self) -> tuple[lk.LoRA, lk.LoRA]:
+        return self.wl.pairs[self.calls % 2]
+
     def __call__(self):
-        pair = self.wl.pairs[self.calls % 2]
+        pair = self.pair()
         self.calls += 1
         m = lk.merge(self.module, *pair, self.wl.hypernet, backend=self.backend)
         self.prepare_s.append(m.timings["prepare_s"])
@@ -255,15 +258,8 @@ class ColdSwap(HotSwap):
     untimed `setup`): what a swap to a newly loaded pair costs, with no per-LoRA cache to help."""
 
     def setup(self) -> None:
-        c, s = self.wl.pairs[self.calls % 2]
-        self.next_pair = (fresh_copy(c), fresh_copy(s))
+        self.fresh = tuple(fresh_copy(x) for x in self.wl.pairs[self.calls % 2])
 
-    def __call__(self):
-        pair = getattr(self, "next_pair", None) or self.wl.pairs[self.calls % 2]
-        self.next_pair = None
-        self.calls += 1
-        m = lk.merge(self.module, *pair, self.wl.hypernet, backend=self.backend)
-        self.prepare_s.append(m.timings["prepare_s"])
-        self.apply_s.append(m.timings["apply_s"])
-        self.used = m.backend
-        return m
+    def pair(self) -> tuple[lk.LoRA, lk.LoRA]:
+        fresh, self.fresh = getattr(self, "fresh", None), None
+        return fresh or super().pair()
