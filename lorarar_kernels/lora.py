@@ -110,6 +110,10 @@ class LoRA(Mapping[str, LoRALayer]):
         ranks = sorted({layer.rank for layer in self._layers.values()})
         return f"LoRA({self.source!r}, {len(self)} layers, ranks {ranks})"
 
+    def to(self, *args, **kwargs) -> LoRA:
+        """A copy on another device/dtype (``lora.to("cuda")``): keep a GPU swap's factors on the GPU."""
+        return LoRA({n: v.to(*args, **kwargs) for n, v in self._layers.items()}, source=self.source)
+
     def unet_layers(self) -> dict[str, LoRALayer]:
         """The layers that belong to the UNet (no component prefix)."""
         return {n: v for n, v in self._layers.items() if not n.startswith(COMPONENT_PREFIXES)}

@@ -120,25 +120,36 @@ def plan_pair(
         raise LayerMismatchError(f"coefficients given for layers no LoRA touches: {unknown[:5]}")
     names = list(c_layers) + [n for n in s_layers if n not in c_layers]
     plan: dict[str, LayerFactors] = {}
+    sums = []
     with torch.set_grad_enabled(grad):
         for name in names:
-            plan[name] = _plan_layer(
-                name,
-                c_layers.get(name),
-                s_layers.get(name),
-                content,
-                style,
-                hypernet,
-                coefficients.get(name),
-                hyper_parts,
-                device,
-            )
+            c, s = c_layers.get(name), s_layers.get(name)
+            plan[name], total = _plan_layer(name, c, s, hypernet, coefficients.get(name), hyper_parts, device)
+            sums.append(total)
+    # NaN/Inf anywhere makes a sum non-finite; one check (one host sync on a GPU) for the whole plan.
+    if sums:
+        finite = torch.isfinite(torch.stack(sums))
+        if not bool(finite.all()):
+            bad = names[int((~finite).nonzero()[0, 0])]
+            _explain_non_finite(bad, plan[bad], c_layers.get(bad), s_layers.get(bad), content, style)
     return plan
 
 
-def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device) -> LayerFactors:
-    present = [(x, lora) for x, lora in ((c, content), (s, style)) if x is not None]
-    ref = present[0][0]
+def _explain_non_finite(name, f: LayerFactors, c, s, content, style) -> None:
+    """Raise the LayerMismatchError that names what is not finite in layer ``name``."""
+    for x, lora in ((c, content), (s, style)):
+        if x is not None:
+            for label, t in (("down", x.down), ("up", x.up)):
+                _check_finite(t, f"{lora.source}: layer {name!r} {label}")
+    if f.col_scale is not None:
+        _check_finite(f.col_scale.detach(), f"layer {name!r} coefficients")
+    raise LayerMismatchError(f"layer {name!r}: the scaled factors or coefficients overflow fp32")
+
+
+def _plan_layer(name, c, s, hypernet, given, hyper_parts, device) -> tuple[LayerFactors, torch.Tensor]:
+    """The layer's factors and the sum of all their values and coefficients (finite iff they all are)."""
+    present = [x for x in (c, s) if x is not None]
+    ref = present[0]
     if len(present) == 2 and (
         c.is_conv != s.is_conv or (c.out_features, c.in_features) != (s.out_features, s.in_features)
     ):
@@ -146,12 +157,12 @@ def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device
             f"layer {name!r}: content and style deltas differ in shape "
             f"([{c.out_features}, {c.in_features}] vs [{s.out_features}, {s.in_features}])"
         )
-    rank, out_f, in_f = sum(x.rank for x, _ in present), ref.out_features, ref.in_features
-    # up and down share one buffer, so that one reduction checks every value of the pair.
+    rank, out_f, in_f = sum(x.rank for x in present), ref.out_features, ref.in_features
+    # up and down share one buffer, so that one reduction covers every value of the pair.
     buf = torch.empty(out_f * rank + rank * in_f, device=device, dtype=torch.float32)
     up, down = buf[: out_f * rank].view(out_f, rank), buf[out_f * rank :].view(rank, in_f)
     r0 = 0
-    for x, _ in present:  # [s_c B_c | s_s B_s] and [A_c ; A_s], converted on the way in
+    for x in present:  # [s_c B_c | s_s B_s] and [A_c ; A_s], converted on the way in
         r1 = r0 + x.rank
         src = x.up.reshape(x.up.shape[0], -1)
         if src.dtype == torch.float32:  # one pass; 16-bit factors are converted first, then scaled in fp32
@@ -162,11 +173,6 @@ def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device
             up[:, r0:r1].copy_(src).mul_(x.scale)
         down[r0:r1].copy_(x.down.reshape(x.rank, -1))
         r0 = r1
-    if not bool(torch.isfinite(buf.sum())):
-        for x, lora in present:  # the slow path only names the culprit
-            for label, t in (("down", x.down), ("up", x.up)):
-                _check_finite(t, f"{lora.source}: layer {name!r} {label}")
-        raise LayerMismatchError(f"layer {name!r}: the scaled factors overflow fp32 (scale too large?)")
     split = c.rank if c is not None else 0
     col_scale, mode = None, ("sum" if len(present) == 2 else ("content" if c is not None else "style"))
     if given is not None:
@@ -183,6 +189,5 @@ def _plan_layer(name, c, s, content, style, hypernet, given, hyper_parts, device
         except LayerMismatchError as exc:
             raise LayerMismatchError(f"layer {name!r}: {exc}") from None
         mode = "hypernet"
-    if col_scale is not None:
-        _check_finite(col_scale.detach(), f"layer {name!r} coefficients")
-    return LayerFactors(name, mode, up, down, col_scale, split, tuple(ref.down.shape[1:]))
+    total = buf.sum() if col_scale is None else buf.sum() + col_scale.detach().sum()
+    return LayerFactors(name, mode, up, down, col_scale, split, tuple(ref.down.shape[1:])), total

@@ -286,3 +286,10 @@ def test_every_available_backend_merges_like_the_reference(backend, dtype):
     assert_merged(module, w0, c, s, m.coefficients, dtype)
     m.restore()
     assert all(torch.equal(w0[n], p) for n, p in module.named_parameters())
+
+
+def test_lora_to_keeps_layers_and_source():
+    c = rand_lora(SMALL, 2, 1, name="c.safetensors")
+    half = c.to(torch.float16)
+    assert half.source == "c.safetensors" and set(half) == set(c)
+    assert all(half[n].down.dtype == torch.float16 and half[n].scale == c[n].scale for n in c)
