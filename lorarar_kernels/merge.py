@@ -23,7 +23,7 @@ from .errors import LayerMismatchError, LoraRarError, TargetModifiedError
 from .hypernet import Hypernet
 from .lora import LoRA
 from .ops import ApplyJob
-from .plan import LayerFactors, plan_pair
+from .plan import LayerFactors, Workspace, plan_pair
 
 KEEP_MODES = ("device", "host", "none")
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,6 +45,9 @@ class _TargetState:
     layers: dict[str, _Layer] = field(default_factory=dict)
     current: Merge | None = None
     generation: int = 0  # bumped by every apply and restore; a PreparedSwap must see the one it saw
+    # Two factor buffers used in turn: the next swap is prepared in the one the current merge does not use.
+    workspaces: tuple[Workspace, Workspace] = field(default_factory=lambda: (Workspace(), Workspace()))
+    current_ws: int = -1
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -78,8 +81,10 @@ def target_lock(target: nn.Module) -> threading.RLock:
 class Merge:
     """Handle of one merge. ``restore()`` from any handle restores the target's original weights."""
 
-    def __init__(self, target, plan, backend, timings, content, style) -> None:
+    def __init__(self, target, plan, backend, timings, content, style, recipe=None, lease=None) -> None:
         self._target = weakref.ref(target)
+        self._recipe = recipe or {}  # hypernet, coefficients, hyper_parts: to rebuild the plan on export
+        self._lease = lease  # (workspace, generation) the plan's factors were cut from
         self.plan: dict[str, LayerFactors] = plan
         self.backend: str = backend
         self.timings: dict[str, float] = timings
@@ -110,8 +115,16 @@ class Merge:
         if target is not None:
             restore(target)
 
+    @property
+    def factors_valid(self) -> bool:
+        """Whether ``plan``'s factor tensors still hold this merge's values (their workspace is reused two
+        swaps later; coefficients and `export` stay valid regardless)."""
+        return self._lease is None or self._lease[0].generation == self._lease[1]
+
     def export(self, dtype: torch.dtype = torch.float32) -> LoRA:
         """The merged pair as one LoRA of rank r_c + r_s per layer, scale 1 (diffusers-loadable)."""
+        if not self.factors_valid:  # the factors' buffer went to a later swap: rebuild them
+            return merged_adapter(self.content, self.style, dtype=dtype, **self._recipe)
         return LoRA({n: f.as_lora_layer(dtype) for n, f in self.plan.items()}, source="merged adapter")
 
     def __repr__(self) -> str:
@@ -172,10 +185,11 @@ class PreparedSwap:
     synchronise the host (capturable in a CUDA graph where the backend's launches are).
     """
 
-    def __init__(self, root, state, keep, plan, weights, chosen, content, style, t0) -> None:
+    def __init__(self, root, state, keep, plan, weights, chosen, content, style, t0, ws, recipe) -> None:
         self._root, self._state, self._keep = root, state, keep
         self.plan, self.content, self.style = plan, content, style
         self._generation = state.generation
+        self._ws, self._ws_generation, self._recipe = ws, state.workspaces[ws].generation, recipe
         self._new: dict[str, _Layer] = {}
         self._old_only = [n for n in state.layers if n not in plan]
         jobs: dict[tuple, list[ApplyJob]] = {}
@@ -209,8 +223,13 @@ class PreparedSwap:
         state = self._state
         with state.lock:
             t0 = time.perf_counter()
-            if state.generation != self._generation:
-                raise LoraRarError("this prepared swap is stale: the target was merged or restored since")
+            if (
+                state.generation != self._generation
+                or state.workspaces[self._ws].generation != self._ws_generation
+            ):
+                raise LoraRarError(
+                    "this prepared swap is stale: the target was merged, restored or prepared again since"
+                )
             _check_untouched(state)
             with torch.no_grad():
                 for layer in self._new.values():
@@ -230,8 +249,11 @@ class PreparedSwap:
             for layer in state.layers.values():
                 layer.stamp = (layer.param._version, layer.param.data_ptr())
             timings = {"prepare_s": self.prepare_s, "apply_s": time.perf_counter() - t0}
-            handle = Merge(self._root, self.plan, self.backend, timings, self.content, self.style)
-            state.keep, state.current = self._keep, handle
+            lease = (state.workspaces[self._ws], self._ws_generation)
+            handle = Merge(
+                self._root, self.plan, self.backend, timings, self.content, self.style, self._recipe, lease
+            )
+            state.keep, state.current, state.current_ws = self._keep, handle, self._ws
             state.generation += 1
             return handle
 
@@ -276,14 +298,22 @@ def prepare(
         if len(devices) > 1:
             raise LoraRarError(f"touched weights span several devices; not supported ({devices})")
         device = devices.pop() if devices else torch.device("cpu")
+        ws = 1 if state.current_ws == 0 else 0  # never the buffer the weights' current pair came from
+        recipe = {"hypernet": hypernet, "coefficients": coefficients, "hyper_parts": tuple(hyper_parts)}
         plan = plan_pair(
-            content, style, hypernet, coefficients=coefficients, hyper_parts=hyper_parts, device=device
+            content,
+            style,
+            hypernet,
+            coefficients=coefficients,
+            hyper_parts=hyper_parts,
+            device=device,
+            workspace=state.workspaces[ws],
         )
         chosen = {}
         for w in weights.values():
             if (w.device, w.dtype) not in chosen:
                 chosen[(w.device, w.dtype)] = dispatch.choose(backend, w.device, w.dtype)
-        return PreparedSwap(root, state, keep, plan, weights, chosen, content, style, t0)
+        return PreparedSwap(root, state, keep, plan, weights, chosen, content, style, t0, ws, recipe)
 
 
 def merge(
@@ -345,7 +375,7 @@ def restore(target: nn.Module) -> None:
             for layer in state.layers.values():
                 _restore_layer(layer)
         state.layers.clear()
-        state.keep, state.current = None, None
+        state.keep, state.current, state.current_ws = None, None, -1
         state.generation += 1
 
 

@@ -43,12 +43,39 @@ class LayerFactors:
 
     def as_lora_layer(self, dtype: torch.dtype = torch.float32) -> LoRALayer:
         """This delta as one LoRA layer of rank R and scale 1 (``down = A_cat * S``, ``up = B_cat``)."""
-        down = self.scaled_down().detach().to("cpu", dtype)
-        up = self.up.detach().to("cpu", dtype)
+        down = self.scaled_down().detach().to("cpu", dtype, copy=True)  # never a view of a reused buffer
+        up = self.up.detach().to("cpu", dtype, copy=True)  # never a view of a reused buffer
         if len(self.down_shape) == 3:  # conv: [R, in, kh, kw] and [out, R, 1, 1]
             down = down.reshape(down.shape[0], *self.down_shape)
             up = up[:, :, None, None]
         return LoRALayer(down.contiguous(), up.contiguous(), 1.0)
+
+
+class Workspace:
+    """A reusable fp32 buffer that a plan's factors are cut from, so a swap allocates nothing new.
+
+    Every `lease` hands out the buffer again (growing it if needed) and bumps `generation`: a plan cut from
+    an earlier lease is overwritten by the next one, which its holder detects by comparing generations.
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.generation = 0
+
+    def lease(self, numel: int, device: torch.device):
+        """A function ``take(n) -> [n] fp32 tensor`` cutting consecutive slices from the buffer."""
+        if self.buffer is None or self.buffer.numel() < numel or self.buffer.device != device:
+            self.buffer = None  # let the old one go first (the previous plan may still hold it)
+            self.buffer = torch.empty(numel, device=device, dtype=torch.float32)
+        self.generation += 1
+        buffer, offset = self.buffer, 0
+
+        def take(n: int) -> torch.Tensor:
+            nonlocal offset
+            offset += n
+            return buffer[offset - n : offset]
+
+        return take
 
 
 def part_of(name: str, parts: Sequence[str]) -> str | None:
@@ -95,12 +122,14 @@ def plan_pair(
     hyper_parts: Sequence[str] = ("to_q", "to_out.0"),
     device: torch.device | str = "cpu",
     grad: bool = False,
+    workspace: Workspace | None = None,
 ) -> dict[str, LayerFactors]:
     """Factors of every UNet layer either LoRA touches; validates everything, writes nothing.
 
     Rule: a layer in ``coefficients`` takes those; else a ``hyper_parts`` layer present in both LoRAs takes
     the hypernetwork's coefficients; else the plain sum (a layer in only one LoRA takes that one's delta).
-    ``grad=True`` keeps the autograd graph to the hypernetwork (training).
+    ``grad=True`` keeps the autograd graph to the hypernetwork (training). ``workspace``: factors are cut
+    from its buffer (re-leased by this call) instead of freshly allocated memory.
     """
     if content is None and style is None:
         raise LayerMismatchError("merge needs at least one LoRA (content or style)")
@@ -119,12 +148,22 @@ def plan_pair(
     if unknown:
         raise LayerMismatchError(f"coefficients given for layers no LoRA touches: {unknown[:5]}")
     names = list(c_layers) + [n for n in s_layers if n not in c_layers]
+    alloc = None
+    if workspace is not None:
+        need = 0
+        for n in names:
+            x = c_layers.get(n) or s_layers[n]
+            rank = sum(y[n].rank for y in (c_layers, s_layers) if n in y)
+            need += rank * (x.out_features + x.in_features)
+        alloc = workspace.lease(need, device)
     plan: dict[str, LayerFactors] = {}
     sums = []
     with torch.set_grad_enabled(grad):
         for name in names:
             c, s = c_layers.get(name), s_layers.get(name)
-            plan[name], total = _plan_layer(name, c, s, hypernet, coefficients.get(name), hyper_parts, device)
+            plan[name], total = _plan_layer(
+                name, c, s, hypernet, coefficients.get(name), hyper_parts, device, alloc
+            )
             sums.append(total)
     # NaN/Inf anywhere makes a sum non-finite; one check (one host sync on a GPU) for the whole plan.
     if sums:
@@ -146,7 +185,9 @@ def _explain_non_finite(name, f: LayerFactors, c, s, content, style) -> None:
     raise LayerMismatchError(f"layer {name!r}: the scaled factors or coefficients overflow fp32")
 
 
-def _plan_layer(name, c, s, hypernet, given, hyper_parts, device) -> tuple[LayerFactors, torch.Tensor]:
+def _plan_layer(
+    name, c, s, hypernet, given, hyper_parts, device, alloc=None
+) -> tuple[LayerFactors, torch.Tensor]:
     """The layer's factors and the sum of all their values and coefficients (finite iff they all are)."""
     present = [x for x in (c, s) if x is not None]
     ref = present[0]
@@ -159,7 +200,8 @@ def _plan_layer(name, c, s, hypernet, given, hyper_parts, device) -> tuple[Layer
         )
     rank, out_f, in_f = sum(x.rank for x in present), ref.out_features, ref.in_features
     # up and down share one buffer, so that one reduction covers every value of the pair.
-    buf = torch.empty(out_f * rank + rank * in_f, device=device, dtype=torch.float32)
+    numel = out_f * rank + rank * in_f
+    buf = alloc(numel) if alloc is not None else torch.empty(numel, device=device, dtype=torch.float32)
     up, down = buf[: out_f * rank].view(out_f, rank), buf[out_f * rank :].view(rank, in_f)
     r0 = 0
     for x in present:  # [s_c B_c | s_s B_s] and [A_c ; A_s], converted on the way in

@@ -293,3 +293,28 @@ def test_lora_to_keeps_layers_and_source():
     half = c.to(torch.float16)
     assert half.source == "c.safetensors" and set(half) == set(c)
     assert all(half[n].down.dtype == torch.float16 and half[n].scale == c[n].scale for n in c)
+
+
+def test_workspaces_alternate_and_old_handles_still_export():
+    net = small_hypernet()
+    pairs = [(rand_lora(SMALL, 3, 20 + i), rand_lora(SMALL, 2, 30 + i)) for i in range(3)]
+    module = fresh(SMALL)
+    first = lk.merge(module, *pairs[0], net)
+    exported = first.export()
+    lk.merge(module, *pairs[1], net)
+    assert first.factors_valid  # its buffer is the one the next swap avoids
+    third = lk.merge(module, *pairs[2], net)  # reuses the first merge's buffer
+    assert not first.factors_valid and third.factors_valid
+    again = first.export()  # rebuilt from its LoRAs and hypernet
+    for n in exported:
+        assert torch.equal(again[n].down, exported[n].down) and torch.equal(again[n].up, exported[n].up)
+
+
+def test_second_prepare_makes_the_first_stale():
+    module = fresh(SMALL)
+    lk.merge(module, rand_lora(SMALL, 2, 0), None)
+    first = lk.prepare(module, rand_lora(SMALL, 2, 1), None)
+    second = lk.prepare(module, rand_lora(SMALL, 2, 2), None)  # same free buffer: first's factors are gone
+    with pytest.raises(lk.LoraRarError, match="stale"):
+        first.apply()
+    second.apply()
