@@ -13,6 +13,7 @@ from .errors import (
     LayerMismatchError,
     LoraFileError,
     LoraRarError,
+    StaleSwapError,
     TargetModifiedError,
 )
 from .hypernet import Hypernet
@@ -39,6 +40,7 @@ __all__ = [
     "LoraRarError",
     "Merge",
     "PreparedSwap",
+    "StaleSwapError",
     "TargetModifiedError",
     "backends",
     "compiled_with_cuda",

@@ -19,3 +19,7 @@ class BackendUnavailableError(LoraRarError):
 
 class TargetModifiedError(LoraRarError):
     """Weights the engine merged into were changed behind its back (a fuse, a `.to()`, offloading)."""
+
+
+class StaleSwapError(LoraRarError):
+    """A prepared swap overtaken by another merge, restore or prepare of the same target: prepare again."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .errors import LayerMismatchError, LoraRarError, TargetModifiedError
+from .errors import LayerMismatchError, LoraRarError, StaleSwapError, TargetModifiedError
 from .hypernet import Hypernet
 from .lora import LoRA
 from .ops import ApplyJob
@@ -48,7 +48,10 @@ class _TargetState:
     # Two factor buffers used in turn: the next swap is prepared in the one the current merge does not use.
     workspaces: tuple[Workspace, Workspace] = field(default_factory=lambda: (Workspace(), Workspace()))
     current_ws: int = -1
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: threading.RLock = field(default_factory=threading.RLock)  # the weights: swaps vs generations
+    # The engine's own state and factor buffers. `prepare` holds only this one, so it can run while a
+    # generation holds `lock`; apply and restore hold both, always `lock` first.
+    work_lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _TargetState] = weakref.WeakKeyDictionary()
@@ -221,13 +224,13 @@ class PreparedSwap:
     def apply(self) -> Merge:
         """Write the pair into the weights (see the class docstring); returns the `Merge` handle."""
         state = self._state
-        with state.lock:
+        with state.lock, state.work_lock:
             t0 = time.perf_counter()
             if (
                 state.generation != self._generation
                 or state.workspaces[self._ws].generation != self._ws_generation
             ):
-                raise LoraRarError(
+                raise StaleSwapError(
                     "this prepared swap is stale: the target was merged, restored or prepared again since"
                 )
             _check_untouched(state)
@@ -275,7 +278,7 @@ def prepare(
     state = _state(root)
     if keep_original is not None and keep_original not in KEEP_MODES:
         raise LoraRarError(f"keep_original must be one of {KEEP_MODES}, got {keep_original!r}")
-    with state.lock:
+    with state.work_lock:  # not `lock`: preparing the next pair may overlap a generation in flight
         t0 = time.perf_counter()
         if state.keep is not None and keep_original not in (None, state.keep):
             raise LoraRarError(
@@ -367,7 +370,7 @@ def _restore_layer(layer: _Layer) -> None:
 def restore(target: nn.Module) -> None:
     """Put back the original weights of every layer merged into ``target`` and free the snapshot."""
     state = _state(target)
-    with state.lock:
+    with state.lock, state.work_lock:
         if not state.layers:
             return
         _check_untouched(state)

@@ -197,3 +197,35 @@ def test_bad_input_is_refused_before_writing(tmp_path):
         attach(pipe, hyper, backend="no-such-backend").swap(c2, s2)
     assert swapper.current is m1 and _same_state(merged, unet_state(pipe))
     swapper.reset()
+
+
+class _SignallingHypernet(lk.Hypernet):
+    """A hypernet that reports when a swap's coefficients are being computed (i.e. its prepare runs)."""
+
+    computing = threading.Event()
+
+    def coefficients_from_projection(self, *args, **kwargs):
+        self.computing.set()
+        return super().coefficients_from_projection(*args, **kwargs)
+
+
+def test_swap_prepares_while_a_generation_holds_the_lock():
+    pipe = tiny.build_tiny_pipeline(seed=0)
+    net = _SignallingHypernet(widths=tiny.attention_widths(pipe.unet), hidden=8)
+    swapper = attach(pipe, net)
+    (c1, s1), (c2, s2) = _pairs(pipe.unet, 2)[:2]
+    swapper.swap(c1, s1)
+    net.computing.clear()
+    done = threading.Event()
+    with swapper.hold():  # a generation in flight
+        worker = threading.Thread(target=lambda: (swapper.swap(c2, s2), done.set()))
+        worker.start()
+        assert net.computing.wait(30), "the swap did not start preparing while the lock was held"
+        assert not done.is_set()  # ... but its pass over the weights waits for the generation
+        before = unet_state(pipe)
+    worker.join(30)
+    assert done.is_set()
+    assert not _same_state(before, unet_state(pipe))
+    ref = tiny.build_tiny_pipeline(seed=0)
+    lk.merge(ref.unet, c2, s2, net)
+    assert _same_state(unet_state(ref), unet_state(pipe))

@@ -101,12 +101,15 @@ class Swapper:
 
         content, style: `lk.LoRA`s or paths (one may be None: that LoRA alone); coefficients:
         ``{layer: (m_c [in], m_s [in])}`` overriding the hypernetwork for those layers. Files are read
-        before the lock is taken; the merge itself waits for a generation in flight. Bad input raises an
+        and the swap prepared (coefficients, factors) before the lock is taken; only the pass over the weights
+        waits for a generation in flight. Bad input raises an
         `lk.LoraRarError` before any weight is written. Returns the `lk.Merge` handle.
         """
         content, style = self.load(content), self.load(style)
-        with self.lock:
-            return lk.merge(
+        while True:
+            # Prepared without the lock, so coefficients and factors are computed while a generation runs;
+            # only the pass over the weights waits for it.
+            prepared = lk.prepare(
                 self.unet,
                 content,
                 style,
@@ -115,6 +118,11 @@ class Swapper:
                 coefficients=coefficients,
                 keep_original=self.keep_original,
             )
+            with self.lock:
+                try:
+                    return prepared.apply()
+                except lk.StaleSwapError:  # another swap or reset landed in between: prepare again
+                    continue
 
     def reset(self) -> None:
         """Put the UNet's original weights back, bit for bit (waits for a generation in flight)."""
