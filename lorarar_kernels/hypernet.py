@@ -94,7 +94,7 @@ class Hypernet(nn.Module):
         return out[0], out[1]
 
     def projection(self, layer: LoRALayer, side: int) -> torch.Tensor:
-        """``P = W1_side @ (s B)`` ``[hidden, r]``: the first layer applied to one LoRA's up factor.
+        """``P = s W1_side @ B`` ``[hidden, r]``: the first layer applied to one LoRA's up factor.
 
         side: 0 for the content half of the input layer, 1 for the style half. P depends on one LoRA
         only, not on the pair, so it is cached per (layer, side) while neither that LoRA's up factor nor
@@ -113,8 +113,9 @@ class Hypernet(nn.Module):
         hit = cache.get(side) if cache is not None else None
         if hit is not None and hit[0]() is inp.weight and hit[1] == stamp:
             return hit[2]
-        up = layer.factors()[0].to(inp.weight.device)
-        p = inp.weight.float()[:, side * width : (side + 1) * width] @ up
+        # (W1 @ B) * s: the scale goes on the small [hidden, r] product, not on a copy of B
+        up = layer.up.reshape(width, -1).to(inp.weight.device, torch.float32)
+        p = (inp.weight.float()[:, side * width : (side + 1) * width] @ up).mul_(layer.scale)
         if cache is not None:
             cache[side] = (weakref.ref(inp.weight), stamp, p)
         return p
