@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import lorarar_kernels as lk
+from lorarar_kernels.hypernet import dense_coefficients
 from lorarar_kernels.plan import part_of
 
 ZIPLORA = "ziplora: not implemented yet"
@@ -28,14 +29,6 @@ HYPER_PARTS = ("to_q", "to_out.0")
 def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """``{module name: weight}`` of every Linear in ``module`` (the layers a LoRA may target)."""
     return {n: m.weight for n, m in module.named_modules() if isinstance(m, nn.Linear)}
-
-
-def dense_coefficients(hypernet: lk.Hypernet, dw_c: torch.Tensor, dw_s: torch.Tensor) -> torch.Tensor:
-    """The authors' formula: ``hypernet(concat(dW_c.T, dW_s.T))`` -> ``[in, 2]`` = (m_c, m_s) per column.
-
-    dw_c, dw_s: ``[out, in]`` dense deltas; one hypernet row per column of dW (``2 * out`` inputs).
-    """
-    return hypernet(torch.cat([dw_c.T, dw_s.T], dim=1))
 
 
 @torch.no_grad()
@@ -131,3 +124,19 @@ def swap_bytes(
 def gpu_floor_seconds(nbytes: float, copy_bytes_per_s: float) -> float:
     """Memory floor on GPU: the bytes that must move at the measured device-to-device copy bandwidth."""
     return nbytes / copy_bytes_per_s
+
+
+def coefficient_forms(content: lk.LoRA, style: lk.LoRA, hypernet: lk.Hypernet):
+    """``(lowrank, dense)``: callables giving ``[(m_c, m_s)]`` for every hypernet layer of the pair, by the
+    engine's low-rank algebra and by the authors' dense formula."""
+    names = [n for n in content if n in style and part_of(n, hypernet.parts)]
+
+    @torch.no_grad()
+    def lowrank():
+        return [hypernet.coefficients(content[n], style[n]) for n in names]
+
+    @torch.no_grad()
+    def dense():
+        return [dense_coefficients(hypernet, content[n].delta(), style[n].delta()).unbind(1) for n in names]
+
+    return lowrank, dense

@@ -45,8 +45,7 @@ def main() -> None:
             )
             with torch.no_grad():
                 m_c, m_s = net.coefficients(c, s)
-                d_c, d_s = dense_coefficients(net.double(), c, s)
-                net.float()
+                d_c, d_s = dense_coefficients(net, c.delta(torch.float64), s.delta(torch.float64)).unbind(1)
             errs = [((a.double() - b).norm() / b.norm()).item() for a, b in ((m_c, d_c), (m_s, d_s))]
             worst = max(worst, *errs)
             print(f"| {ckpt} | {o} x {i} | {rc} + {rs} | {errs[0]:.2e} | {errs[1]:.2e} |")

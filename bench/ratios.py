@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from baselines import ZIPLORA, PeftFuse, cpu_floor_seconds, dense_coefficients, dense_merge, weights_of
+from baselines import ZIPLORA, PeftFuse, coefficient_forms, cpu_floor_seconds, dense_merge, weights_of
 from lorarar.shapes import AttentionStack
 from tqdm import tqdm
 from workload import (
@@ -41,7 +41,6 @@ from workload import (
 import lorarar_kernels as lk
 from lorarar_kernels.ops import ApplyJob
 from lorarar_kernels.ops import reference as torch_backend
-from lorarar_kernels.plan import part_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CANDIDATES = ("swap", "dense", "peft", "coefficients")
@@ -195,20 +194,11 @@ def build(args, wl: Workload) -> tuple[list[Candidate], list[str]]:
 
         cands.append(Candidate("dense path (authors)", "fp32", "torch", dense_run, flops))
     if "coefficients" in args.candidates:
-        c, s = wl.pairs[0]
-        hyper = [n for n, _, _ in wl.shapes if part_of(n, wl.hypernet.parts)]
-
-        @torch.no_grad()
-        def lowrank():
-            return [wl.hypernet.coefficients(c[n], s[n]) for n in hyper]
-
-        @torch.no_grad()
-        def dense():
-            return [dense_coefficients(wl.hypernet, c[n].delta(), s[n].delta()) for n in hyper]
-
+        lowrank, dense = coefficient_forms(*wl.pairs[0], wl.hypernet)
         if check:
-            for (m_c, m_s), m in zip(lowrank(), dense()):
-                torch.testing.assert_close(torch.stack([m_c, m_s], 1), m, rtol=1e-4, atol=1e-5)
+            for (m_c, m_s), (d_c, d_s) in zip(lowrank(), dense()):
+                torch.testing.assert_close(m_c, d_c, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(m_s, d_s, rtol=1e-4, atol=1e-5)
         cands.append(Candidate("coefficients, low-rank", "fp32", "torch", lowrank, None))
         cands.append(Candidate("coefficients, dense", "fp32", "torch", dense, None))
     return cands, notes

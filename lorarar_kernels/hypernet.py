@@ -193,11 +193,13 @@ def check_pair(content: LoRALayer, style: LoRALayer, where: str = "") -> None:
         )
 
 
-def dense_coefficients(net: Hypernet, content: LoRALayer, style: LoRALayer, dtype=torch.float64):
-    """The authors' dense formula, ``net(concat(dW_c.T, dW_s.T))``: the test oracle, never the engine's path."""
-    x = torch.cat([content.delta(dtype).T, style.delta(dtype).T], dim=1)
-    inp = net.input_layer(content.out_features)
-    head = net.output[1]
-    h = torch.relu(x @ inp.weight.to(dtype).T + inp.bias.to(dtype))
-    out = h @ head.weight.to(dtype).T + head.bias.to(dtype)
-    return out[:, 0], out[:, 1]
+def dense_coefficients(net: Hypernet, dw_c: torch.Tensor, dw_s: torch.Tensor) -> torch.Tensor:
+    """The authors' dense formula ``net(concat(dW_c.T, dW_s.T))`` -> ``[in, 2]`` = (m_c, m_s) per column.
+
+    dw_c, dw_s: dense ``[out, in]`` deltas; computed in their dtype (fp64 for an oracle). The test oracle and
+    the benchmarks' baseline, never the engine's path.
+    """
+    dtype = dw_c.dtype
+    inp, head = net.input_layer(dw_c.shape[0]), net.output[1]
+    h = torch.relu(torch.cat([dw_c.T, dw_s.T], dim=1) @ inp.weight.to(dtype).T + inp.bias.to(dtype))
+    return h @ head.weight.to(dtype).T + head.bias.to(dtype)
