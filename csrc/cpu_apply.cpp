@@ -13,6 +13,7 @@
 // Compiled with -mavx2 -mfma -mf16c (x86-64-v3) when the target is x86-64; module.cpp checks the CPU at
 // run time before calling in. Elsewhere the same blocking runs with portable scalar code.
 #include "cpu_apply.h"
+#include "cpu_convert.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +34,8 @@
 namespace lorarar {
 namespace {
 
+using namespace convert;
+
 constexpr int MR = 6;        // rows of the register tile
 constexpr int NR = 16;       // columns of the register tile (two 8-float vectors)
 constexpr int MC = 240;      // rows packed at a time: up block (MC x rank fp32, 120 KiB at rank 128) in L2
@@ -43,68 +46,6 @@ constexpr int TASK_ROWS = 2 * MC;  // rows per task (the packed down block is re
 int64_t block_cols(int64_t rank) {
   int64_t nc = (65536 / std::max<int64_t>(rank, 1)) / NR * NR;
   return std::min<int64_t>(NC_MAX, std::max<int64_t>(4 * NR, nc));
-}
-
-// ---- scalar conversions (round-to-nearest-even; the vector paths below give the same bits) ----------
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-uint16_t bf16_from_float(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u = bits_of(f);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-float float_from_bf16(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }
-
-uint16_t half_from_float(float f) {
-  uint32_t x = bits_of(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  x &= 0x7FFFFFFFu;
-  if (x > 0x7F800000u) return sign | 0x7E00u;   // NaN
-  if (x >= 0x47800000u) return sign | 0x7C00u;  // >= 65536 (and inf): overflow
-  if (x < 0x38800000u) {                        // below 2^-14: subnormal, units of 2^-24
-    // |f| * 2^24 is exact; nearbyint rounds half to even in the default mode; 1024 encodes 2^-14.
-    return sign | static_cast<uint16_t>(std::nearbyint(float_of(x) * 16777216.0f));
-  }
-  uint32_t h = ((((x >> 23) - 112u) << 10) | ((x >> 13) & 0x3FFu));
-  const uint32_t rest = x & 0x1FFFu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right
-  return sign | static_cast<uint16_t>(h);
-}
-float float_from_half(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  if (e == 0) return float_of(sign | bits_of(static_cast<float>(m) * 5.9604644775390625e-8f));
-  if (e == 31) return float_of(sign | 0x7F800000u | (m << 13));
-  return float_of(sign | ((e + 112u) << 23) | (m << 13));
-}
-
-template <int DT>
-float load1(const char* base, int64_t i) {
-  if constexpr (DT == kFloat32) {
-    return reinterpret_cast<const float*>(base)[i];
-  } else if constexpr (DT == kFloat16) {
-    return float_from_half(reinterpret_cast<const uint16_t*>(base)[i]);
-  } else {
-    return float_from_bf16(reinterpret_cast<const uint16_t*>(base)[i]);
-  }
-}
-template <int DT>
-void store1(char* base, int64_t i, float v) {
-  if constexpr (DT == kFloat32) {
-    reinterpret_cast<float*>(base)[i] = v;
-  } else if constexpr (DT == kFloat16) {
-    reinterpret_cast<uint16_t*>(base)[i] = half_from_float(v);
-  } else {
-    reinterpret_cast<uint16_t*>(base)[i] = bf16_from_float(v);
-  }
 }
 
 // Tile epilogue, any size: dst[r+i, c+j] = round(src[r+i, c+j] + acc[i][j]) for i < mr, j < nr.

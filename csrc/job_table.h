@@ -39,4 +39,21 @@ static_assert(sizeof(CoeffJob) == 12 * sizeof(int64_t), "CoeffJob must be 12 pac
 inline constexpr const char* kCoeffFields[12] = {"p",    "a",    "out",   "cols",       "rank", "ld_p",
                                                  "ld_a", "ld_out", "tile_start", "pad0", "pad1", "pad2"};
 
+// One LoRA's factors copied into a swap's packed fp32 factors (csrc/cpu_pack.cpp):
+//   up_dst[r, k] = float32(up_src[r, k]) * scale,   down_dst[k, j] = float32(down_src[k, j])
+// up [rows, rank], down [rank, cols], each with its own row stride and dtype code (unit column stride);
+// `scale_bits` holds the fp32 bits of the LoRA scale. The kernel reports whether every written value is
+// finite, so a plan needs no second pass over its factors.
+struct PackJob {
+  int64_t up_src, down_src, up_dst, down_dst;
+  int64_t rows, cols, rank;
+  int64_t ld_up_src, ld_down_src, ld_up_dst, ld_down_dst;
+  int64_t dtype_up, dtype_down, scale_bits, pad0, pad1;
+};
+static_assert(sizeof(PackJob) == 16 * sizeof(int64_t), "PackJob must be 16 packed int64 fields");
+
+inline constexpr const char* kPackFields[16] = {
+    "up_src",      "down_src",    "up_dst",   "down_dst",   "rows",       "cols", "rank", "ld_up_src",
+    "ld_down_src", "ld_up_dst", "ld_down_dst", "dtype_up", "dtype_down", "scale_bits", "pad0", "pad1"};
+
 }  // namespace lorarar

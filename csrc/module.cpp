@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <stdexcept>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "cpu_apply.h"
+#include "cpu_pack.h"
 #include "cuda_api.h"
 #include "job_table.h"
 
@@ -25,6 +27,7 @@
 namespace py = pybind11;
 using lorarar::CoeffJob;
 using lorarar::Job;
+using lorarar::PackJob;
 
 namespace {
 
@@ -84,6 +87,69 @@ void check_coeff_job(const CoeffJob& j, int64_t i, int64_t hidden) {
   if (overlap(out, span(j.p, hidden, j.rank, j.ld_p, 4)) ||
       overlap(out, span(j.a, j.rank, j.cols, j.ld_a, 4))) {
     fail("out overlaps an input");
+  }
+}
+
+// A [rows, cols] matrix at byte address addr, row stride ld elements of es bytes.
+struct Mat {
+  int64_t addr, rows, cols, ld, es;
+  Span bytes() const { return span(addr, rows, cols, ld, es); }
+};
+
+// Whether two matrices share a byte. Exact for the same row stride and element size (columns side by side
+// in one buffer, as a plan's [B_c | B_s] are), conservative (their byte ranges) otherwise.
+bool mats_overlap(Mat x, Mat y) {
+  if (!overlap(x.bytes(), y.bytes())) return false;
+  if (x.ld != y.ld || x.es != y.es || (x.addr - y.addr) % x.es) return true;
+  if (x.addr > y.addr) std::swap(x, y);
+  const int64_t d = (y.addr - x.addr) / x.es, q = d / x.ld, rem = d % x.ld;
+  // y's row i lies in x's row q + i at columns [rem, rem + y.cols), wrapping into row q + i + 1 past ld.
+  if (q < x.rows && rem < x.cols) return true;
+  return rem + y.cols > x.ld && q + 1 < x.rows;
+}
+
+// Validates a pack table: sizes, strides, alignment, and that no job writes where any job reads or
+// another job writes (jobs run in parallel).
+void check_pack_jobs(const PackJob* jobs, int64_t n) {
+  struct Entry {
+    Mat m;
+    int64_t job;
+    bool written;
+  };
+  std::vector<Entry> all;
+  for (int64_t i = 0; i < n; ++i) {
+    const PackJob& j = jobs[i];
+    auto fail = [i](const std::string& what) {
+      throw std::invalid_argument("pack job " + std::to_string(i) + ": " + what);
+    };
+    for (int64_t code : {j.dtype_up, j.dtype_down}) {
+      if (code < 0 || code > 2) fail("dtype code " + std::to_string(code) + " is not 0, 1 or 2");
+    }
+    if (j.rows < 1 || j.cols < 1 || j.rank < 1) fail("empty factor");
+    if (j.up_src == 0 || j.down_src == 0 || j.up_dst == 0 || j.down_dst == 0) fail("null address");
+    if (j.ld_up_src < j.rank || j.ld_up_dst < j.rank || j.ld_down_src < j.cols || j.ld_down_dst < j.cols) {
+      fail("a row stride is shorter than its row");
+    }
+    const int64_t eu = element_size(j.dtype_up), ed = element_size(j.dtype_down);
+    if (j.up_src % eu || j.down_src % ed || j.up_dst % 4 || j.down_dst % 4) fail("misaligned address");
+    all.push_back({{j.up_dst, j.rows, j.rank, j.ld_up_dst, 4}, i, true});
+    all.push_back({{j.down_dst, j.rank, j.cols, j.ld_down_dst, 4}, i, true});
+    all.push_back({{j.up_src, j.rows, j.rank, j.ld_up_src, eu}, i, false});
+    all.push_back({{j.down_src, j.rank, j.cols, j.ld_down_src, ed}, i, false});
+  }
+  // Sweep in address order: each matrix meets only those starting before its byte range ends.
+  std::sort(all.begin(), all.end(), [](const Entry& a, const Entry& b) { return a.m.addr < b.m.addr; });
+  for (size_t a = 0; a < all.size(); ++a) {
+    const int64_t last = all[a].m.bytes().last;
+    for (size_t b = a + 1; b < all.size() && all[b].m.addr < last; ++b) {
+      if ((all[a].written || all[b].written) && mats_overlap(all[a].m, all[b].m)) {
+        const Entry& w = all[a].written ? all[a] : all[b];
+        const Entry& o = all[a].written ? all[b] : all[a];
+        throw std::invalid_argument("pack job " + std::to_string(w.job) + ": its destination overlaps " +
+                                    (o.written ? "the destination" : "a source") + " of pack job " +
+                                    std::to_string(o.job));
+      }
+    }
   }
 }
 
@@ -163,6 +229,20 @@ void cpu_apply(int64_t table, int64_t n_jobs, int n_threads) {
   lorarar::cpu_apply(jobs, n_jobs, n_threads);
 }
 
+// Returns one byte per job: 1 when every value it wrote is finite.
+py::bytes cpu_pack(int64_t table, int64_t n_jobs, int n_threads) {
+  if (n_jobs < 0 || (n_jobs > 0 && table == 0)) throw std::invalid_argument("bad pack table");
+  if (auto why = cpu_unsupported()) throw std::runtime_error(*why);
+  const PackJob* jobs = reinterpret_cast<const PackJob*>(table);
+  check_pack_jobs(jobs, n_jobs);
+  std::string finite(static_cast<size_t>(n_jobs), '\0');
+  {
+    py::gil_scoped_release release;
+    lorarar::cpu_pack(jobs, n_jobs, n_threads, reinterpret_cast<uint8_t*>(finite.data()));
+  }
+  return py::bytes(finite);
+}
+
 #ifdef LORARAR_WITH_CUDA
 constexpr bool kWithCuda = true;
 #else
@@ -192,6 +272,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("JOB_FIELDS") = py::tuple(py::cast(fields));
   std::vector<std::string> cfields(std::begin(lorarar::kCoeffFields), std::end(lorarar::kCoeffFields));
   m.attr("COEFF_FIELDS") = py::tuple(py::cast(cfields));
+  std::vector<std::string> pfields(std::begin(lorarar::kPackFields), std::end(lorarar::kPackFields));
+  m.attr("PACK_FIELDS") = py::tuple(py::cast(pfields));
   m.attr("CUDA_TILE") = py::make_tuple(lorarar::kCudaTileRows, lorarar::kCudaTileCols);
   py::dict build;
   build["cuda_mode"] = LORARAR_BUILD_CUDA_MODE;  // LORARAR_CUDA at configure time: AUTO, ON or OFF
@@ -205,6 +287,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_unsupported", &cpu_unsupported, "None when this CPU can run the CPU kernel, else why not.");
   m.def("cpu_apply", &cpu_apply, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
         "dst = round(fp32(src) + up @ (down * S)) for n_jobs Job rows at host address `table`.");
+  m.def("cpu_pack", &cpu_pack, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
+        "Pack LoRA factors into fp32 swap factors (PackJob table at address `table`); one finite flag byte "
+        "per job.");
   m.def("plan_apply", &plan_apply, py::arg("table"),
         "Validate Job rows (bytes) of one dtype; return (rows with tile_start + int32 tile map, tiles).");
   m.def("plan_coefficients", &plan_coefficients, py::arg("table"), py::arg("hidden"),

@@ -20,6 +20,7 @@ import torch
 from .errors import LayerMismatchError
 from .hypernet import Hypernet, check_pair
 from .lora import LoRA, LoRALayer
+from .ops import native
 
 
 @dataclass(frozen=True)
@@ -156,21 +157,35 @@ def plan_pair(
             rank = sum(y[n].rank for y in (c_layers, s_layers) if n in y)
             need += rank * (x.out_features + x.in_features)
         alloc = workspace.lease(need, device)
+    pack = _Packer(device, native=not grad)
     plan: dict[str, LayerFactors] = {}
-    sums = []
     with torch.set_grad_enabled(grad):
-        for name in names:
-            c, s = c_layers.get(name), s_layers.get(name)
-            plan[name], total = _plan_layer(
-                name, c, s, hypernet, coefficients.get(name), hyper_parts, device, alloc
-            )
-            sums.append(total)
+        layouts = [
+            _layout(name, c_layers.get(name), s_layers.get(name), device, alloc, pack) for name in names
+        ]
+        finite = pack.run()  # every layer's factors, one call on the CPU: which are finite
+        projections = _projections(names, c_layers, s_layers, hypernet, coefficients, hyper_parts)
+        checks, sums = [], []  # what is not known finite yet: one reduction each, one host sync for all
+        for i, (name, (up, down, buf)) in enumerate(zip(names, layouts)):
+            f = plan[name] = _plan_layer(
+                name, c_layers.get(name), s_layers.get(name), hypernet, coefficients.get(name),
+                projections.get(name), device, up, down,
+            )  # fmt: skip
+            if finite is None:
+                checks.append(i)
+                sums.append(buf.sum() if f.col_scale is None else buf.sum() + f.col_scale.detach().sum())
+            elif f.col_scale is not None:
+                checks.append(i)
+                sums.append(f.col_scale.detach().sum())
     # NaN/Inf anywhere makes a sum non-finite; one check (one host sync on a GPU) for the whole plan.
+    bad = [i for i, ok in enumerate(finite or []) if not ok]
     if sums:
-        finite = torch.isfinite(torch.stack(sums))
-        if not bool(finite.all()):
-            bad = names[int((~finite).nonzero()[0, 0])]
-            _explain_non_finite(bad, plan[bad], c_layers.get(bad), s_layers.get(bad), content, style)
+        ok = torch.isfinite(torch.stack(sums))
+        if not bool(ok.all()):
+            bad.append(checks[int((~ok).nonzero()[0, 0])])
+    if bad:
+        name = names[min(bad)]
+        _explain_non_finite(name, plan[name], c_layers.get(name), s_layers.get(name), content, style)
     return plan
 
 
@@ -185,10 +200,55 @@ def _explain_non_finite(name, f: LayerFactors, c, s, content, style) -> None:
     raise LayerMismatchError(f"layer {name!r}: the scaled factors or coefficients overflow fp32")
 
 
-def _plan_layer(
-    name, c, s, hypernet, given, hyper_parts, device, alloc=None
-) -> tuple[LayerFactors, torch.Tensor]:
-    """The layer's factors and the sum of all their values and coefficients (finite iff they all are)."""
+class _Packer:
+    """Copies each LoRA's factors into a plan's fp32 factors: torch ops (the reference, any device), or
+    all layers at once through the native CPU kernel (`ops.native.pack_factors`), which also tells which
+    layers are finite."""
+
+    def __init__(self, device: torch.device, native: bool) -> None:
+        self.native = native and device.type == "cpu"
+        self.parts: list[tuple] = []  # (layer index, up, scale, down, up_dst, down_dst)
+        self.layers = 0
+
+    def add(self, x: LoRALayer, up_dst: torch.Tensor, down_dst: torch.Tensor) -> None:
+        up, down = x.up.reshape(x.up.shape[0], -1), x.down.reshape(x.rank, -1)
+        if self.native and native.can_pack(up, down):
+            self.parts.append((self.layers, up, x.scale, down, up_dst, down_dst))
+            return
+        self.native = False  # mixed sources: the torch path for all, which also checks finiteness
+        for part in self.parts:
+            _pack_torch(*part[1:])
+        self.parts = []
+        _pack_torch(up, x.scale, down, up_dst, down_dst)
+
+    def next_layer(self) -> None:
+        self.layers += 1
+
+    def run(self) -> list[bool] | None:
+        """Per layer, whether its factors are finite (native path); None after the torch path."""
+        if not self.native:
+            return None
+        finite = [True] * self.layers
+        for (layer, *_), ok in zip(self.parts, native.pack_factors([p[1:] for p in self.parts])):
+            finite[layer] &= ok
+        return finite
+
+
+def _pack_torch(up, scale, down, up_dst, down_dst) -> None:
+    """``up_dst = fp32(up) * fp32(scale)``, ``down_dst = fp32(down)``: the reference for `native.pack_factors`."""
+    if up.dtype == torch.float32:  # one pass; 16-bit factors are converted first, then scaled in fp32
+        torch.mul(up, scale, out=up_dst)
+    elif scale == 1.0:
+        up_dst.copy_(up)
+    else:
+        up_dst.copy_(up).mul_(scale)
+    down_dst.copy_(down)
+
+
+def _layout(name, c, s, device, alloc, pack: _Packer):
+    """Check the pair's shapes, cut ``up [out, R]`` and ``down [R, in]`` from one buffer (so that one
+    reduction covers every value of the pair) and queue the copies of ``[s_c B_c | s_s B_s]`` and
+    ``[A_c ; A_s]``. Returns ``(up, down, buffer)``."""
     present = [x for x in (c, s) if x is not None]
     ref = present[0]
     if len(present) == 2 and (
@@ -199,22 +259,52 @@ def _plan_layer(
             f"([{c.out_features}, {c.in_features}] vs [{s.out_features}, {s.in_features}])"
         )
     rank, out_f, in_f = sum(x.rank for x in present), ref.out_features, ref.in_features
-    # up and down share one buffer, so that one reduction covers every value of the pair.
     numel = out_f * rank + rank * in_f
     buf = alloc(numel) if alloc is not None else torch.empty(numel, device=device, dtype=torch.float32)
     up, down = buf[: out_f * rank].view(out_f, rank), buf[out_f * rank :].view(rank, in_f)
     r0 = 0
-    for x in present:  # [s_c B_c | s_s B_s] and [A_c ; A_s], converted on the way in
+    for x in present:
         r1 = r0 + x.rank
-        src = x.up.reshape(x.up.shape[0], -1)
-        if src.dtype == torch.float32:  # one pass; 16-bit factors are converted first, then scaled in fp32
-            torch.mul(src, x.scale, out=up[:, r0:r1])
-        elif x.scale == 1.0:
-            up[:, r0:r1].copy_(src)
-        else:
-            up[:, r0:r1].copy_(src).mul_(x.scale)
-        down[r0:r1].copy_(x.down.reshape(x.rank, -1))
+        pack.add(x, up[:, r0:r1], down[r0:r1])
         r0 = r1
+    pack.next_layer()
+    return up, down, buf
+
+
+def _uses_hypernet(name, c, s, hypernet, coefficients, hyper_parts) -> bool:
+    return (
+        hypernet is not None
+        and c is not None
+        and s is not None
+        and name not in coefficients
+        and part_of(name, hyper_parts) is not None
+    )
+
+
+def _projections(names, c_layers, s_layers, hypernet, coefficients, hyper_parts) -> dict:
+    """``{name: (P_c, P_s)}`` of the hypernetwork layers, computed together (see `Hypernet.projections`)."""
+    todo = []
+    for name in names:
+        c, s = c_layers.get(name), s_layers.get(name)
+        if _uses_hypernet(name, c, s, hypernet, coefficients, hyper_parts):
+            check_pair(c, s, where=f"layer {name!r}")
+            try:
+                hypernet.input_layer(c.out_features)
+            except LayerMismatchError as exc:
+                raise LayerMismatchError(f"layer {name!r}: {exc}") from None
+            todo.append(name)
+    if not todo:
+        return {}
+    ps = hypernet.projections([(x[n], side) for n in todo for side, x in enumerate((c_layers, s_layers))])
+    return {n: (ps[2 * k], ps[2 * k + 1]) for k, n in enumerate(todo)}
+
+
+def _plan_layer(name, c, s, hypernet, given, projection, device, up, down) -> LayerFactors:
+    """The layer's factors (``up``/``down`` already filled by `_layout`) with its coefficients;
+    ``projection``: ``(P_c, P_s)`` for a hypernetwork layer, else None."""
+    present = [x for x in (c, s) if x is not None]
+    ref = present[0]
+    out_f = ref.out_features
     split = c.rank if c is not None else 0
     col_scale, mode = None, ("sum" if len(present) == 2 else ("content" if c is not None else "style"))
     if given is not None:
@@ -222,14 +312,8 @@ def _plan_layer(
             raise LayerMismatchError(f"layer {name!r}: coefficients apply to linear layers only, not conv")
         m_c, m_s = _coefficient_pair(name, given, ref.in_features, device)
         col_scale, mode = torch.stack([m_c, m_s]), "coefficients"
-    elif hypernet is not None and c is not None and s is not None and part_of(name, hyper_parts):
-        check_pair(c, s, where=f"layer {name!r}")
-        try:
-            hdev = hypernet.output[1].weight.device
-            p_c, p_s = hypernet.projection(c, 0), hypernet.projection(s, 1)
-            col_scale = hypernet.coefficients_from_projection(out_f, p_c, p_s, down.to(hdev)).to(device)
-        except LayerMismatchError as exc:
-            raise LayerMismatchError(f"layer {name!r}: {exc}") from None
+    elif projection is not None:
+        hdev = hypernet.output[1].weight.device
+        col_scale = hypernet.coefficients_from_projection(out_f, *projection, down.to(hdev)).to(device)
         mode = "hypernet"
-    total = buf.sum() if col_scale is None else buf.sum() + col_scale.detach().sum()
-    return LayerFactors(name, mode, up, down, col_scale, split, tuple(ref.down.shape[1:])), total
+    return LayerFactors(name, mode, up, down, col_scale, split, tuple(ref.down.shape[1:]))

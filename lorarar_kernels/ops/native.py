@@ -17,7 +17,9 @@ Both compute, for every job (see `lorarar_kernels.ops`),
 
 from __future__ import annotations
 
+import functools
 import re
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -36,6 +38,13 @@ else:
     _IMPORT_ERROR = None
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# PackJob field order of csrc/job_table.h (checked against _C.PACK_FIELDS when the module loads)
+_PACK_FIELDS = (
+    "up_src", "down_src", "up_dst", "down_dst", "rows", "cols", "rank", "ld_up_src", "ld_down_src",
+    "ld_up_dst", "ld_down_dst", "dtype_up", "dtype_down", "scale_bits", "pad0", "pad1",
+)  # fmt: skip
+if _C is not None and tuple(_C.PACK_FIELDS) != _PACK_FIELDS:
+    _C, _IMPORT_ERROR = None, "lorarar_kernels._C is stale (its PackJob fields differ); reinstall the package"
 _JOB_INDEX = re.compile(r"^job (\d+): ")
 
 
@@ -155,6 +164,72 @@ class _Cpp:
             _C.cpu_apply(table.data_ptr(), len(jobs), torch.get_num_threads())
         except ValueError as exc:
             raise _reraise(exc, [job.name for job in jobs]) from None
+
+
+def can_pack(up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether `pack_factors` takes these source factors (2-D CPU fp32/fp16/bf16 rows)."""
+    return (
+        _C is not None
+        and up.device.type == "cpu"
+        and down.device.type == "cpu"
+        and up.dtype in DTYPE_CODES
+        and down.dtype in DTYPE_CODES
+        and up.dim() == 2
+        and down.dim() == 2
+        and _rows_ok(up)
+        and _rows_ok(down)
+        and _cpu_kernels_run()
+    )
+
+
+@functools.cache
+def _cpu_kernels_run() -> bool:
+    return _C is not None and _C.cpu_unsupported() is None
+
+
+def _fp32_bits(x: float) -> int:
+    """The bits of ``float32(x)`` (round to nearest; out of range -> +-Inf, like torch's scalar cast)."""
+    try:
+        return struct.unpack("<I", struct.pack("<f", x))[0]
+    except OverflowError:
+        return 0xFF800000 if x < 0 else 0x7F800000
+
+
+def pack_factors(
+    parts: Sequence[tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> list[bool]:
+    """Copy LoRA factors into a plan's fp32 factors in one parallel call (csrc/cpu_pack.cpp).
+
+    parts: ``(up [out, r], scale, down [r, in], up_dst [out, r] fp32, down_dst [r, in] fp32)`` per LoRA;
+    writes ``up_dst = fp32(up) * fp32(scale)`` and ``down_dst = fp32(down)``: the same bits as torch's
+    ``mul``/``copy_``. Returns, per part, whether every written value is finite. Sources must pass
+    `can_pack`; destinations must not overlap (LoraRarError otherwise, before anything is written).
+    """
+    rows = []
+    for up, scale, down, up_dst, down_dst in parts:
+        if up_dst.dtype != torch.float32 or down_dst.dtype != torch.float32:
+            raise LoraRarError("pack_factors: destinations must be float32")
+        if up_dst.shape != up.shape or down_dst.shape != down.shape or up.shape[1] != down.shape[0]:
+            raise LoraRarError(
+                f"pack_factors: up {tuple(up.shape)} -> {tuple(up_dst.shape)}, "
+                f"down {tuple(down.shape)} -> {tuple(down_dst.shape)}"
+            )
+        if not (_rows_ok(up_dst) and _rows_ok(down_dst) and up_dst.is_cpu and down_dst.is_cpu):
+            raise LoraRarError("pack_factors: destinations must be CPU rows with unit column stride")
+        scale_bits = _fp32_bits(scale)
+        rows.append((
+            up.data_ptr(), down.data_ptr(), up_dst.data_ptr(), down_dst.data_ptr(),
+            up.shape[0], down.shape[1], up.shape[1], _ld(up), _ld(down), _ld(up_dst), _ld(down_dst),
+            DTYPE_CODES[up.dtype], DTYPE_CODES[down.dtype], scale_bits, 0, 0,
+        ))  # fmt: skip
+    if not rows:
+        return []
+    table = torch.tensor(rows, dtype=torch.int64)
+    try:
+        finite = _C.cpu_pack(table.data_ptr(), len(rows), torch.get_num_threads())
+    except ValueError as exc:
+        raise LoraRarError(f"pack_factors: {exc}") from None
+    return [bool(b) for b in finite]
 
 
 class CudaPlan:
