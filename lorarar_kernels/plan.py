@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import grouped_coefficients
 from .errors import LayerMismatchError
 from .hypernet import Hypernet, check_pair
 from .lora import LoRA, LoRALayer
@@ -124,13 +125,15 @@ def plan_pair(
     device: torch.device | str = "cpu",
     grad: bool = False,
     workspace: Workspace | None = None,
+    coefficient_kernel: str = "auto",
 ) -> dict[str, LayerFactors]:
     """Factors of every UNet layer either LoRA touches; validates everything, writes nothing.
 
     Rule: a layer in ``coefficients`` takes those; else a ``hyper_parts`` layer present in both LoRAs takes
     the hypernetwork's coefficients; else the plain sum (a layer in only one LoRA takes that one's delta).
     ``grad=True`` keeps the autograd graph to the hypernetwork (training). ``workspace``: factors are cut
-    from its buffer (re-leased by this call) instead of freshly allocated memory.
+    from its buffer (re-leased by this call) instead of freshly allocated memory. ``coefficient_kernel``:
+    how the hypernetwork layers' coefficients are computed (see `lorarar_kernels.grouped_coefficients`).
     """
     if content is None and style is None:
         raise LayerMismatchError("merge needs at least one LoRA (content or style)")
@@ -164,12 +167,15 @@ def plan_pair(
             _layout(name, c_layers.get(name), s_layers.get(name), device, alloc, pack) for name in names
         ]
         finite = pack.run()  # every layer's factors, one call on the CPU: which are finite
-        projections = _projections(names, c_layers, s_layers, hypernet, coefficients, hyper_parts)
+        hyper = _hyper_layers(names, c_layers, s_layers, hypernet, coefficients, hyper_parts)
+        kernel = grouped_coefficients.choose(coefficient_kernel, device, hypernet, grad) if hyper else "torch"
+        factors = {n: (up, down, c_layers[n].rank) for n, (up, down, _) in zip(names, layouts) if n in hyper}
+        hyper_cs = _hyper_coefficients(kernel, hypernet, hyper, c_layers, s_layers, factors, device)
         checks, sums = [], []  # what is not known finite yet: one reduction each, one host sync for all
         for i, (name, (up, down, buf)) in enumerate(zip(names, layouts)):
             f = plan[name] = _plan_layer(
-                name, c_layers.get(name), s_layers.get(name), hypernet, coefficients.get(name),
-                projections.get(name), device, up, down,
+                name, c_layers.get(name), s_layers.get(name), coefficients.get(name), hyper_cs.get(name),
+                device, up, down,
             )  # fmt: skip
             if finite is None:
                 checks.append(i)
@@ -281,8 +287,8 @@ def _uses_hypernet(name, c, s, hypernet, coefficients, hyper_parts) -> bool:
     )
 
 
-def _projections(names, c_layers, s_layers, hypernet, coefficients, hyper_parts) -> dict:
-    """``{name: (P_c, P_s)}`` of the hypernetwork layers, computed together (see `Hypernet.projections`)."""
+def _hyper_layers(names, c_layers, s_layers, hypernet, coefficients, hyper_parts) -> list[str]:
+    """The layers that take the hypernetwork's coefficients, each checked to fit it."""
     todo = []
     for name in names:
         c, s = c_layers.get(name), s_layers.get(name)
@@ -293,18 +299,36 @@ def _projections(names, c_layers, s_layers, hypernet, coefficients, hyper_parts)
             except LayerMismatchError as exc:
                 raise LayerMismatchError(f"layer {name!r}: {exc}") from None
             todo.append(name)
-    if not todo:
+    return todo
+
+
+def _hyper_coefficients(kernel, hypernet, names, c_layers, s_layers, factors, device) -> dict:
+    """``{name: col_scale [2, in]}`` of the hypernetwork layers ``names``; ``factors``: ``{name: (up, down,
+    split)}`` already packed. Per-LoRA projections come from `Hypernet.projections` (cached)."""
+    if not names:
         return {}
-    ps = hypernet.projections([(x[n], side) for n in todo for side, x in enumerate((c_layers, s_layers))])
-    return {n: (ps[2 * k], ps[2 * k + 1]) for k, n in enumerate(todo)}
+    projections = None
+    if kernel != "triton":  # the Triton kernel forms P itself, from the packed factors
+        ps = hypernet.projections(
+            [(x[n], side) for n in names for side, x in enumerate((c_layers, s_layers))]
+        )
+        projections = {n: (ps[2 * k], ps[2 * k + 1]) for k, n in enumerate(names)}
+    if kernel != "torch":
+        return grouped_coefficients.grouped(kernel, hypernet, factors, projections)
+    hdev = hypernet.output[1].weight.device
+    return {
+        n: hypernet.coefficients_from_projection(
+            c_layers[n].out_features, *projections[n], factors[n][1].to(hdev)
+        ).to(device)
+        for n in names
+    }
 
 
-def _plan_layer(name, c, s, hypernet, given, projection, device, up, down) -> LayerFactors:
-    """The layer's factors (``up``/``down`` already filled by `_layout`) with its coefficients;
-    ``projection``: ``(P_c, P_s)`` for a hypernetwork layer, else None."""
+def _plan_layer(name, c, s, given, hyper_cs, device, up, down) -> LayerFactors:
+    """The layer's factors (``up``/``down`` already filled by `_layout`) with its coefficients: ``given``
+    by the caller, else ``hyper_cs`` (the hypernetwork's, None for a plain-sum layer)."""
     present = [x for x in (c, s) if x is not None]
     ref = present[0]
-    out_f = ref.out_features
     split = c.rank if c is not None else 0
     col_scale, mode = None, ("sum" if len(present) == 2 else ("content" if c is not None else "style"))
     if given is not None:
@@ -312,8 +336,6 @@ def _plan_layer(name, c, s, hypernet, given, projection, device, up, down) -> La
             raise LayerMismatchError(f"layer {name!r}: coefficients apply to linear layers only, not conv")
         m_c, m_s = _coefficient_pair(name, given, ref.in_features, device)
         col_scale, mode = torch.stack([m_c, m_s]), "coefficients"
-    elif projection is not None:
-        hdev = hypernet.output[1].weight.device
-        col_scale = hypernet.coefficients_from_projection(out_f, *projection, down.to(hdev)).to(device)
-        mode = "hypernet"
+    elif hyper_cs is not None:
+        col_scale, mode = hyper_cs, "hypernet"
     return LayerFactors(name, mode, up, down, col_scale, split, tuple(ref.down.shape[1:]))

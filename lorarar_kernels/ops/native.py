@@ -151,19 +151,37 @@ class _Cpp:
             return "the cpp backend runs on CPU tensors only"
         return _C.cpu_unsupported()
 
+    def plan(self, jobs: Sequence[ApplyJob]) -> CppPlan:
+        """Validate the jobs and build their table now; ``plan.run()`` is the pass over the weights."""
+        return CppPlan(jobs)
+
     def apply(self, jobs: Sequence[ApplyJob]) -> None:
         """dst = round(fp32(src) + up @ (down * S)) for every job, one call (validation first)."""
-        if not jobs:
-            return
+        if jobs:
+            CppPlan(jobs).run()
+
+
+class CppPlan:
+    """The `cpp` pass over a fixed set of jobs: validated, job table built; `run()` makes the one call.
+
+    Holds the jobs' tensors so that the addresses in the table stay valid while the plan lives.
+    """
+
+    def __init__(self, jobs: Sequence[ApplyJob]) -> None:
         if _C is None:
             raise LoraRarError(f"cpp backend: {_IMPORT_ERROR}")
         for job in jobs:
             _check(job, "cpu")
-        table = torch.tensor([_row(job) for job in jobs], dtype=torch.int64)
+        self.jobs = tuple(jobs)
+        self.table = torch.tensor([_row(job) for job in self.jobs], dtype=torch.int64)
+
+    def run(self) -> None:
+        if not self.jobs:
+            return
         try:
-            _C.cpu_apply(table.data_ptr(), len(jobs), torch.get_num_threads())
+            _C.cpu_apply(self.table.data_ptr(), len(self.jobs), torch.get_num_threads())
         except ValueError as exc:
-            raise _reraise(exc, [job.name for job in jobs]) from None
+            raise _reraise(exc, [job.name for job in self.jobs]) from None
 
 
 def can_pack(up: torch.Tensor, down: torch.Tensor) -> bool:
