@@ -2,6 +2,9 @@
 // plan's [s_c B_c | s_s B_s] and [A_c ; A_s] buffers in one parallel pass, checking on the way that every
 // written value is finite (NaN/Inf in a LoRA, or a scale that overflows fp32).
 //
+// Destinations are written with streaming stores (the factors are read back once, by the coefficient
+// matmuls and the pass over the weights, long after this call evicted them from cache anyway).
+//
 // The values are those of the torch path in lorarar_kernels/plan.py: float32(x) * float32(scale) for up
 // (one fp32 multiply; exact when scale is 1), float32(x) for down. Work is split into chunks of rows of
 // about 32 K values; the bits depend on nothing but the inputs.
@@ -9,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -58,14 +62,21 @@ bool convert_row(const char* src, float* dst, int64_t n, float scale) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 inf = _mm256_set1_ps(INFINITY);
   __m256 flags = _mm256_setzero_ps();
+  // Streaming stores where dst is 32-byte aligned: the destination lines are not read first.
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31) != 0; ++j) {
+    float v = load1<DT>(src, j);
+    if constexpr (SCALED) v *= scale;
+    dst[j] = v;
+    bad |= non_finite(v);
+  }
   for (; j + 8 <= n; j += 8) {
     __m256 v = load8<DT>(src, j);
     if constexpr (SCALED) v = _mm256_mul_ps(v, s);
-    _mm256_storeu_ps(dst + j, v);
+    _mm256_stream_ps(dst + j, v);
     // !(|v| < inf): true for +-Inf and (unordered) NaN
     flags = _mm256_or_ps(flags, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), inf, _CMP_NLT_UQ));
   }
-  bad = _mm256_movemask_ps(flags) != 0;
+  bad |= _mm256_movemask_ps(flags) != 0;
 #endif
   for (; j < n; ++j) {
     float v = load1<DT>(src, j);
@@ -135,10 +146,18 @@ void cpu_pack(const PackJob* jobs, int64_t n_jobs, int n_threads, uint8_t* finit
 #else
   if (n_threads <= 0) n_threads = omp_get_max_threads();
   n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_tasks)));
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 4)
+#pragma omp parallel num_threads(n_threads)
 #endif
-  for (int64_t i = 0; i < n_tasks; ++i) {
-    bad[static_cast<size_t>(i)] = run_task(jobs[tasks[i].job], tasks[i]) ? 1 : 0;
+  {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 4)
+#endif
+    for (int64_t i = 0; i < n_tasks; ++i) {
+      bad[static_cast<size_t>(i)] = run_task(jobs[tasks[i].job], tasks[i]) ? 1 : 0;
+    }
+#ifdef LORARAR_CPU_AVX2
+    _mm_sfence();  // this thread's streaming stores are visible before the pass returns
+#endif
   }
   for (int64_t n = 0; n < n_jobs; ++n) finite[n] = 1;
   for (int64_t i = 0; i < n_tasks; ++i) {

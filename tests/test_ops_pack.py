@@ -64,17 +64,19 @@ def test_pack_reads_row_strided_sources_and_mixed_dtypes():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pack_reports_non_finite_parts(dtype):
     parts, dsts = [], []
-    for k in range(5):
+    for k in range(6):
         up, down = factors(33, 45, 4, dtype, seed=10 + k)
         if k == 1:
             up[7, 2] = float("nan")
         if k == 2:
             down[3, 44] = float("inf")  # the last element: the scalar tail of a row
+        if k == 4:
+            down[1, 20] = float("-inf")  # inside a row's vector body
         scale = 1e39 if k == 3 else 1.5  # overflows fp32: finite factors, infinite scaled ones
         u, d = poisoned(33, 4), poisoned(4, 45)
         parts.append((up, scale, down, u, d))
         dsts.append((u, d))
-    assert native.pack_factors(parts) == [True, False, False, False, True]
+    assert native.pack_factors(parts) == [True, False, False, False, False, True]
     assert torch.isinf(dsts[3][0]).any()  # written, just not finite
 
 
