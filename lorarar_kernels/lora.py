@@ -7,6 +7,7 @@ File formats live in `lorarar_kernels.formats`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class LoRALayer:
     @property
     def in_features(self) -> int:
         """Columns of the flattened delta (``in * kh * kw`` for conv)."""
-        return int(self.down[0].numel())
+        return math.prod(self.down.shape[1:])
 
     @property
     def out_features(self) -> int:
