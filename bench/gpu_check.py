@@ -12,7 +12,9 @@ fp64 result rounded once (within 1 ulp plus the fp32-accumulation and documented
 see TOLERANCE) and with the `torch` backend (in ulps); (5) time the apply eagerly and replayed from a CUDA
 graph (capture of the apply only: prepare happens before), count kernel launches per swap
 (torch.profiler), and print a table: ms, TB/s of the bytes that must move (read W0 + write W + fp32
-factors), fraction of the copy bandwidth. The table also goes to ``$OUT/gpu_table.md`` when OUT is set.
+factors), fraction of the copy bandwidth; (6) time ``plan_pair`` (the prepare's factors and
+coefficients) per coefficient kernel (cuda, triton, torch), for LoRAs seen before and new LoRA objects,
+with each kernel's largest relative difference from the torch coefficients. The table also goes to ``$OUT/gpu_table.md`` when OUT is set.
 A time budget (``--budget``) skips what is left rather than overrun the lease.
 """
 
@@ -166,6 +168,49 @@ def make_jobs(wl, dtype: torch.dtype, device: torch.device):
     return jobs, prep
 
 
+def prepare_rows(wl, device: torch.device, iters: int) -> list[list[str]]:
+    """Time `plan_pair` (what `lk.prepare` spends on factors and coefficients) per coefficient kernel, for
+    LoRAs seen before (projections cached) and new LoRA objects (nothing cached); check each kernel's
+    coefficients against the torch path. Rows: kernel, LoRAs, ms (median, synchronised), max rel diff."""
+    from workload import fresh_copy
+
+    from lorarar_kernels import grouped_coefficients as gc
+    from lorarar_kernels.plan import plan_pair
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    want = plan_pair(*wl.pairs[0], wl.hypernet, device=device, coefficient_kernel="torch")
+    auto = gc.choose("auto", device, wl.hypernet, grad=False)
+    rows = []
+    for kernel in ("cuda", "triton", "torch"):
+        why = gc.unavailable(kernel, device)
+        if why is not None:
+            rows.append([kernel, "—", "—", f"unavailable: {why}"])
+            continue
+        got = plan_pair(*wl.pairs[0], wl.hypernet, device=device, coefficient_kernel=kernel)  # + warm-up
+        diff = max(
+            float((got[n].col_scale - f.col_scale).abs().max() / f.col_scale.abs().max())
+            for n, f in want.items()
+            if f.col_scale is not None
+        )
+        for cached in (True, False):
+            times = []
+            for it in range(iters):
+                pair = wl.pairs[it % 2] if cached else tuple(fresh_copy(x) for x in wl.pairs[it % 2])
+                sync()
+                t = time.perf_counter()
+                plan_pair(*pair, wl.hypernet, device=device, coefficient_kernel=kernel)
+                sync()
+                times.append(time.perf_counter() - t)
+            label = "seen before" if cached else "new objects"
+            tag = f"{kernel} (auto)" if kernel == auto else kernel
+            rows.append([tag, label, f"{statistics.median(times) * 1e3:.2f}", f"{diff:.2e}"])
+            log(" | ".join(rows[-1]))
+    return rows
+
+
 def check(jobs, impl_name: str, impl, dtype: torch.dtype, rank: int) -> dict:
     """Poison, apply, compare each layer with round(fp64 exact) and with the torch backend."""
     from lorarar_kernels.ops import ApplyJob
@@ -270,6 +315,7 @@ def main(argv=None) -> int:
                   f"{wl.rank}+{wl.rank}, hypernet {wl.hypernet_source}")  # fmt: skip
     log(header[-1])
     rows, notes = [], []
+    prep_rows = prepare_rows(wl, device, iters=5 if args.dry_run else 10)
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         jobs, prep = make_jobs(wl, dtype, device)
@@ -327,10 +373,14 @@ def main(argv=None) -> int:
     ]
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    prep_head = ["coefficient kernel", "LoRAs", "plan_pair ms", "max rel diff vs torch"]
+    prep_table = ["| " + " | ".join(prep_head) + " |", "|" + "---|" * len(prep_head)]
+    prep_table += ["| " + " | ".join(map(str, r)) + " |" for r in prep_rows]
     text = "\n".join(
         ["# GPU check: SDXL hot swap from an on-device snapshot", ""]
         + [f"- {h}" for h in header]
-        + ["", *table, ""]
+        + ["", "Apply (the pass over the weights):", "", *table, ""]
+        + ["Prepare (factors and coefficients, `plan_pair`):", "", *prep_table, ""]
         + [f"- {n}" for n in notes]
         + [f"- total {time.perf_counter() - T0:.0f} s"]
     )
