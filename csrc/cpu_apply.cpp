@@ -62,19 +62,67 @@ void epilogue_scalar(const Job& job, int64_t r, int64_t c, int mr, int nr, const
 }
 
 // ---- packing -------------------------------------------------------------------------------------------
+// Where rank row k of up and down lives: packed fp32, or one of the two LoRAs' own factors (Job::sources).
+struct Part {
+  const char* up;
+  const char* down;
+  int64_t ld_up, ld_down, dt_up, dt_down;
+  float scale;
+  bool scaled;
+};
+
+Part part_of(const Job& job, bool second) {
+  if (!job.sources) {  // packed: up [rows, rank] and down [rank, cols], fp32, scales folded in
+    return {reinterpret_cast<const char*>(job.up), reinterpret_cast<const char*>(job.down), job.ld_up,
+            job.ld_down, kFloat32, kFloat32, 1.0f, false};
+  }
+  const int sh = second ? 8 : 0;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<uint64_t>(job.scales) >> (second ? 32 : 0));
+  return {reinterpret_cast<const char*>(second ? job.up2 : job.up),
+          reinterpret_cast<const char*>(second ? job.down2 : job.down),
+          second ? job.ld_up2 : job.ld_up,
+          second ? job.ld_down2 : job.ld_down,
+          (job.dtypes >> sh) & 15,
+          (job.dtypes >> (sh + 4)) & 15,
+          float_of(bits),
+          true};
+}
+
+float load_any(int64_t dtype, const char* base, int64_t i) {
+  switch (dtype) {
+    case kFloat32: return load1<kFloat32>(base, i);
+    case kFloat16: return load1<kFloat16>(base, i);
+    default: return load1<kBFloat16>(base, i);
+  }
+}
+
 // up rows [r0, r0 + mc_pad) -> ap[strip][k][MR]; rows past the layer are zero.
 void pack_up(const Job& job, int64_t r0, int64_t mc_pad, float* ap) {
   const int64_t K = job.rank;
-  const float* up = reinterpret_cast<const float*>(job.up);
+  // the rank is split in two column blocks at `split` only when reading the LoRAs' own factors
+  const int64_t k_split = job.sources ? job.split : K;
+  const Part parts[2] = {part_of(job, false), part_of(job, true)};
   for (int64_t s = 0; s < mc_pad; s += MR) {
     float* strip = ap + s * K;
     for (int i = 0; i < MR; ++i) {
       const int64_t r = r0 + s + i;
-      if (r < job.rows) {
-        const float* row = up + r * job.ld_up;
-        for (int64_t k = 0; k < K; ++k) strip[k * MR + i] = row[k];
-      } else {
+      if (r >= job.rows) {
         for (int64_t k = 0; k < K; ++k) strip[k * MR + i] = 0.0f;
+        continue;
+      }
+      for (int h = 0; h < 2; ++h) {
+        const Part& p = parts[h];
+        const int64_t k0 = h == 0 ? 0 : k_split, k1 = h == 0 ? k_split : K;
+        if (k0 >= k1) continue;
+        if (p.dt_up == kFloat32 && !p.scaled) {
+          const float* row = reinterpret_cast<const float*>(p.up) + r * p.ld_up - k0;
+          for (int64_t k = k0; k < k1; ++k) strip[k * MR + i] = row[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) {
+            const float v = load_any(p.dt_up, p.up, r * p.ld_up + (k - k0));
+            strip[k * MR + i] = p.scaled ? v * p.scale : v;
+          }
+        }
       }
     }
   }
@@ -83,11 +131,21 @@ void pack_up(const Job& job, int64_t r0, int64_t mc_pad, float* ap) {
 // (down * S) columns [c0, c0 + nc_pad) -> bp[strip][k][NR]; columns past the layer are zero.
 void pack_down(const Job& job, int64_t c0, int64_t nc_pad, float* bp) {
   const int64_t K = job.rank;
-  const float* down = reinterpret_cast<const float*>(job.down);
+  const int64_t k_split = job.sources ? job.split : K;
+  const Part parts[2] = {part_of(job, false), part_of(job, true)};
   const float* scale = reinterpret_cast<const float*>(job.scale);
   const int64_t valid = std::min<int64_t>(nc_pad, job.cols - c0);
+  float row_buf[NC_MAX];
   for (int64_t k = 0; k < K; ++k) {
-    const float* drow = down + k * job.ld_down + c0;
+    const Part& p = parts[k < k_split ? 0 : 1];
+    const int64_t kk = k < k_split ? k : k - k_split;
+    const float* drow;
+    if (p.dt_down == kFloat32) {
+      drow = reinterpret_cast<const float*>(p.down) + kk * p.ld_down + c0;
+    } else {  // 16-bit LoRA factors: converted once per row of the block
+      for (int64_t j = 0; j < valid; ++j) row_buf[j] = load_any(p.dt_down, p.down, kk * p.ld_down + c0 + j);
+      drow = row_buf;
+    }
     const float* srow = scale ? scale + (k < job.split ? 0 : job.ld_scale) + c0 : nullptr;
     for (int64_t t = 0; t < nc_pad; t += NR) {
       float* out = bp + t * K + k * NR;

@@ -6,6 +6,13 @@
 // fp32 (row stride ld_up), down [rank, cols] fp32 (row stride ld_down), scale [2, cols] fp32 (row stride
 // ld_scale) or 0 for S = 1. `tile_start` is filled by the CUDA planner (first tile of the layer in the
 // grouped launch); the CPU kernel ignores it.
+//
+// `sources` = 1 (CPU kernel only; the CUDA planner refuses it): the factors are read where the two LoRAs
+// keep them instead of from packed fp32 copies. Rank rows k < split come from `up` [rows, split] and
+// `down` [split, cols], the others from `up2` [rows, rank - split] and `down2` [rank - split, cols], each
+// with its own row stride and dtype code (`dtypes`: 4 bits each, up | down << 4 | up2 << 8 | down2 << 12)
+// and the up factors times their LoRA scale (`scales`: fp32 bits, up's in the low and up2's in the high
+// 32 bits): up[r, k] = float32(up_src[r, k]) * scale, one fp32 multiply, as the packed copies are made.
 #pragma once
 
 #include <cstdint>
@@ -19,13 +26,15 @@ struct Job {
   int64_t rows, cols, rank, split;
   int64_t ld_dst, ld_src, ld_up, ld_down, ld_scale;
   int64_t dtype, tile_start;
+  int64_t sources, up2, down2, ld_up2, ld_down2, dtypes, scales, pad0;
 };
-static_assert(sizeof(Job) == 16 * sizeof(int64_t), "Job must be 16 packed int64 fields");
+static_assert(sizeof(Job) == 24 * sizeof(int64_t), "Job must be 24 packed int64 fields");
 
 // Field order of Job, exported to Python as _C.JOB_FIELDS so that native.py fills rows by name.
-inline constexpr const char* kJobFields[16] = {
-    "dst",    "src",    "up",    "down",    "scale",    "rows",  "cols",      "rank",
-    "split",  "ld_dst", "ld_src", "ld_up", "ld_down", "ld_scale", "dtype", "tile_start"};
+inline constexpr const char* kJobFields[24] = {
+    "dst",     "src",    "up",    "down",    "scale",    "rows",  "cols",      "rank",
+    "split",   "ld_dst", "ld_src", "ld_up", "ld_down", "ld_scale", "dtype", "tile_start",
+    "sources", "up2",    "down2", "ld_up2", "ld_down2", "dtypes", "scales", "pad0"};
 
 // One layer of the batched hypernetwork coefficient kernel (all layers of one width share the head):
 //   out[:, j] = b2 + W2 relu(P @ A[:, j] + b1),   P [hidden, rank], A [rank, cols], out [2, cols], fp32.

@@ -55,24 +55,44 @@ void check_job(const Job& j, int64_t i) {
   if (j.rank < 0 || j.split < 0 || j.split > j.rank) {
     fail("rank " + std::to_string(j.rank) + " / split " + std::to_string(j.split) + " out of range");
   }
-  if (j.dst == 0 || j.src == 0 || (j.rank > 0 && (j.up == 0 || j.down == 0))) fail("null address");
-  if (j.ld_dst < j.cols || j.ld_src < j.cols || j.ld_down < j.cols || j.ld_up < j.rank ||
-      (j.scale != 0 && j.ld_scale < j.cols)) {
+  if (j.sources != 0 && j.sources != 1) fail("sources must be 0 (packed factors) or 1 (the LoRAs' own)");
+  if (j.ld_dst < j.cols || j.ld_src < j.cols || (j.scale != 0 && j.ld_scale < j.cols)) {
     fail("a row stride is shorter than its row");
   }
+  if (j.dst == 0 || j.src == 0) fail("null address");
   const int64_t es = element_size(j.dtype);
-  if (j.dst % es || j.src % es || j.up % 4 || j.down % 4 || j.scale % 4) fail("misaligned address");
+  if (j.dst % es || j.src % es || j.scale % 4) fail("misaligned address");
   const Span dst = span(j.dst, j.rows, j.cols, j.ld_dst, es);
   if (j.src == j.dst) {
     if (j.ld_src != j.ld_dst) fail("in place with different row strides for src and dst");
   } else if (overlap(dst, span(j.src, j.rows, j.cols, j.ld_src, es))) {
     fail("src and dst overlap without being the same matrix");
   }
-  if (j.rank > 0 && (overlap(dst, span(j.up, j.rows, j.rank, j.ld_up, 4)) ||
-                     overlap(dst, span(j.down, j.rank, j.cols, j.ld_down, 4)))) {
-    fail("up or down overlaps dst");
-  }
   if (j.scale != 0 && overlap(dst, span(j.scale, 2, j.cols, j.ld_scale, 4))) fail("col_scale overlaps dst");
+  // The factors: one fp32 block (packed) or two LoRAs' blocks of ranks split and rank - split.
+  struct Factor {
+    int64_t up, down, ld_up, ld_down, dt_up, dt_down, rank;
+  };
+  std::vector<Factor> factors;
+  if (j.sources == 0) {
+    factors.push_back({j.up, j.down, j.ld_up, j.ld_down, lorarar::kFloat32, lorarar::kFloat32, j.rank});
+  } else {
+    factors.push_back({j.up, j.down, j.ld_up, j.ld_down, j.dtypes & 15, (j.dtypes >> 4) & 15, j.split});
+    factors.push_back({j.up2, j.down2, j.ld_up2, j.ld_down2, (j.dtypes >> 8) & 15, (j.dtypes >> 12) & 15,
+                       j.rank - j.split});
+  }
+  for (const Factor& f : factors) {
+    if (f.rank == 0) continue;
+    if (f.dt_up > 2 || f.dt_down > 2) fail("factor dtype code is not 0, 1 or 2");
+    if (f.up == 0 || f.down == 0) fail("null address");
+    if (f.ld_up < f.rank || f.ld_down < j.cols) fail("a row stride is shorter than its row");
+    const int64_t eu = element_size(f.dt_up), ed = element_size(f.dt_down);
+    if (f.up % eu || f.down % ed) fail("misaligned address");
+    if (overlap(dst, span(f.up, j.rows, f.rank, f.ld_up, eu)) ||
+        overlap(dst, span(f.down, f.rank, j.cols, f.ld_down, ed))) {
+      fail("up or down overlaps dst");
+    }
+  }
 }
 
 void check_coeff_job(const CoeffJob& j, int64_t i, int64_t hidden) {
@@ -188,6 +208,7 @@ py::tuple plan_apply(const py::bytes& table) {
   for (size_t i = 0; i < rows.size(); ++i) {
     check_job(rows[i], static_cast<int64_t>(i));
     if (rows[i].dtype != rows[0].dtype) throw std::invalid_argument("one CUDA launch takes one weight dtype");
+    if (rows[i].sources) throw std::invalid_argument("the CUDA kernels take packed fp32 factors (sources = 0)");
     tiles.push_back(((rows[i].rows + lorarar::kCudaTileRows - 1) / lorarar::kCudaTileRows) *
                     ((rows[i].cols + lorarar::kCudaTileCols - 1) / lorarar::kCudaTileCols));
   }

@@ -223,9 +223,10 @@ def test_plan_apply_tiles():
     bm, bn = native._C.CUDA_TILE
     per = [-(-130 // bm) * -(-300 // bn), 1]
     assert tiles == sum(per)
-    table = torch.frombuffer(bytearray(blob[: 2 * 128]), dtype=torch.int64).view(2, 16)
+    row_bytes = 8 * len(native._C.JOB_FIELDS)
+    table = torch.frombuffer(bytearray(blob[: 2 * row_bytes]), dtype=torch.int64).view(2, -1)
     assert table[:, list(native._C.JOB_FIELDS).index("tile_start")].tolist() == [0, per[0]]
-    tile_map = torch.frombuffer(bytearray(blob[2 * 128 :]), dtype=torch.int32)
+    tile_map = torch.frombuffer(bytearray(blob[2 * row_bytes :]), dtype=torch.int32)
     assert tile_map.tolist() == [0] * per[0] + [1]
     mixed = torch.tensor(
         [native._row(jobs[0]), native._row(make_job(8, 8, 1, torch.float32, inplace=True, col_scale=False))]

@@ -6,6 +6,11 @@ Every backend module exposes ``unavailable(device: torch.device) -> str | None``
     dst = round_to_dtype(float32(src) + up @ (down * S)),   S[k, j] = col_scale[0 if k < split else 1, j]
 
 with fp32 accumulation and one rounding. ``dst`` and ``src`` may be the same tensor (in place).
+
+A job carries its factors packed (``up``/``down`` fp32, LoRA scales folded in) or, for the `cpp`
+backend, as ``sources``: where the two LoRAs keep them (`FactorSource`), read in place by the kernel
+with the same arithmetic as packing (``fp32(up) * fp32(scale)``, ``fp32(down)``). `ApplyJob.packed`
+turns the second form into the first; the `torch` reference takes either.
 """
 
 from __future__ import annotations
@@ -16,20 +21,61 @@ import torch
 
 
 @dataclass(frozen=True)
+class FactorSource:
+    """One LoRA's factors of a layer, where the LoRA keeps them: ``delta = scale * up @ down``."""
+
+    up: torch.Tensor  # [out, r] (2-D view), float32/float16/bfloat16
+    scale: float
+    down: torch.Tensor  # [r, in] (2-D view)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def pack_into(self, up: torch.Tensor, down: torch.Tensor) -> None:
+        """``up = fp32(self.up) * fp32(scale)``, ``down = fp32(self.down)`` (fp32 destinations)."""
+        if self.up.dtype == torch.float32:  # one pass; 16-bit factors are converted first, then scaled
+            torch.mul(self.up, self.scale, out=up)
+        elif self.scale == 1.0:
+            up.copy_(self.up)
+        else:
+            up.copy_(self.up).mul_(self.scale)
+        down.copy_(self.down)
+
+
+@dataclass(frozen=True)
 class ApplyJob:
     """One layer of a swap. All tensors on the weight's device."""
 
     name: str  # module name, for messages
     dst: torch.Tensor  # [out, in] weight (2-D view), written; float32/float16/bfloat16, contiguous
     src: torch.Tensor  # [out, in] same dtype and device as dst, read; may be dst itself
-    up: torch.Tensor  # [out, R] float32 contiguous: [s_c B_c | s_s B_s] (LoRA scales folded in)
-    down: torch.Tensor  # [R, in] float32 contiguous: [A_c ; A_s]
+    up: torch.Tensor | None  # [out, R] float32: [s_c B_c | s_s B_s] (LoRA scales folded in); None: sources
+    down: torch.Tensor | None  # [R, in] float32: [A_c ; A_s]; None with sources
     col_scale: torch.Tensor | None = None  # [2, in] float32: per-column coefficients (m_c ; m_s)
     split: int = 0  # rows of down below `split` take col_scale[0], the others col_scale[1]
+    # instead of up/down: (rank rows < split, the others), each a FactorSource or None when of rank 0
+    sources: tuple[FactorSource | None, FactorSource | None] | None = None
 
     @property
     def rank(self) -> int:
+        if self.sources is not None:
+            return sum(x.rank for x in self.sources if x is not None)
         return int(self.down.shape[0])
+
+    def packed(self) -> ApplyJob:
+        """This job with packed fp32 ``up``/``down`` (itself when it has them)."""
+        if self.sources is None:
+            return self
+        x = next(x for x in self.sources if x is not None)
+        up = torch.empty(self.dst.shape[0], self.rank, device=x.up.device)
+        down = torch.empty(self.rank, self.dst.shape[1], device=x.down.device)
+        r0 = 0
+        for x in self.sources:
+            if x is not None:
+                x.pack_into(up[:, r0 : r0 + x.rank], down[r0 : r0 + x.rank])
+                r0 += x.rank
+        return ApplyJob(self.name, self.dst, self.src, up, down, self.col_scale, self.split)
 
     def flops(self) -> int:
         """Multiply-adds of the update counted as 2 FLOPs."""

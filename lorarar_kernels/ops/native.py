@@ -55,7 +55,7 @@ def compiled_with_cuda() -> bool:
 
 def _check(job: ApplyJob, device_type: str) -> None:
     """Raise LayerMismatchError (naming the layer) unless `job` fits the native kernels' contract."""
-    name, dst, src, up, down, cs = job.name, job.dst, job.src, job.up, job.down, job.col_scale
+    name, dst, src, cs = job.name, job.dst, job.src, job.col_scale
 
     def fail(what: str) -> None:
         raise LayerMismatchError(f"{name}: {what}")
@@ -64,27 +64,53 @@ def _check(job: ApplyJob, device_type: str) -> None:
         fail(f"weight dtype {dst.dtype} is not float32, float16 or bfloat16")
     if src.dtype != dst.dtype:
         fail(f"src dtype {src.dtype} differs from dst dtype {dst.dtype}")
-    for label, t in (("up", up), ("down", down), ("col_scale", cs)):
-        if t is not None and t.dtype != torch.float32:
-            fail(f"{label} must be float32, got {t.dtype}")
-    tensors = [t for t in (dst, src, up, down, cs) if t is not None]
-    if any(t.device != dst.device for t in tensors):
-        fail(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
-    if dst.device.type != device_type:
-        fail(f"weight is on {dst.device}, this backend runs on {device_type}")
+    if cs is not None and cs.dtype != torch.float32:
+        fail(f"col_scale must be float32, got {cs.dtype}")
     if dst.dim() != 2 or src.shape != dst.shape:
         fail(f"dst {tuple(dst.shape)} and src {tuple(src.shape)} must be the same 2-D shape")
     out_f, in_f = dst.shape
-    if up.dim() != 2 or down.dim() != 2 or up.shape[0] != out_f or down.shape[1] != in_f:
-        fail(f"up {tuple(up.shape)} @ down {tuple(down.shape)} does not give [{out_f}, {in_f}]")
-    rank = up.shape[1]
-    if down.shape[0] != rank:
-        fail(f"up has rank {rank} but down has {down.shape[0]} rows")
+    if job.sources is None:
+        up, down = job.up, job.down
+        for label, t in (("up", up), ("down", down)):
+            if t.dtype != torch.float32:
+                fail(f"{label} must be float32, got {t.dtype}")
+        if up.dim() != 2 or down.dim() != 2 or up.shape[0] != out_f or down.shape[1] != in_f:
+            fail(f"up {tuple(up.shape)} @ down {tuple(down.shape)} does not give [{out_f}, {in_f}]")
+        if down.shape[0] != up.shape[1]:
+            fail(f"up has rank {up.shape[1]} but down has {down.shape[0]} rows")
+        factors = [("up", up), ("down", down)]
+    else:
+        if device_type != "cpu":
+            fail("the cuda kernels take packed factors, not sources")
+        if len(job.sources) != 2:
+            fail("sources must be a pair (rank rows below split, the others)")
+        factors = []
+        for k, x in enumerate(job.sources):
+            if x is None:
+                continue
+            if x.up.dtype not in DTYPE_CODES or x.down.dtype not in DTYPE_CODES:
+                fail(f"source {k} factors are {x.up.dtype}/{x.down.dtype}, not float32, float16 or bfloat16")
+            if x.up.dim() != 2 or x.down.dim() != 2 or x.up.shape[0] != out_f or x.down.shape[1] != in_f:
+                fail(
+                    f"source {k}: up {tuple(x.up.shape)} @ down {tuple(x.down.shape)} is not [{out_f}, {in_f}]"
+                )
+            if x.up.shape[1] != x.down.shape[0]:
+                fail(f"source {k}: up has rank {x.up.shape[1]} but down has {x.down.shape[0]} rows")
+            factors += [(f"source {k} up", x.up), (f"source {k} down", x.down)]
+        first = job.sources[0]
+        if (0 if first is None else first.rank) != job.split:
+            fail(f"split {job.split} is not the rank of the first source")
+    rank = job.rank
     if cs is not None and tuple(cs.shape) != (2, in_f):
         fail(f"col_scale {tuple(cs.shape)} must be [2, {in_f}]")
     if not 0 <= job.split <= rank:
         fail(f"split {job.split} outside [0, {rank}]")
-    for label, t in (("dst", dst), ("src", src), ("up", up), ("down", down), ("col_scale", cs)):
+    tensors = [dst, src, *(t for _, t in factors), *([cs] if cs is not None else [])]
+    if any(t.device != dst.device for t in tensors):
+        fail(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
+    if dst.device.type != device_type:
+        fail(f"weight is on {dst.device}, this backend runs on {device_type}")
+    for label, t in (("dst", dst), ("src", src), *factors, ("col_scale", cs)):
         if t is not None and not _rows_ok(t):
             fail(f"{label} needs unit column stride and row stride >= its width, got strides {t.stride()}")
     if dst.numel() == 0:
@@ -112,22 +138,35 @@ def _row(job: ApplyJob) -> list[int]:
     fields = {
         "dst": job.dst.data_ptr(),
         "src": job.src.data_ptr(),
-        "up": job.up.data_ptr(),
-        "down": job.down.data_ptr(),
         "scale": 0 if cs is None else cs.data_ptr(),
         "rows": job.dst.shape[0],
         "cols": job.dst.shape[1],
-        "rank": job.up.shape[1],
+        "rank": job.rank,
         "split": job.split,
         "ld_dst": _ld(job.dst),
         "ld_src": _ld(job.src),
-        "ld_up": _ld(job.up),
-        "ld_down": _ld(job.down),
         "ld_scale": 0 if cs is None else _ld(cs),
         "dtype": DTYPE_CODES[job.dst.dtype],
-        "tile_start": 0,
     }
-    return [int(fields[f]) for f in _C.JOB_FIELDS]
+    if job.sources is None:
+        fields.update(
+            up=job.up.data_ptr(), down=job.down.data_ptr(), ld_up=_ld(job.up), ld_down=_ld(job.down)
+        )
+    else:
+        fields["sources"] = 1
+        dtypes, scales = 0, 0
+        for k, (suffix, x) in enumerate(zip(("", "2"), job.sources)):
+            if x is None:
+                continue
+            fields.update({
+                "up" + suffix: x.up.data_ptr(), "down" + suffix: x.down.data_ptr(),
+                "ld_up" + suffix: _ld(x.up), "ld_down" + suffix: _ld(x.down),
+            })  # fmt: skip
+            dtypes |= (DTYPE_CODES[x.up.dtype] | DTYPE_CODES[x.down.dtype] << 4) << (8 * k)
+            scales |= _fp32_bits(x.scale) << (32 * k)
+        fields["dtypes"] = dtypes
+        fields["scales"] = scales - (1 << 64) if scales >= 1 << 63 else scales  # as a signed int64
+    return [int(fields.get(f, 0)) for f in _C.JOB_FIELDS]
 
 
 def _reraise(exc: ValueError, names: Sequence[str]) -> LoraRarError:

@@ -26,6 +26,7 @@ def apply(jobs: Sequence[ApplyJob]) -> None:
 
 
 def apply_one(job: ApplyJob) -> None:
+    job = job.packed()
     dst, src, up = job.dst, job.src, job.up
     down = scaled_down(job)
     rows = dst.shape[0]
@@ -44,6 +45,7 @@ def apply_one(job: ApplyJob) -> None:
 
 def exact(job: ApplyJob) -> torch.Tensor:
     """fp64 ``src + up @ (down * S)`` rounded once to dst's dtype: what every backend approximates."""
+    job = job.packed()
     s = None if job.col_scale is None else job.col_scale.double()
     down = job.down.double().clone()
     if s is not None:
