@@ -52,27 +52,28 @@ inline __m256 load8(const char* base, int64_t i) {
 }
 #endif
 
-// dst[0, n) = float(src[0, n)) (* scale when SCALED); true when a written value is not finite.
+// dst[0, n) = float(src[0, n)) (* scale when SCALED); true when a value is not finite. dst == nullptr:
+// check only, nothing written.
 template <int DT, bool SCALED>
 bool convert_row(const char* src, float* dst, int64_t n, float scale) {
   int64_t j = 0;
   bool bad = false;
-#ifdef LORARAR_CPU_AVX2
-  const __m256 s = _mm256_set1_ps(scale);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  const __m256 inf = _mm256_set1_ps(INFINITY);
-  __m256 flags = _mm256_setzero_ps();
   // Streaming stores where dst is 32-byte aligned: the destination lines are not read first.
-  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31) != 0; ++j) {
+  for (; dst != nullptr && j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31) != 0; ++j) {
     float v = load1<DT>(src, j);
     if constexpr (SCALED) v *= scale;
     dst[j] = v;
     bad |= non_finite(v);
   }
+#ifdef LORARAR_CPU_AVX2
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256 flags = _mm256_setzero_ps();
   for (; j + 8 <= n; j += 8) {
     __m256 v = load8<DT>(src, j);
     if constexpr (SCALED) v = _mm256_mul_ps(v, s);
-    _mm256_stream_ps(dst + j, v);
+    if (dst != nullptr) _mm256_stream_ps(dst + j, v);
     // !(|v| < inf): true for +-Inf and (unordered) NaN
     flags = _mm256_or_ps(flags, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), inf, _CMP_NLT_UQ));
   }
@@ -81,7 +82,7 @@ bool convert_row(const char* src, float* dst, int64_t n, float scale) {
   for (; j < n; ++j) {
     float v = load1<DT>(src, j);
     if constexpr (SCALED) v *= scale;
-    dst[j] = v;
+    if (dst != nullptr) dst[j] = v;
     bad |= non_finite(v);
   }
   return bad;
@@ -110,14 +111,14 @@ bool run_task(const PackJob& job, const Task& t) {
     const int64_t es = element_size(job.dtype_up);
     for (int64_t r = t.row0; r < t.row1; ++r) {
       const char* src = reinterpret_cast<const char*>(job.up_src) + r * job.ld_up_src * es;
-      float* dst = reinterpret_cast<float*>(job.up_dst) + r * job.ld_up_dst;
+      float* dst = job.up_dst ? reinterpret_cast<float*>(job.up_dst) + r * job.ld_up_dst : nullptr;
       bad |= convert_row_any<true>(job.dtype_up, src, dst, job.rank, scale);
     }
   } else {
     const int64_t es = element_size(job.dtype_down);
     for (int64_t k = t.row0; k < t.row1; ++k) {
       const char* src = reinterpret_cast<const char*>(job.down_src) + k * job.ld_down_src * es;
-      float* dst = reinterpret_cast<float*>(job.down_dst) + k * job.ld_down_dst;
+      float* dst = job.down_dst ? reinterpret_cast<float*>(job.down_dst) + k * job.ld_down_dst : nullptr;
       bad |= convert_row_any<false>(job.dtype_down, src, dst, job.cols, 1.0f);
     }
   }

@@ -52,7 +52,8 @@ inline constexpr const char* kCoeffFields[12] = {"p",    "a",    "out",   "cols"
 //   up_dst[r, k] = float32(up_src[r, k]) * scale,   down_dst[k, j] = float32(down_src[k, j])
 // up [rows, rank], down [rank, cols], each with its own row stride and dtype code (unit column stride);
 // `scale_bits` holds the fp32 bits of the LoRA scale. The kernel reports whether every written value is
-// finite, so a plan needs no second pass over its factors.
+// finite, so a plan needs no second pass over its factors. up_dst = down_dst = 0: check only (the values
+// up_dst/down_dst would get are checked, nothing is written).
 struct PackJob {
   int64_t up_src, down_src, up_dst, down_dst;
   int64_t rows, cols, rank;

@@ -121,8 +121,11 @@ class Merge:
     @property
     def factors_valid(self) -> bool:
         """Whether ``plan``'s factor tensors still hold this merge's values (their workspace is reused two
-        swaps later; coefficients and `export` stay valid regardless)."""
-        return self._lease is None or self._lease[0].generation == self._lease[1]
+        swaps later, and factors read in place live in the LoRAs); coefficients stay valid regardless and
+        `export` rebuilds what is gone."""
+        if self._lease is not None and self._lease[0].generation != self._lease[1]:
+            return False
+        return not any(f.sources_changed for f in self.plan.values())
 
     def export(self, dtype: torch.dtype = torch.float32) -> LoRA:
         """The merged pair as one LoRA of rank r_c + r_s per layer, scale 1 (diffusers-loadable)."""
@@ -207,14 +210,17 @@ class PreparedSwap:
                     snap = torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda)
                 layer = self._new[name] = _Layer(w, snap)
             w2 = w.view(w.shape[0], -1)
-            up, down, scale = f.up, f.down, None if f.col_scale is None else f.col_scale.detach()
+            scale = None if f.col_scale is None else f.col_scale.detach()
             src = layer.snapshot if keep == "device" else w
-            if keep == "none" and layer.applied is not None:  # W += new - old, one rounding
+            if f.packed is None and chosen[(w.device, w.dtype)][0] == "cpp":  # read in place
+                job = ApplyJob(name, w2, src.view(w2.shape), None, None, scale, f.split, f.sources)
+            elif keep == "none" and layer.applied is not None:  # W += new - old, one rounding
                 old = layer.applied
                 up = torch.cat([f.up, -old.up], dim=1)
                 down = torch.cat([f.scaled_down().detach(), old.scaled_down().detach()], dim=0)
-                scale = None
-            job = ApplyJob(name, w2, src.view(w2.shape), up, down, scale, f.split)
+                job = ApplyJob(name, w2, src.view(w2.shape), up, down, None, f.split)
+            else:
+                job = ApplyJob(name, w2, src.view(w2.shape), f.up, f.down, scale, f.split)
             jobs.setdefault((w.device, w.dtype), []).append(job)
         self._runs = [dispatch.runner(chosen[key][1], group) for key, group in jobs.items()]
         names = sorted({name for name, _ in chosen.values()})
@@ -232,6 +238,12 @@ class PreparedSwap:
             ):
                 raise StaleSwapError(
                     "this prepared swap is stale: the target was merged, restored or prepared again since"
+                )
+            changed = [n for n, f in self.plan.items() if f.sources_changed]
+            if changed:
+                raise StaleSwapError(
+                    f"this prepared swap is stale: a LoRA's factors of layer {changed[0]!r} were modified "
+                    "after it was prepared (prepare again)"
                 )
             _check_untouched(state)
             with torch.no_grad():
@@ -303,6 +315,13 @@ def prepare(
         device = devices.pop() if devices else torch.device("cpu")
         ws = 1 if state.current_ws == 0 else 0  # never the buffer the weights' current pair came from
         recipe = {"hypernet": hypernet, "coefficients": coefficients, "hyper_parts": tuple(hyper_parts)}
+        chosen = {}
+        for w in weights.values():
+            if (w.device, w.dtype) not in chosen:
+                chosen[(w.device, w.dtype)] = dispatch.choose(backend, w.device, w.dtype)
+        # The cpp kernel reads the LoRAs' factors where they are (no packed copy) unless the old delta must
+        # be subtracted later (keep_original="none" needs the exact factors it applied).
+        in_place = keep != "none" and bool(chosen) and all(name == "cpp" for name, _ in chosen.values())
         plan = plan_pair(
             content,
             style,
@@ -311,11 +330,8 @@ def prepare(
             hyper_parts=hyper_parts,
             device=device,
             workspace=state.workspaces[ws],
+            in_place=in_place,
         )
-        chosen = {}
-        for w in weights.values():
-            if (w.device, w.dtype) not in chosen:
-                chosen[(w.device, w.dtype)] = dispatch.choose(backend, w.device, w.dtype)
         return PreparedSwap(root, state, keep, plan, weights, chosen, content, style, t0, ws, recipe)
 
 

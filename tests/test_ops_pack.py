@@ -1,5 +1,5 @@
 """The native factor packing (`ops.native.pack_factors`, csrc/cpu_pack.cpp) against the torch path it
-replaces on the CPU (`plan._pack_torch`): the same bits, the same finiteness verdict, and nothing written
+replaces on the CPU (`FactorSource.pack_into`): the same bits, the same finiteness verdict, and nothing written
 on a refused table. Destinations are NaN-poisoned before the kernel writes them."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 
 import lorarar_kernels as lk
 from lorarar_kernels.errors import LoraRarError
-from lorarar_kernels.ops import native
-from lorarar_kernels.plan import _pack_torch, plan_pair
+from lorarar_kernels.ops import FactorSource, native
+from lorarar_kernels.plan import plan_pair
 
 WHY = native.CPP.unavailable(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"native CPU kernels unavailable: {WHY}")
@@ -43,7 +43,7 @@ def test_pack_matches_torch_bit_for_bit(dtype, shape):
         want_up, want_down = poisoned(out_f, 2 * rank), poisoned(2 * rank, in_f)
         half = slice(rank, 2 * rank)
         assert native.pack_factors([(up, scale, down, got_up[:, half], got_down[half])]) == [True]
-        _pack_torch(up, scale, down, want_up[:, half], want_down[half])
+        FactorSource(up, scale, down).pack_into(want_up[:, half], want_down[half])
         assert torch.equal(got_up[:, half], want_up[:, half]), (dtype, shape, scale)
         assert torch.equal(got_down[half], want_down[half]), (dtype, shape, scale)
         # the other half is untouched (still NaN)
@@ -57,7 +57,7 @@ def test_pack_reads_row_strided_sources_and_mixed_dtypes():
     got_up, got_down = poisoned(40, 6), poisoned(6, 51)
     want_up, want_down = poisoned(40, 6), poisoned(6, 51)
     assert native.pack_factors([(up, 0.5, down, got_up, got_down)]) == [True]
-    _pack_torch(up, 0.5, down, want_up, want_down)
+    FactorSource(up, 0.5, down).pack_into(want_up, want_down)
     assert torch.equal(got_up, want_up) and torch.equal(got_down, want_down)
 
 

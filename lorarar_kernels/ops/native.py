@@ -253,31 +253,41 @@ def _fp32_bits(x: float) -> int:
 
 
 def pack_factors(
-    parts: Sequence[tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor]],
+    parts: Sequence[tuple[torch.Tensor, float, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
 ) -> list[bool]:
     """Copy LoRA factors into a plan's fp32 factors in one parallel call (csrc/cpu_pack.cpp).
 
     parts: ``(up [out, r], scale, down [r, in], up_dst [out, r] fp32, down_dst [r, in] fp32)`` per LoRA;
-    writes ``up_dst = fp32(up) * fp32(scale)`` and ``down_dst = fp32(down)``: the same bits as torch's
-    ``mul``/``copy_``. Returns, per part, whether every written value is finite. Sources must pass
-    `can_pack`; destinations must not overlap (LoraRarError otherwise, before anything is written).
+    writes ``up_dst = fp32(up) * fp32(scale)`` and ``down_dst = fp32(down)``: the same bits as
+    `FactorSource.pack_into`. With ``up_dst = down_dst = None`` the part is only checked. Returns, per
+    part, whether every value (written or checked) is finite. Sources must pass `can_pack`; destinations
+    must not overlap anything (LoraRarError otherwise, before anything is written).
     """
     rows = []
     for up, scale, down, up_dst, down_dst in parts:
-        if up_dst.dtype != torch.float32 or down_dst.dtype != torch.float32:
-            raise LoraRarError("pack_factors: destinations must be float32")
-        if up_dst.shape != up.shape or down_dst.shape != down.shape or up.shape[1] != down.shape[0]:
+        if up.shape[1] != down.shape[0]:
             raise LoraRarError(
-                f"pack_factors: up {tuple(up.shape)} -> {tuple(up_dst.shape)}, "
-                f"down {tuple(down.shape)} -> {tuple(down_dst.shape)}"
+                f"pack_factors: up {tuple(up.shape)} and down {tuple(down.shape)} differ in rank"
             )
-        if not (_rows_ok(up_dst) and _rows_ok(down_dst) and up_dst.is_cpu and down_dst.is_cpu):
-            raise LoraRarError("pack_factors: destinations must be CPU rows with unit column stride")
-        scale_bits = _fp32_bits(scale)
+        if up_dst is None and down_dst is None:
+            dst = (0, 0, 0, 0)
+        else:
+            if up_dst is None or down_dst is None:
+                raise LoraRarError("pack_factors: give both destinations or neither (check only)")
+            if up_dst.dtype != torch.float32 or down_dst.dtype != torch.float32:
+                raise LoraRarError("pack_factors: destinations must be float32")
+            if up_dst.shape != up.shape or down_dst.shape != down.shape:
+                raise LoraRarError(
+                    f"pack_factors: up {tuple(up.shape)} -> {tuple(up_dst.shape)}, "
+                    f"down {tuple(down.shape)} -> {tuple(down_dst.shape)}"
+                )
+            if not (_rows_ok(up_dst) and _rows_ok(down_dst) and up_dst.is_cpu and down_dst.is_cpu):
+                raise LoraRarError("pack_factors: destinations must be CPU rows with unit column stride")
+            dst = (up_dst.data_ptr(), down_dst.data_ptr(), _ld(up_dst), _ld(down_dst))
         rows.append((
-            up.data_ptr(), down.data_ptr(), up_dst.data_ptr(), down_dst.data_ptr(),
-            up.shape[0], down.shape[1], up.shape[1], _ld(up), _ld(down), _ld(up_dst), _ld(down_dst),
-            DTYPE_CODES[up.dtype], DTYPE_CODES[down.dtype], scale_bits, 0, 0,
+            up.data_ptr(), down.data_ptr(), dst[0], dst[1], up.shape[0], down.shape[1], up.shape[1],
+            _ld(up), _ld(down), dst[2], dst[3], DTYPE_CODES[up.dtype], DTYPE_CODES[down.dtype],
+            _fp32_bits(scale), 0, 0,
         ))  # fmt: skip
     if not rows:
         return []
