@@ -38,8 +38,11 @@ def _mark_finite(t: torch.Tensor, scale: float | None) -> None:
 
 
 def source_of(x: LoRALayer) -> FactorSource:
-    """The layer's factors as 2-D views (conv layers flattened)."""
-    return FactorSource(x.up.reshape(x.up.shape[0], -1), x.scale, x.down.reshape(x.rank, -1))
+    """The layer's factors as 2-D tensors: linear layers' own (so per-tensor caches recognise them), conv
+    layers' flattened views."""
+    up = x.up if x.up.dim() == 2 else x.up.reshape(x.up.shape[0], -1)
+    down = x.down if x.down.dim() == 2 else x.down.reshape(x.rank, -1)
+    return FactorSource(up, x.scale, down)
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,6 +10,7 @@ from engine_helpers import rand_lora, weights
 from lorarar.shapes import AttentionStack, attention_shapes
 
 import lorarar_kernels as lk
+from lorarar_kernels import factors
 from lorarar_kernels.ops import native
 from lorarar_kernels.plan import plan_pair
 
@@ -93,6 +94,9 @@ def test_non_finite_factors_are_found_even_after_a_clean_check():
     c, s = pair()
     target = AttentionStack(SHAPES, seed=2)
     lk.merge(target, c, s, net)  # checked finite: cached per tensor version
+    plain_layers = [n for n in c if not n.endswith(("to_q", "to_out.0"))]
+    assert all(factors._known_finite(x[n].up, x[n].scale) for x in (c, s) for n in plain_layers)
+    assert all(factors._known_finite(x[n].down, None) for x in (c, s) for n in plain_layers)
     lk.merge(target, *pair(7), net)
     before = weights(target)
     plain = next(n for n in s if n.endswith("attn2.to_v"))
