@@ -22,6 +22,7 @@ from lorarar.shapes import AttentionStack
 from workload import (
     DTYPES,
     OFFICIAL_HYPERNET,
+    ColdSwap,
     HotSwap,
     check_merge,
     fp32_eps,
@@ -149,6 +150,24 @@ def test_swap(benchmark, wl, rate, targets, backend, dtype_name):
     )
     swap = HotSwap(tgt.module, wl, backend)
     benchmark.pedantic(swap, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    annotate(
+        benchmark,
+        wl,
+        rate,
+        backend=swap.used,
+        prepare_ms=round(statistics.median(swap.prepare_s[-ROUNDS:]) * 1e3, 1),
+        apply_ms=round(statistics.median(swap.apply_s[-ROUNDS:]) * 1e3, 1),
+    )
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_swap_new_loras(benchmark, wl, rate, targets, dtype_name):
+    """One hot swap (`auto` backend) to LoRA objects never seen before: fresh tensors each round, made
+    untimed in the round's setup, so no per-LoRA cache (projections, finiteness) helps."""
+    tgt = targets(DTYPES[dtype_name])
+    lk.merge(tgt.module, *wl.pairs[1], wl.hypernet)
+    swap = ColdSwap(tgt.module, wl, "auto")
+    benchmark.pedantic(swap, setup=swap.setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     annotate(
         benchmark,
         wl,

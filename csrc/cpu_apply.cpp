@@ -88,13 +88,7 @@ Part part_of(const Job& job, bool second) {
           true};
 }
 
-float load_any(int64_t dtype, const char* base, int64_t i) {
-  switch (dtype) {
-    case kFloat32: return load1<kFloat32>(base, i);
-    case kFloat16: return load1<kFloat16>(base, i);
-    default: return load1<kBFloat16>(base, i);
-  }
-}
+int64_t element_size(int64_t dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 // up rows [r0, r0 + mc_pad) -> ap[strip][k][MR]; rows past the layer are zero.
 void pack_up(const Job& job, int64_t r0, int64_t mc_pad, float* ap) {
@@ -102,6 +96,7 @@ void pack_up(const Job& job, int64_t r0, int64_t mc_pad, float* ap) {
   // the rank is split in two column blocks at `split` only when reading the LoRAs' own factors
   const int64_t k_split = job.sources ? job.split : K;
   const Part parts[2] = {part_of(job, false), part_of(job, true)};
+  float row[NC_MAX];  // up to NC_MAX values of one row of one part, converted and scaled
   for (int64_t s = 0; s < mc_pad; s += MR) {
     float* strip = ap + s * K;
     for (int i = 0; i < MR; ++i) {
@@ -112,16 +107,18 @@ void pack_up(const Job& job, int64_t r0, int64_t mc_pad, float* ap) {
       }
       for (int h = 0; h < 2; ++h) {
         const Part& p = parts[h];
-        const int64_t k0 = h == 0 ? 0 : k_split, k1 = h == 0 ? k_split : K;
-        if (k0 >= k1) continue;
+        const int64_t k0 = h == 0 ? 0 : k_split, n = (h == 0 ? k_split : K) - k0;
+        if (n <= 0) continue;
         if (p.dt_up == kFloat32 && !p.scaled) {
-          const float* row = reinterpret_cast<const float*>(p.up) + r * p.ld_up - k0;
-          for (int64_t k = k0; k < k1; ++k) strip[k * MR + i] = row[k];
-        } else {
-          for (int64_t k = k0; k < k1; ++k) {
-            const float v = load_any(p.dt_up, p.up, r * p.ld_up + (k - k0));
-            strip[k * MR + i] = p.scaled ? v * p.scale : v;
-          }
+          const float* src = reinterpret_cast<const float*>(p.up) + r * p.ld_up;
+          for (int64_t k = 0; k < n; ++k) strip[(k0 + k) * MR + i] = src[k];
+          continue;
+        }
+        const char* base = p.up + r * p.ld_up * element_size(p.dt_up);
+        for (int64_t c = 0; c < n; c += NC_MAX) {
+          const int64_t m = std::min<int64_t>(NC_MAX, n - c);
+          to_float(p.dt_up, base + c * element_size(p.dt_up), m, p.scale, p.scaled, row);
+          for (int64_t k = 0; k < m; ++k) strip[(k0 + c + k) * MR + i] = row[k];
         }
       }
     }
@@ -143,7 +140,7 @@ void pack_down(const Job& job, int64_t c0, int64_t nc_pad, float* bp) {
     if (p.dt_down == kFloat32) {
       drow = reinterpret_cast<const float*>(p.down) + kk * p.ld_down + c0;
     } else {  // 16-bit LoRA factors: converted once per row of the block
-      for (int64_t j = 0; j < valid; ++j) row_buf[j] = load_any(p.dt_down, p.down, kk * p.ld_down + c0 + j);
+      to_float(p.dt_down, p.down + (kk * p.ld_down + c0) * 2, valid, 1.0f, false, row_buf);
       drow = row_buf;
     }
     const float* srow = scale ? scale + (k < job.split ? 0 : job.ld_scale) + c0 : nullptr;

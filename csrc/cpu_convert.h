@@ -9,6 +9,11 @@
 
 #include "job_table.h"
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LORARAR_CONVERT_AVX2 1
+#endif
+
 namespace lorarar {
 namespace convert {
 
@@ -70,6 +75,48 @@ inline void store1(char* base, int64_t i, float v) {
     reinterpret_cast<uint16_t*>(base)[i] = half_from_float(v);
   } else {
     reinterpret_cast<uint16_t*>(base)[i] = bf16_from_float(v);
+  }
+}
+
+#ifdef LORARAR_CONVERT_AVX2
+// Eight values of dtype DT from base[i, i + 8) as fp32 (exact widening, like the scalar loads).
+template <int DT>
+inline __m256 load8(const char* base, int64_t i) {
+  if constexpr (DT == kFloat32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(base) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 2 * i));
+    if constexpr (DT == kFloat16) {
+      return _mm256_cvtph_ps(h);
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+#endif
+
+// dst[0, n) = float32(src[0, n)), times `scale` (one fp32 multiply) when `scaled`.
+template <int DT>
+inline void to_float(const char* src, int64_t n, float scale, bool scaled, float* dst) {
+  int64_t j = 0;
+#ifdef LORARAR_CONVERT_AVX2
+  const __m256 s = _mm256_set1_ps(scale);
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = load8<DT>(src, j);
+    _mm256_storeu_ps(dst + j, scaled ? _mm256_mul_ps(v, s) : v);
+  }
+#endif
+  for (; j < n; ++j) {
+    const float v = load1<DT>(src, j);
+    dst[j] = scaled ? v * scale : v;
+  }
+}
+
+inline void to_float(int64_t dtype, const char* src, int64_t n, float scale, bool scaled, float* dst) {
+  switch (dtype) {
+    case kFloat32: to_float<kFloat32>(src, n, scale, scaled, dst); break;
+    case kFloat16: to_float<kFloat16>(src, n, scale, scaled, dst); break;
+    default: to_float<kBFloat16>(src, n, scale, scaled, dst); break;
   }
 }
 

@@ -36,21 +36,6 @@ constexpr int64_t kChunk = 32768;  // values per task
 
 inline bool non_finite(float v) { return !(std::fabs(v) < INFINITY); }
 
-#ifdef LORARAR_CPU_AVX2
-template <int DT>
-inline __m256 load8(const char* base, int64_t i) {
-  if constexpr (DT == kFloat32) {
-    return _mm256_loadu_ps(reinterpret_cast<const float*>(base) + i);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 2 * i));
-    if constexpr (DT == kFloat16) {
-      return _mm256_cvtph_ps(h);
-    } else {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-  }
-}
-#endif
 
 // dst[0, n) = float(src[0, n)) (* scale when SCALED); true when a value is not finite. dst == nullptr:
 // check only, nothing written.

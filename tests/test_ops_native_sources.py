@@ -14,8 +14,16 @@ WHY = native.CPP.unavailable(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"cpp backend unavailable: {WHY}")
 
 WEIGHTS = (torch.float32, torch.float16, torch.bfloat16)
-# (out, in, r_c, r_s): odd sizes, rank 1, one-sided layers, SDXL cross-attention k/v at rank 64 + 64
-SHAPES = ((1000, 1333, 5, 11), (37, 5, 1, 2), (64, 96, 3, 0), (64, 96, 0, 4), (1280, 2048, 64, 64))
+# (out, in, r_c, r_s): odd sizes, rank 1, one-sided layers, SDXL cross-attention k/v at rank 64 + 64, a
+# rank above the kernel's 512-value row chunk
+SHAPES = (
+    (1000, 1333, 5, 11),
+    (37, 5, 1, 2),
+    (64, 96, 3, 0),
+    (64, 96, 0, 4),
+    (1280, 2048, 64, 64),
+    (20, 30, 530, 7),
+)
 
 
 def source(out_f, in_f, rank, dtype, scale, gen):
