@@ -127,6 +127,18 @@ def annotate(benchmark, wl, rate: BestRate, **extra) -> None:
     )
 
 
+def annotate_swap(benchmark, wl, rate, swap: HotSwap) -> None:
+    """`annotate` plus the backend that ran and the median prepare/apply split of the timed rounds."""
+    annotate(
+        benchmark,
+        wl,
+        rate,
+        backend=swap.used,
+        prepare_ms=round(statistics.median(swap.prepare_s[-ROUNDS:]) * 1e3, 1),
+        apply_ms=round(statistics.median(swap.apply_s[-ROUNDS:]) * 1e3, 1),
+    )
+
+
 @pytest.mark.parametrize("backend", BACKENDS)  # backends vary fastest: one target per dtype at a time
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_swap(benchmark, wl, rate, targets, backend, dtype_name):
@@ -150,14 +162,7 @@ def test_swap(benchmark, wl, rate, targets, backend, dtype_name):
     )
     swap = HotSwap(tgt.module, wl, backend)
     benchmark.pedantic(swap, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    annotate(
-        benchmark,
-        wl,
-        rate,
-        backend=swap.used,
-        prepare_ms=round(statistics.median(swap.prepare_s[-ROUNDS:]) * 1e3, 1),
-        apply_ms=round(statistics.median(swap.apply_s[-ROUNDS:]) * 1e3, 1),
-    )
+    annotate_swap(benchmark, wl, rate, swap)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -168,14 +173,7 @@ def test_swap_new_loras(benchmark, wl, rate, targets, dtype_name):
     lk.merge(tgt.module, *wl.pairs[1], wl.hypernet)
     swap = ColdSwap(tgt.module, wl, "auto")
     benchmark.pedantic(swap, setup=swap.setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    annotate(
-        benchmark,
-        wl,
-        rate,
-        backend=swap.used,
-        prepare_ms=round(statistics.median(swap.prepare_s[-ROUNDS:]) * 1e3, 1),
-        apply_ms=round(statistics.median(swap.apply_s[-ROUNDS:]) * 1e3, 1),
-    )
+    annotate_swap(benchmark, wl, rate, swap)
 
 
 @pytest.mark.parametrize("form", ["lowrank", "dense"])

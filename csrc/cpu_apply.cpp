@@ -26,11 +26,6 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define LORARAR_CPU_AVX2 1
-#endif
-
 namespace lorarar {
 namespace {
 

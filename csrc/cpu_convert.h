@@ -9,9 +9,10 @@
 
 #include "job_table.h"
 
+// The CPU kernels' vector paths: x86-64-v3 builds (CMakeLists.txt sets the flags for these files only).
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
-#define LORARAR_CONVERT_AVX2 1
+#define LORARAR_CPU_AVX2 1
 #endif
 
 namespace lorarar {
@@ -78,7 +79,7 @@ inline void store1(char* base, int64_t i, float v) {
   }
 }
 
-#ifdef LORARAR_CONVERT_AVX2
+#ifdef LORARAR_CPU_AVX2
 // Eight values of dtype DT from base[i, i + 8) as fp32 (exact widening, like the scalar loads).
 template <int DT>
 inline __m256 load8(const char* base, int64_t i) {
@@ -99,7 +100,7 @@ inline __m256 load8(const char* base, int64_t i) {
 template <int DT>
 inline void to_float(const char* src, int64_t n, float scale, bool scaled, float* dst) {
   int64_t j = 0;
-#ifdef LORARAR_CONVERT_AVX2
+#ifdef LORARAR_CPU_AVX2
   const __m256 s = _mm256_set1_ps(scale);
   for (; j + 8 <= n; j += 8) {
     __m256 v = load8<DT>(src, j);

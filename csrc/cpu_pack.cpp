@@ -22,11 +22,6 @@
 
 #include "cpu_convert.h"
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define LORARAR_CPU_AVX2 1
-#endif
-
 namespace lorarar {
 namespace {
 

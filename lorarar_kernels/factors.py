@@ -16,7 +16,7 @@ import torch
 
 from .errors import StaleSwapError
 from .lora import LoRALayer
-from .ops import FactorSource, native
+from .ops import FactorSource, native, pack_sources
 
 # id(tensor) -> (weakref to it, stamp) of LoRA factors known to be finite (times their scale, for up):
 # a swap to LoRAs checked before reads nothing to check them again. An entry dies with its tensor.
@@ -82,15 +82,7 @@ class LayerFactors:
                 raise StaleSwapError(
                     f"layer {self.name!r}: a LoRA's factors were modified after the swap was prepared"
                 )
-            x = next(x for x in self.sources if x is not None)
-            up = torch.empty(x.up.shape[0], self.rank, device=x.up.device)
-            down = torch.empty(self.rank, x.down.shape[1], device=x.down.device)
-            r0 = 0
-            for x in self.sources:
-                if x is not None:
-                    x.pack_into(up[:, r0 : r0 + x.rank], down[r0 : r0 + x.rank])
-                    r0 += x.rank
-            self._lazy[:] = [up, down]
+            self._lazy[:] = pack_sources(self.sources)
         return self._lazy[0], self._lazy[1]
 
     @property

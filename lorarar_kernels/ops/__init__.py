@@ -43,6 +43,19 @@ class FactorSource:
         down.copy_(self.down)
 
 
+def pack_sources(sources) -> tuple[torch.Tensor, torch.Tensor]:
+    """New fp32 ``up [out, R]`` and ``down [R, in]`` of ``sources`` side by side (None entries skipped)."""
+    present = [x for x in sources if x is not None]
+    rank = sum(x.rank for x in present)
+    up = torch.empty(present[0].up.shape[0], rank, device=present[0].up.device)
+    down = torch.empty(rank, present[0].down.shape[1], device=present[0].down.device)
+    r0 = 0
+    for x in present:
+        x.pack_into(up[:, r0 : r0 + x.rank], down[r0 : r0 + x.rank])
+        r0 += x.rank
+    return up, down
+
+
 @dataclass(frozen=True)
 class ApplyJob:
     """One layer of a swap. All tensors on the weight's device."""
@@ -67,14 +80,7 @@ class ApplyJob:
         """This job with packed fp32 ``up``/``down`` (itself when it has them)."""
         if self.sources is None:
             return self
-        x = next(x for x in self.sources if x is not None)
-        up = torch.empty(self.dst.shape[0], self.rank, device=x.up.device)
-        down = torch.empty(self.rank, self.dst.shape[1], device=x.down.device)
-        r0 = 0
-        for x in self.sources:
-            if x is not None:
-                x.pack_into(up[:, r0 : r0 + x.rank], down[r0 : r0 + x.rank])
-                r0 += x.rank
+        up, down = pack_sources(self.sources)
         return ApplyJob(self.name, self.dst, self.src, up, down, self.col_scale, self.split)
 
     def flops(self) -> int:
