@@ -345,7 +345,9 @@ void cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads) {
   }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   bool failed = false;
-#ifdef _OPENMP
+#ifndef _OPENMP
+  (void)n_threads;
+#else
   if (n_threads <= 0) n_threads = omp_get_max_threads();
   n_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_tasks)));
 #pragma omp parallel num_threads(n_threads) reduction(|| : failed)
