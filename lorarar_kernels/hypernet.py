@@ -127,9 +127,9 @@ class Hypernet(nn.Module):
                 continue
             w1 = inp.weight.float()[:, side * width : (side + 1) * width]
             up = layer.up.reshape(width, -1).to(inp.weight.device, torch.float32)
-            # P^T = B^T W1^T, scaled after: the scale goes on the small [r, hidden] product, not on a copy of
-            # B; this operand order is the one CPU BLAS runs fastest for the shape (~1.3x the W1 @ B form).
-            p = (up.T @ w1.T).mul_(layer.scale).T  # [hidden, r], a transposed view
+            # (W1 @ B) * s: the scale goes on the small [hidden, r] product, not on a copy of B. Of the two
+            # operand orders this is the faster on CPU BLAS (`python bench/operand_order.py`).
+            p = (w1 @ up).mul_(layer.scale)
             if cache is not None:
                 cache[side] = (weakref.ref(inp.weight), stamp, p)
             out.append(p)
@@ -144,8 +144,8 @@ class Hypernet(nn.Module):
         down ``[r_c + r_s, in]`` fp32.
         """
         inp, head = self.input_layer(width), self.output[1]
-        # Transposed, H^T = relu(A^T [P_c | P_s]^T + b1) [in, hidden]: the operand order CPU BLAS runs
-        # fastest for these shapes (about 1.6x the [hidden, R] @ [R, in] form on this project's CPU).
+        # Transposed, H^T = relu(A^T [P_c | P_s]^T + b1) [in, hidden]: of the two operand orders the faster
+        # on CPU BLAS for these shapes (`python bench/operand_order.py`).
         p_t = torch.cat([p_c.T, p_s.T], dim=0)  # [R, hidden]
         h_t = torch.addmm(inp.bias.float(), down.T, p_t).relu_()
         return torch.addmm(head.bias.float()[:, None], head.weight.float(), h_t.T)  # [2, in], rows contiguous

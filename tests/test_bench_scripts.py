@@ -51,3 +51,8 @@ def test_coefficient_error_within_bound():
     out = run("bench/coefficient_error.py")
     worst = float(re.search(r"worst relative error: ([0-9.e+-]+)", out).group(1))
     assert 0 < worst < 1e-5, out
+
+
+def test_operand_order_times_both_forms():
+    out = run("bench/operand_order.py", "--fraction", "70", "--repeats", "2")
+    assert out.count("| P |") == 4 and out.count("| H |") == 4 and "not in cache" in out
