@@ -56,8 +56,8 @@ class LayerFactors:
     down_shape: tuple[int, ...]  # the original down shape's tail, to rebuild conv layers on export
     sources: tuple[FactorSource | None, FactorSource | None]  # (content, style), None where absent
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (up, down) when packed by the plan
-    stamps: tuple = field(default=(), repr=False)  # the sources' tensor versions when planned
-    _lazy: list = field(default_factory=list, repr=False)  # (up, down) packed on first use
+    stamps: tuple = field(init=False, repr=False)  # the sources' tensor versions when planned
+    _lazy: list = field(init=False, default_factory=list, repr=False)  # (up, down) packed on first use
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stamps", self._stamps())

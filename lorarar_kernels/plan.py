@@ -108,7 +108,8 @@ def plan_pair(
         tuple(source_of(x) if x is not None else None for x in (c_layers.get(n), s_layers.get(n)))
         for n in names
     ]
-    keep = [in_place and n not in hyper and pack.can_read_in_place(x) for n, x in zip(names, sources)]
+    hyper_set = set(hyper)  # membership below is per layer: a list would make it quadratic
+    keep = [in_place and n not in hyper_set and pack.can_read_in_place(x) for n, x in zip(names, sources)]
     alloc = None
     if workspace is not None:
         need = sum(_numel(x) for x, k in zip(sources, keep) if not k)
@@ -118,7 +119,7 @@ def plan_pair(
         layouts = [_layout(i, x, k, device, alloc, pack) for i, (x, k) in enumerate(zip(sources, keep))]
         finite = pack.run(len(names))  # one native call on the CPU: which layers are finite
         kernel = grouped_coefficients.choose(coefficient_kernel, device, hypernet, grad) if hyper else "torch"
-        factors = {n: (*layouts[i][0], c_layers[n].rank) for i, n in enumerate(names) if n in hyper}
+        factors = {n: (*layouts[i][0], c_layers[n].rank) for i, n in enumerate(names) if n in hyper_set}
         hyper_cs = _hyper_coefficients(kernel, hypernet, hyper, c_layers, s_layers, factors, device)
         checks, sums = [], []  # what is not known finite yet: one reduction each, one host sync for all
         for i, (name, (packed, buf)) in enumerate(zip(names, layouts)):
