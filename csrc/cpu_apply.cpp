@@ -72,7 +72,7 @@ Part part_of(const Job& job, bool second) {
             job.ld_down, kFloat32, kFloat32, 1.0f, false};
   }
   const int sh = second ? 8 : 0;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<uint64_t>(job.scales) >> (second ? 32 : 0));
+  const uint32_t bits = static_cast<uint32_t>(static_cast<uint64_t>(job.lora_scales) >> (second ? 32 : 0));
   return {reinterpret_cast<const char*>(second ? job.up2 : job.up),
           reinterpret_cast<const char*>(second ? job.down2 : job.down),
           second ? job.ld_up2 : job.ld_up,
@@ -125,7 +125,7 @@ void pack_down(const Job& job, int64_t c0, int64_t nc_pad, float* bp) {
   const int64_t K = job.rank;
   const int64_t k_split = job.sources ? job.split : K;
   const Part parts[2] = {part_of(job, false), part_of(job, true)};
-  const float* scale = reinterpret_cast<const float*>(job.scale);
+  const float* scale = reinterpret_cast<const float*>(job.col_scale);
   const int64_t valid = std::min<int64_t>(nc_pad, job.cols - c0);
   float row_buf[NC_MAX];
   for (int64_t k = 0; k < K; ++k) {
@@ -138,7 +138,7 @@ void pack_down(const Job& job, int64_t c0, int64_t nc_pad, float* bp) {
       to_float(p.dt_down, p.down + (kk * p.ld_down + c0) * 2, valid, 1.0f, false, row_buf);
       drow = row_buf;
     }
-    const float* srow = scale ? scale + (k < job.split ? 0 : job.ld_scale) + c0 : nullptr;
+    const float* srow = scale ? scale + (k < job.split ? 0 : job.ld_col_scale) + c0 : nullptr;
     for (int64_t t = 0; t < nc_pad; t += NR) {
       float* out = bp + t * K + k * NR;
       const int64_t n = std::min<int64_t>(NR, valid - t);

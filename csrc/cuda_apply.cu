@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
   const int wr = (warp / WARPS_N) * WM, wc = (warp % WARPS_N) * WN;
   const float* up = reinterpret_cast<const float*>(job.up);
   const float* down = reinterpret_cast<const float*>(job.down);
-  const float* scale = reinterpret_cast<const float*>(job.scale);
+  const float* scale = reinterpret_cast<const float*>(job.col_scale);
 
   wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[FM][FN];
 #pragma unroll
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
       float v = 0.0f;
       if (k < job.rank && c < job.cols) {
         v = down[k * job.ld_down + c];
-        if (scale != nullptr) v *= scale[(k < job.split ? 0 : job.ld_scale) + c];
+        if (scale != nullptr) v *= scale[(k < job.split ? 0 : job.ld_col_scale) + c];
       }
       Bs[kk * LDB + j] = T::operand(v);
     }

@@ -1,17 +1,17 @@
 // The job table shared by Python (lorarar_kernels/ops/native.py), the CPU kernel and the CUDA kernels.
 //
 // One row per layer of a swap, all int64 (raw addresses and sizes; no libtorch):
-//   dst = round_to_dtype(float32(src) + up @ (down * S)),  S[k, j] = scale[(k < split ? 0 : 1), j]
+//   dst = round_to_dtype(float32(src) + up @ (down * S)),  S[k, j] = col_scale[(k < split ? 0 : 1), j]
 // with dst/src [rows, cols] (row stride ld_dst / ld_src elements, unit column stride), up [rows, rank]
-// fp32 (row stride ld_up), down [rank, cols] fp32 (row stride ld_down), scale [2, cols] fp32 (row stride
-// ld_scale) or 0 for S = 1. `tile_start` is filled by the CUDA planner (first tile of the layer in the
+// fp32 (row stride ld_up), down [rank, cols] fp32 (row stride ld_down), col_scale [2, cols] fp32 (row stride
+// ld_col_scale) or 0 for S = 1. `tile_start` is filled by the CUDA planner (first tile of the layer in the
 // grouped launch); the CPU kernel ignores it.
 //
 // `sources` = 1 (CPU kernel only; the CUDA planner refuses it): the factors are read where the two LoRAs
 // keep them instead of from packed fp32 copies. Rank rows k < split come from `up` [rows, split] and
 // `down` [split, cols], the others from `up2` [rows, rank - split] and `down2` [rank - split, cols], each
 // with its own row stride and dtype code (`dtypes`: 4 bits each, up | down << 4 | up2 << 8 | down2 << 12)
-// and the up factors times their LoRA scale (`scales`: fp32 bits, up's in the low and up2's in the high
+// and the up factors times their LoRA scale (`lora_scales`: fp32 bits, up's in the low and up2's in the high
 // 32 bits): up[r, k] = float32(up_src[r, k]) * scale, one fp32 multiply, as the packed copies are made.
 #pragma once
 
@@ -22,19 +22,19 @@ namespace lorarar {
 enum DType : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct Job {
-  int64_t dst, src, up, down, scale;
+  int64_t dst, src, up, down, col_scale;
   int64_t rows, cols, rank, split;
-  int64_t ld_dst, ld_src, ld_up, ld_down, ld_scale;
+  int64_t ld_dst, ld_src, ld_up, ld_down, ld_col_scale;
   int64_t dtype, tile_start;
-  int64_t sources, up2, down2, ld_up2, ld_down2, dtypes, scales, pad0;
+  int64_t sources, up2, down2, ld_up2, ld_down2, dtypes, lora_scales, pad0;
 };
 static_assert(sizeof(Job) == 24 * sizeof(int64_t), "Job must be 24 packed int64 fields");
 
 // Field order of Job, exported to Python as _C.JOB_FIELDS so that native.py fills rows by name.
 inline constexpr const char* kJobFields[24] = {
-    "dst",     "src",    "up",    "down",    "scale",    "rows",  "cols",      "rank",
-    "split",   "ld_dst", "ld_src", "ld_up", "ld_down", "ld_scale", "dtype", "tile_start",
-    "sources", "up2",    "down2", "ld_up2", "ld_down2", "dtypes", "scales", "pad0"};
+    "dst",     "src",    "up",    "down",    "col_scale", "rows",  "cols",      "rank",
+    "split",   "ld_dst", "ld_src", "ld_up", "ld_down", "ld_col_scale", "dtype", "tile_start",
+    "sources", "up2",    "down2", "ld_up2", "ld_down2", "dtypes", "lora_scales", "pad0"};
 
 // One layer of the batched hypernetwork coefficient kernel (all layers of one width share the head):
 //   out[:, j] = b2 + W2 relu(P @ A[:, j] + b1),   P [hidden, rank], A [rank, cols], out [2, cols], fp32.

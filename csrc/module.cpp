@@ -56,19 +56,19 @@ void check_job(const Job& j, int64_t i) {
     fail("rank " + std::to_string(j.rank) + " / split " + std::to_string(j.split) + " out of range");
   }
   if (j.sources != 0 && j.sources != 1) fail("sources must be 0 (packed factors) or 1 (the LoRAs' own)");
-  if (j.ld_dst < j.cols || j.ld_src < j.cols || (j.scale != 0 && j.ld_scale < j.cols)) {
+  if (j.ld_dst < j.cols || j.ld_src < j.cols || (j.col_scale != 0 && j.ld_col_scale < j.cols)) {
     fail("a row stride is shorter than its row");
   }
   if (j.dst == 0 || j.src == 0) fail("null address");
   const int64_t es = element_size(j.dtype);
-  if (j.dst % es || j.src % es || j.scale % 4) fail("misaligned address");
+  if (j.dst % es || j.src % es || j.col_scale % 4) fail("misaligned address");
   const Span dst = span(j.dst, j.rows, j.cols, j.ld_dst, es);
   if (j.src == j.dst) {
     if (j.ld_src != j.ld_dst) fail("in place with different row strides for src and dst");
   } else if (overlap(dst, span(j.src, j.rows, j.cols, j.ld_src, es))) {
     fail("src and dst overlap without being the same matrix");
   }
-  if (j.scale != 0 && overlap(dst, span(j.scale, 2, j.cols, j.ld_scale, 4))) fail("col_scale overlaps dst");
+  if (j.col_scale != 0 && overlap(dst, span(j.col_scale, 2, j.cols, j.ld_col_scale, 4))) fail("col_scale overlaps dst");
   // The factors: one fp32 block (packed) or two LoRAs' blocks of ranks split and rank - split.
   struct Factor {
     int64_t up, down, ld_up, ld_down, dt_up, dt_down, rank;

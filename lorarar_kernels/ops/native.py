@@ -138,14 +138,14 @@ def _row(job: ApplyJob) -> list[int]:
     fields = {
         "dst": job.dst.data_ptr(),
         "src": job.src.data_ptr(),
-        "scale": 0 if cs is None else cs.data_ptr(),
+        "col_scale": 0 if cs is None else cs.data_ptr(),
         "rows": job.dst.shape[0],
         "cols": job.dst.shape[1],
         "rank": job.rank,
         "split": job.split,
         "ld_dst": _ld(job.dst),
         "ld_src": _ld(job.src),
-        "ld_scale": 0 if cs is None else _ld(cs),
+        "ld_col_scale": 0 if cs is None else _ld(cs),
         "dtype": DTYPE_CODES[job.dst.dtype],
     }
     if job.sources is None:
@@ -165,7 +165,7 @@ def _row(job: ApplyJob) -> list[int]:
             dtypes |= (DTYPE_CODES[x.up.dtype] | DTYPE_CODES[x.down.dtype] << 4) << (8 * k)
             scales |= _fp32_bits(x.scale) << (32 * k)
         fields["dtypes"] = dtypes
-        fields["scales"] = scales - (1 << 64) if scales >= 1 << 63 else scales  # as a signed int64
+        fields["lora_scales"] = scales - (1 << 64) if scales >= 1 << 63 else scales  # as a signed int64
     return [int(fields.get(f, 0)) for f in _C.JOB_FIELDS]
 
 
