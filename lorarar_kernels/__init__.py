@@ -5,6 +5,7 @@ m = lk.merge(unet, lk.LoRA.load("dog.safetensors"), lk.LoRA.load("watercolour.sa
 ...                      # generate: the UNet runs at full speed, no adapters
 lk.merge(unet, c2, s2, hypernet)   # hot swap
 m.restore()              # original weights, bit for bit
+The public names only; may import any engine module.
 """
 
 from .dispatch import backends

@@ -1,4 +1,6 @@
-"""The one exception family the project raises on bad input."""
+"""The one exception family the project raises on bad input.
+May import: nothing of the engine (a leaf).
+"""
 
 
 class LoraRarError(ValueError):

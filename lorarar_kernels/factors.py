@@ -1,10 +1,12 @@
-"""A merged layer's factors: `LayerFactors`, the `Workspace` they are packed into, and the `Packer`.
+"""A merged layer's factors: `LayerFactors`, the `Workspace` they are packed into, the `Packer`, and
+`tensor_stamp`, the per-tensor stamp every validity check of the engine compares.
 
-For a layer the merged delta is ``[s_c B_c | s_s B_s] @ [A_c diag(m_c) ; A_s diag(m_s)]`` (DESIGN.md
+For a layer the merged delta is ``[s_c B_c | s_s B_s] @ [A_c diag(m_c) ; A_s diag(m_s)]`` (docs/design.md
 section 2). Its factors are packed into fp32 ``up [out, R]`` and ``down [R, in]`` (what the torch, Triton
 and CUDA kernels take), or left where the two LoRAs keep them (`FactorSource`) for the `cpp` kernel, which
 reads them in place with the same arithmetic; then ``up``/``down`` are packed only if something asks.
 Either way every value is checked finite before a plan is handed out.
+May import: `errors`, `lora_layer`, `ops`, `ops.native`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import StaleSwapError
-from .lora import LoRALayer
+from .lora_layer import LoRALayer
 from .ops import FactorSource, native, pack_sources
 
 # id(tensor) -> (weakref to it, stamp) of LoRA factors known to be finite (times their scale, for up):
@@ -23,18 +25,19 @@ from .ops import FactorSource, native, pack_sources
 _FINITE: dict[int, tuple[weakref.ref, tuple]] = {}
 
 
-def _stamp(t: torch.Tensor) -> tuple[int, int]:
+def tensor_stamp(t: torch.Tensor) -> tuple[int, int]:
+    """``(version, address)``: changes when ``t`` is written in place or its storage is replaced."""
     return (t._version, t.data_ptr())
 
 
 def _known_finite(t: torch.Tensor, scale: float | None) -> bool:
     entry = _FINITE.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1] == (*_stamp(t), scale)
+    return entry is not None and entry[0]() is t and entry[1] == (*tensor_stamp(t), scale)
 
 
 def _mark_finite(t: torch.Tensor, scale: float | None) -> None:
     key = id(t)
-    _FINITE[key] = (weakref.ref(t, lambda _, k=key: _FINITE.pop(k, None)), (*_stamp(t), scale))
+    _FINITE[key] = (weakref.ref(t, lambda _, k=key: _FINITE.pop(k, None)), (*tensor_stamp(t), scale))
 
 
 def source_of(x: LoRALayer) -> FactorSource:
@@ -63,7 +66,7 @@ class LayerFactors:
         object.__setattr__(self, "stamps", self._stamps())
 
     def _stamps(self) -> tuple:
-        return tuple(_stamp(t) for x in self.sources if x is not None for t in (x.up, x.down))
+        return tuple(tensor_stamp(t) for x in self.sources if x is not None for t in (x.up, x.down))
 
     @property
     def rank(self) -> int:
@@ -115,20 +118,20 @@ class LayerFactors:
 class Workspace:
     """A reusable fp32 buffer that a plan's factors are cut from, so a swap allocates nothing new.
 
-    Every `lease` hands out the buffer again (growing it if needed) and bumps `generation`: a plan cut from
-    an earlier lease is overwritten by the next one, which its holder detects by comparing generations.
+    `reserve` hands out the buffer again (growing it if needed): a plan cut from it earlier is overwritten.
+    Who leased it when is recorded by its owner (`merge.TargetState.lease` sets `leased_at` to the target's
+    generation), so a holder of old factors detects that they are gone by comparing that generation.
     """
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
-        self.generation = 0
+        self.leased_at = 0  # the owner's generation of the last lease
 
-    def lease(self, numel: int, device: torch.device):
+    def reserve(self, numel: int, device: torch.device):
         """A function ``take(n) -> [n] fp32 tensor`` cutting consecutive slices from the buffer."""
         if self.buffer is None or self.buffer.numel() < numel or self.buffer.device != device:
             self.buffer = None  # let the old one go first (the previous plan may still hold it)
             self.buffer = torch.empty(numel, device=device, dtype=torch.float32)
-        self.generation += 1
         buffer, offset = self.buffer, 0
 
         def take(n: int) -> torch.Tensor:
@@ -149,8 +152,8 @@ class Packer:
         self.parts: list[tuple] = []  # (layer index, source, up_dst | None, down_dst | None)
         self.torch_layers: set[int] = set()
 
-    def can_read_in_place(self, sources) -> bool:
-        """Whether `check` can vouch for these sources (so the `cpp` kernel may read them in place)."""
+    def can_leave_unpacked(self, sources) -> bool:
+        """Whether `check` can vouch for these sources (so the `cpp` kernel may read them where they are)."""
         return self.native_ok and all(native.can_pack(x.up, x.down) for x in sources if x is not None)
 
     def pack(self, layer: int, x: FactorSource, up_dst: torch.Tensor, down_dst: torch.Tensor) -> None:
@@ -161,7 +164,7 @@ class Packer:
             self.torch_layers.add(layer)
 
     def check(self, layer: int, x: FactorSource) -> None:
-        """Check ``x`` finite without copying it (`can_read_in_place` must have said yes)."""
+        """Check ``x`` finite without copying it (`can_leave_unpacked` must have said yes)."""
         if not (_known_finite(x.up, x.scale) and _known_finite(x.down, None)):
             self.parts.append((layer, x, None, None))
 

@@ -1,18 +1,20 @@
-"""Hypernetwork coefficients of many layers per launch: how `plan_pair` computes them on a GPU.
+"""Hypernetwork coefficients of many layers per launch: how the materialiser computes them on a GPU.
 
-`plan_pair` computes a layer's coefficients with torch ops by default (`Hypernet.coefficients_from_projection`:
-two matmuls per layer; on the CPU these are BLAS calls near the GEMM rate). On a GPU that is a handful of
-small launches per layer, so there the layers of one hypernetwork width share one launch:
+`materialise` computes a layer's coefficients with torch ops by default
+(`Hypernet.coefficients_from_projection`: two matmuls per layer; on the CPU these are BLAS calls near the
+GEMM rate). On a GPU that is a handful of small launches per layer, so there the layers of one
+hypernetwork width share one launch (`grouped`):
 
 - ``"cuda"``: csrc/cuda_coefficients.cu through `ops.native.cuda_coefficients`, fed the per-LoRA cached
-  projections ``P = [P_c | P_s]``;
+  projections ``P = [P_c | P_s]`` (hidden widths up to `ops.native.COEFF_MAX_HIDDEN`);
 - ``"triton"``: `ops.triton_coeff.coefficients_grouped`, which forms ``P`` itself from the packed factors
   (all layers in two matmuls) and runs the same fused ``W2 relu(P A + b1) + b2`` per column block;
 - ``"torch"``: the per-layer reference.
 
-``"auto"`` picks, on a CUDA device and without autograd, ``cuda`` then ``triton`` then ``torch`` (the first
-available); everywhere else ``torch``. All compute in fp32 and agree with the torch path to within fp32
-rounding (tested against each other and against the fp64 dense formula).
+Which kernel runs is decided in `lorarar_kernels.dispatch` (`choose_coefficients`, beside the apply
+backend's choice). All compute in fp32 and agree with the torch path to within fp32 rounding (tested
+against each other and against the fp64 dense formula). May import: `errors`, `hypernet`, `dispatch`,
+`ops.native` and `ops.triton_coeff` (lazily).
 """
 
 from __future__ import annotations
@@ -21,57 +23,14 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import BackendUnavailableError, LoraRarError
+from . import dispatch
+from .errors import LoraRarError
 from .hypernet import Hypernet
 
-KERNELS = ("auto", "torch", "cuda", "triton")
-
-
-def _triton_coeff():
-    try:
-        from .ops import triton_coeff
-    except Exception as exc:  # Triton absent or broken: report, don't crash
-        why = f"Triton coefficients cannot be imported ({type(exc).__name__}: {exc})"
-        raise BackendUnavailableError(why) from None
-    return triton_coeff
-
-
-def unavailable(kernel: str, device: torch.device) -> str | None:
-    """None when ``kernel`` (not "auto") can run on ``device``, else why not."""
-    if kernel == "torch":
-        return None
-    if kernel == "cuda":
-        from .ops import native
-
-        return native.CUDA.unavailable(device)
-    if kernel == "triton":
-        try:
-            return _triton_coeff().unavailable(device)
-        except BackendUnavailableError as exc:
-            return str(exc)
-    return f"unknown coefficient kernel {kernel!r}; choose from {KERNELS}"
-
-
-def choose(kernel: str, device: torch.device, hypernet: Hypernet | None, grad: bool) -> str:
-    """The kernel to run: ``kernel`` itself (BackendUnavailableError if it cannot run) or the auto rule."""
-    if kernel not in KERNELS:
-        raise LoraRarError(f"coefficient kernel must be one of {KERNELS}, got {kernel!r}")
-    hdev = hypernet.output[1].weight.device if hypernet is not None else device
-    if kernel == "auto":
-        if device.type != "cuda" or grad or hdev != device:
-            return "torch"
-        return next((k for k in ("cuda", "triton") if unavailable(k, device) is None), "torch")
-    if kernel != "torch":
-        if grad:
-            raise LoraRarError(f"coefficient kernel {kernel!r} has no autograd; use 'torch' for training")
-        if hdev != device:
-            raise LoraRarError(
-                f"coefficient kernel {kernel!r} needs the hypernetwork on {device}, not {hdev}"
-            )
-        why = unavailable(kernel, device)
-        if why is not None:
-            raise BackendUnavailableError(f"coefficient kernel {kernel!r} is unavailable on {device}: {why}")
-    return kernel
+# The choice lives in `dispatch`; these names stay for callers of the old spelling (bench/gpu_check.py).
+KERNELS = dispatch.COEFFICIENT_KERNELS
+choose = dispatch.choose_coefficients
+unavailable = dispatch.coefficient_unavailable
 
 
 def grouped(
@@ -83,7 +42,7 @@ def grouped(
     """``{name: [2, in] fp32 (m_c ; m_s)}`` for ``layers`` = ``{name: (up [out, R], down [R, in], split)}``
     (a plan's packed factors, LoRA scales folded into ``up``), one launch per hypernetwork width.
 
-    kernel: ``"cuda"`` or ``"triton"`` (see `choose`); ``"cuda"`` needs ``projections`` =
+    kernel: ``"cuda"`` or ``"triton"`` (see `dispatch.choose_coefficients`); ``"cuda"`` needs ``projections`` =
     ``{name: (P_c, P_s)}`` from `Hypernet.projections`.
     """
     by_width: dict[int, list[str]] = {}
@@ -106,8 +65,10 @@ def grouped(
             ]
             native.cuda_coefficients(jobs, b1, w2, b2)
         elif kernel == "triton":
+            from .ops import triton_coeff
+
             w1 = inp.weight.detach().float().contiguous()
-            _triton_coeff().coefficients_grouped(
+            triton_coeff.coefficients_grouped(
                 w1, b1, w2, b2, [layers[n] for n in names], out=dsts, names=names
             )
         else:

@@ -5,11 +5,12 @@ layer per layer width ``w`` (``w`` = the layer's ``out_features``), ``Linear(2*w
 head ``Sequential(ReLU, Linear(hidden, 2))``. For column ``j`` of the two deltas,
 ``(m_c[j], m_s[j]) = head(input_w(concat(dW_c[:, j], dW_s[:, j])))``.
 
-The first layer is linear, so with ``W1 = [W1c | W1s]`` (DESIGN.md section 2)
+The first layer is linear, so with ``W1 = [W1c | W1s]`` (docs/design.md section 2)
 
     H = relu(P_c A_c + P_s A_s + b1),  P_c = s_c W1c B_c  [hidden, r_c],  P_s = s_s W1s B_s
 
 and the coefficients cost ``O(hidden * r * (out + in))``: no dense delta is ever formed.
+May import: `errors`, `lora_layer`, `safeio`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ import torch
 from torch import nn
 
 from .errors import LayerMismatchError, LoraFileError
-from .lora import LoRALayer
+from .lora_layer import LoRALayer
 from .safeio import read_tensors, write_safetensors
 
 HYPERNET_FORMAT = "lorarar-hypernet/1"
+# The parts of the authors' networks (their attention query and output projections): the one default of
+# `Hypernet.parts`, used for a network built without parts and a file without them in its metadata.
+DEFAULT_PARTS = ("to_q", "to_out.0")
 
 # id(up factor) -> (weakref to it, {side: (weakref to the input layer's weight, stamp, P)}). Keyed by id
 # (tensors compare elementwise, so they cannot be dict keys); an entry is dropped when its LoRA dies.
@@ -45,7 +49,8 @@ class Hypernet(nn.Module):
     """Per-column merge coefficients for a (content, style) LoRA pair.
 
     widths: the layer widths (``out_features``) it has an input layer for; hidden: its hidden size;
-    parts: the module-name endings whose coefficients it predicts (the others are merged by plain sum).
+    parts: the module-name endings whose coefficients it predicts (the others are merged by plain sum); the
+    merge obeys them (`lk.merge`'s ``hyper_parts=None``).
     State-dict keys follow the authors' checkpoints: ``input_1`` ... ``input_k``, ``output.1``.
     """
 
@@ -53,7 +58,7 @@ class Hypernet(nn.Module):
         self,
         widths: Sequence[int] = (640, 1280),
         hidden: int = 128,
-        parts: Sequence[str] = ("to_q", "to_out.0"),
+        parts: Sequence[str] = DEFAULT_PARTS,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -176,7 +181,7 @@ class Hypernet(nn.Module):
                 raise LoraFileError(
                     f"{name}: metadata widths {declared} disagree with tensors {tuple(widths)}"
                 )
-        parts = tuple(meta["parts"].split(",")) if meta.get("parts") else ("to_q", "to_out.0")
+        parts = tuple(meta["parts"].split(",")) if meta.get("parts") else DEFAULT_PARTS
         net = cls(widths, hidden, parts)
         try:
             net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

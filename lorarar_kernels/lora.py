@@ -1,84 +1,21 @@
-"""LoRA containers: one `LoRALayer` per module, a `LoRA` mapping diffusers module names to layers.
+"""`LoRA`: a mapping of diffusers module names to `LoRALayer`s, read and written through `formats`.
 
-A layer's delta is ``dW = scale * up @ down`` (PyTorch weight layout ``[out, in]``); conv (LoCon) layers
-have ``down [r, in, kh, kw]`` and ``up [out, r, 1, 1]`` and the same delta on the flattened weight.
-File formats live in `lorarar_kernels.formats`.
+File formats live in `lorarar_kernels.formats` (which builds `LoRALayer`s and knows nothing of `LoRA`);
+`load_lora`/`save_lora` wrap them. May import: `errors`, `lora_layer`, `formats`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 
-from .errors import LayerMismatchError
+from .errors import LayerMismatchError, LoraFileError
+from .formats import read_lora, write_lora
+from .lora_layer import COMPONENT_PREFIXES, LoRALayer
 
-# Prefixes of components other than the UNet; layers under them are kept but never merged into a UNet.
-COMPONENT_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
-
-
-@dataclass(frozen=True)
-class LoRALayer:
-    """One low-rank adapter: ``dW = scale * up.flatten(1) @ down.flatten(1)``.
-
-    down: ``[r, in]`` (linear) or ``[r, in, kh, kw]`` (conv); up: ``[out, r]`` or ``[out, r, 1, 1]``.
-    """
-
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        d, u = self.down, self.up
-        if not isinstance(d, torch.Tensor) or not isinstance(u, torch.Tensor):
-            raise LayerMismatchError("LoRALayer: down and up must be tensors")
-        if d.dim() not in (2, 4) or u.dim() not in (2, 4):
-            raise LayerMismatchError(
-                f"LoRALayer: down {tuple(d.shape)} and up {tuple(u.shape)} must be 2-D (linear) or 4-D (conv)"
-            )
-        if u.dim() == 4 and tuple(u.shape[2:]) != (1, 1):
-            raise LayerMismatchError(f"LoRALayer: conv up must be [out, r, 1, 1], got {tuple(u.shape)}")
-        if d.shape[0] != u.shape[1]:
-            raise LayerMismatchError(
-                f"LoRALayer: rank mismatch, down {tuple(d.shape)} has rank {d.shape[0]}, "
-                f"up {tuple(u.shape)} has rank {u.shape[1]}"
-            )
-        if not (d.is_floating_point() and u.is_floating_point()):
-            raise LayerMismatchError(f"LoRALayer: factors must be floating point, got {d.dtype}/{u.dtype}")
-        object.__setattr__(self, "scale", float(self.scale))
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        """Columns of the flattened delta (``in * kh * kw`` for conv)."""
-        return math.prod(self.down.shape[1:])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.up.shape[0])
-
-    @property
-    def is_conv(self) -> bool:
-        return self.down.dim() == 4
-
-    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale * up [out, r], down [r, in])`` as 2-D tensors of ``dtype``."""
-        up = self.up.reshape(self.up.shape[0], -1).to(dtype) * self.scale
-        return up, self.down.reshape(self.down.shape[0], -1).to(dtype)
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense ``[out, in]`` delta (flattened for conv). For tests and small tools only."""
-        up, down = self.factors(dtype)
-        return up @ down
-
-    def to(self, *args, **kwargs) -> LoRALayer:
-        return LoRALayer(self.down.to(*args, **kwargs), self.up.to(*args, **kwargs), self.scale)
+__all__ = ["COMPONENT_PREFIXES", "LoRA", "LoRALayer", "load_lora", "save_lora"]
 
 
 class LoRA(Mapping[str, LoRALayer]):
@@ -135,12 +72,31 @@ class LoRA(Mapping[str, LoRALayer]):
         ``unet_config``: the UNet's config (a dict or diffusers ``FrozenDict``), used to map kohya/SGM
         block names to diffusers names; SDXL's layout when None.
         """
-        from .formats import load_lora
-
         return load_lora(path_or_state_dict, unet_config=unet_config)
 
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
         """Write diffusers/PEFT-style safetensors (``unet.<module>.lora_A/B.weight``, alpha in metadata)."""
-        from .formats import save_lora
-
         save_lora(self, path, dtype=dtype)
+
+
+def load_lora(
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], *, unet_config: Mapping | None = None
+) -> LoRA:
+    """Read a LoRA file (``.safetensors``; ``.pth``/``.bin`` with ``weights_only``), a directory holding
+    one, or an in-memory state dict; the format is detected from the keys (see `formats.read_lora`).
+
+    ``unet_config``: the target UNet's config (diffusers keys ``down_block_types``, ``up_block_types``,
+    ``layers_per_block``...), for kohya SGM block names; SDXL base's layout when None.
+    """
+    if isinstance(path_or_state_dict, LoRA):
+        return path_or_state_dict
+    layers, source = read_lora(path_or_state_dict, unet_config=unet_config)
+    return LoRA(layers, source=source)
+
+
+def save_lora(lora: LoRA, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+    """Write ``lora`` as diffusers/PEFT safetensors (see `formats.write_lora`); factors cast to ``dtype``
+    when given. diffusers' ``load_lora_weights`` and `load_lora` read back each layer's scale."""
+    if not isinstance(lora, LoRA):
+        raise LoraFileError(f"{path}: save_lora expects a LoRA, got {type(lora).__name__}")
+    write_lora(lora, path, dtype=dtype)

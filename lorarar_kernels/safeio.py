@@ -3,6 +3,7 @@
 ``.safetensors`` is read with safetensors; ``.pth``/``.pt``/``.bin``/``.ckpt`` only through
 ``torch.load(weights_only=True)``, which refuses arbitrary objects. Every failure is a `LoraFileError`
 naming the file.
+May import: `errors`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared test helpers for the engine: random LoRAs, ulp, the official checkpoints."""
+"""Shared test helpers for the engine: random LoRAs, the official checkpoints, and the one set of error bounds
+(ulp, counting ulps of 16-bit floats, fp32 accumulation slack, the size of an update's terms)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def ulp(x: torch.Tensor) -> torch.Tensor:
     """Spacing of ``x``'s dtype at |x| (ulp), as fp64."""
     a = x.abs()
     return (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).double()
+
+
+def ordered(x: torch.Tensor) -> torch.Tensor:
+    """16-bit floats as integers in the order of their values: adjacent floats differ by 1 (-0 and +0 are 0)."""
+    i = x.view(torch.int16).long()
+    return torch.where(i < 0, -(i & 0x7FFF), i)
+
+
+def fp32_slack(mag, rank):
+    """What fp32 accumulation of rank + 1 terms of total magnitude ``mag`` may add before the final rounding."""
+    return (rank + 2) * 2.0**-24 * mag
+
+
+def term_size(job) -> torch.Tensor:
+    """|up| @ |down * S| in fp64 of an `ApplyJob`: the scale of the update's rounding errors."""
+    down = job.down.double().abs().clone()
+    if job.col_scale is not None:
+        down[: job.split] *= job.col_scale[0].double().abs()
+        down[job.split :] *= job.col_scale[1].double().abs()
+    return job.up.double().abs() @ down
 
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

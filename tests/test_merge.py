@@ -4,8 +4,8 @@ import threading
 
 import pytest
 import torch
-from engine_helpers import DTYPES, official, rand_lora, ulp, weights
-from lorarar.shapes import AttentionStack, attention_shapes, sdxl_attention_shapes
+from engine_helpers import DTYPES, fp32_slack, official, rand_lora, ulp, weights
+from engine_models import AttentionStack, attention_shapes, sdxl_attention_shapes
 
 import lorarar_kernels as lk
 
@@ -37,11 +37,6 @@ def expected(w0, c, s, m, name):
             dw += up @ down
             mag += up.abs() @ down.abs()
     return (w0.double() + dw).to(w0.dtype), mag
-
-
-def fp32_slack(mag, rank):
-    """What fp32 accumulation of rank + 1 terms may add before the final rounding."""
-    return (rank + 2) * 2.0**-24 * mag
 
 
 def assert_merged(module, w0, c, s, coeffs, dtype):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from engine_helpers import rand_lora, weights
-from lorarar.shapes import AttentionStack, attention_shapes
+from engine_models import AttentionStack, attention_shapes
 
 import lorarar_kernels as lk
 

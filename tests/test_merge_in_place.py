@@ -1,4 +1,4 @@
-"""Swaps whose `cpp` pass reads the LoRAs' factors where they are (`plan_pair(in_place=True)`): the same
+"""Swaps whose `cpp` pass reads the LoRAs' factors where they are (`plan_pair(reads_lora_factors=True)`): the same
 weights as from packed factors, factors still available (packed on demand), and every check of a packed
 plan kept: finiteness (cached per tensor version), and LoRAs modified after prepare refused."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import rand_lora, weights
-from lorarar.shapes import AttentionStack, attention_shapes
+from engine_models import AttentionStack, attention_shapes
 
 import lorarar_kernels as lk
 from lorarar_kernels import factors
@@ -35,7 +35,7 @@ def test_plan_in_place_keeps_sources_and_packs_on_demand():
     c, s = pair()
     net = hypernet()
     packed = plan_pair(c, s, net)
-    lazy = plan_pair(c, s, net, in_place=True)
+    lazy = plan_pair(c, s, net, reads_lora_factors=True)
     for name, f in lazy.items():
         p = packed[name]
         assert (f.packed is None) == (f.mode != "hypernet"), name  # hypernet layers' coefficients need A_cat

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from engine_helpers import ordered, term_size
 
 from lorarar_kernels.errors import LayerMismatchError, LoraRarError
 from lorarar_kernels.ops import ApplyJob, native, reference
@@ -34,21 +35,6 @@ def make_job(out_f, in_f, rank, dtype, *, inplace, col_scale, seed=0, device=CPU
     cs = (torch.rand(2, in_f, generator=gen) * 2 - 0.5).to(device) if col_scale else None
     dst = src if inplace else torch.full_like(src, float("nan"))
     return ApplyJob(name, dst, src, up, down, cs, rank // 2 if col_scale else 0)
-
-
-def term_size(job: ApplyJob) -> torch.Tensor:
-    """|up| @ |down * S| in fp64: the scale of the update's rounding errors."""
-    down = job.down.double().abs().clone()
-    if job.col_scale is not None:
-        down[: job.split] *= job.col_scale[0].double().abs()
-        down[job.split :] *= job.col_scale[1].double().abs()
-    return job.up.double().abs() @ down
-
-
-def ordered(x: torch.Tensor) -> torch.Tensor:
-    """16-bit floats as integers that count ulps (-0 and +0 both 0)."""
-    bits = x.view(torch.int16).to(torch.int32)
-    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
 
 def assert_close_to_exact(out: torch.Tensor, exact: torch.Tensor, job: ApplyJob, operand_eps: float = 0.0):

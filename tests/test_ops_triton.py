@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from engine_helpers import ordered
 
 from lorarar_kernels.dispatch import get as get_backend
 from lorarar_kernels.errors import LayerMismatchError, LoraRarError
@@ -52,12 +53,6 @@ def exact64(job: ApplyJob) -> torch.Tensor:
         down[: job.split] *= job.col_scale[0].double()
         down[job.split :] *= job.col_scale[1].double()
     return job.src.double() + job.up.double() @ down
-
-
-def ordered(x: torch.Tensor) -> torch.Tensor:
-    """16-bit floats as integers in the order of their values (adjacent floats differ by 1)."""
-    i = x.view(torch.int16).long()
-    return torch.where(i < 0, -(i & 0x7FFF), i)
 
 
 def check(job: ApplyJob, src_before: torch.Tensor, *, exact_frac: float | None = 0.99, upd_rtol=1e-6) -> None:

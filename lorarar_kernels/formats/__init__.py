@@ -3,7 +3,8 @@ names (`kohya`, `sgm_names`), older diffusers layouts (`legacy`). Writing: diffu
 
 Every key of a file must be understood: unknown keys and structural problems (a down without its up,
 a rank mismatch) are a `LoraFileError` naming the file and the keys or layer. Values (NaN, shapes
-against the model) are checked by the merge.
+against the model) are checked by the merge. Readers return ``{module name: LoRALayer}``; `lora.LoRA`
+wraps them (`lora.load_lora`). May import: `errors`, `lora_layer`, `safeio` (never `lora`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraFileError
-from ..lora import LoRA, LoRALayer
+from ..lora_layer import LoRALayer
 from ..safeio import read_tensors
 from .common import few
 from .kohya import read_kohya
@@ -23,7 +24,7 @@ from .legacy import read_legacy
 from .peft import read_peft, write_peft
 from .sgm_names import SDXL_UNET_CONFIG
 
-__all__ = ["SDXL_UNET_CONFIG", "load_lora", "save_lora"]
+__all__ = ["SDXL_UNET_CONFIG", "read_lora", "write_lora"]
 
 # File names diffusers' save_lora_weights and PEFT's save_pretrained write, looked for in a directory.
 DIRECTORY_FILES = (
@@ -46,17 +47,15 @@ def _resolve(path: Path) -> Path:
     raise LoraFileError(f"{path}: directory without one LoRA file (looked for {', '.join(DIRECTORY_FILES)})")
 
 
-def load_lora(
+def read_lora(
     path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], *, unet_config: Mapping | None = None
-) -> LoRA:
-    """Read a LoRA file (``.safetensors``; ``.pth``/``.bin`` with ``weights_only``), a directory holding
-    one, or an in-memory state dict; the format is detected from the keys.
+) -> tuple[dict[str, LoRALayer], str]:
+    """``(layers, source)`` of a LoRA file (``.safetensors``; ``.pth``/``.bin`` with ``weights_only``), a
+    directory holding one, or an in-memory state dict; the format is detected from the keys.
 
     ``unet_config``: the target UNet's config (diffusers keys ``down_block_types``, ``up_block_types``,
     ``layers_per_block``...), for kohya SGM block names; SDXL base's layout when None.
     """
-    if isinstance(path_or_state_dict, LoRA):
-        return path_or_state_dict
     if isinstance(path_or_state_dict, Mapping):
         source, path, metadata = "<state dict>", None, {}
         state = dict(path_or_state_dict)
@@ -92,14 +91,16 @@ def load_lora(
             f"{source}: {len(unknown)} keys of no known LoRA format (diffusers/PEFT lora_A/lora_B, kohya "
             f"lora_unet_/lora_te_, diffusers processor *_lora.down/up): {few(unknown)}"
         )
-    return LoRA(layers, source=source)
+    return layers, source
 
 
-def save_lora(lora: LoRA, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-    """Write ``lora`` as diffusers/PEFT safetensors (see `peft.write_peft`); factors cast to ``dtype``
-    when given. diffusers' ``load_lora_weights`` and `load_lora` read back each layer's scale."""
-    if not isinstance(lora, LoRA):
-        raise LoraFileError(f"{path}: save_lora expects a LoRA, got {type(lora).__name__}")
+def write_lora(
+    lora: Mapping[str, LoRALayer], path: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> None:
+    """Write ``{module name: LoRALayer}`` as diffusers/PEFT safetensors (see `peft.write_peft`); factors
+    cast to ``dtype`` when given."""
+    if not isinstance(lora, Mapping):
+        raise LoraFileError(f"{path}: write_lora expects a mapping of layers, got {type(lora).__name__}")
     if len(lora) == 0:
         raise LoraFileError(f"{path}: refusing to save a LoRA with no layers")
     write_peft(lora, path, dtype=dtype)

@@ -1,4 +1,6 @@
-"""Pieces shared by the format readers: prefixes, component names, layer assembly with named errors."""
+"""Pieces shared by the format readers: prefixes, component names, layer assembly with named errors.
+May import: `errors`, `lora_layer`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from ..errors import LoraFileError, LoraRarError
-from ..lora import COMPONENT_PREFIXES, LoRALayer
+from ..lora_layer import COMPONENT_PREFIXES, LoRALayer
 
 # Wrappers around a module path that say nothing about it: PEFT's PeftModel, diffusers' pipeline
 # component prefix (scripts that save ``pipe.unet`` inside another wrapper repeat it), torch.compile.

@@ -5,6 +5,7 @@
 ``scale = alpha / rank``; an absent or zero alpha means ``alpha = rank`` (sd-scripts' ``networks/lora.py``).
 SDXL files name UNet modules after the SGM UNet (``input_blocks_4_1_...``): mapped with `sgm_names`.
 Conv (LoCon) layers: down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``.
+May import: `errors`, `lora_layer`, `formats.common`, `formats.names`, `formats.sgm_names`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import LoraFileError
-from ..lora import LoRALayer
+from ..lora_layer import LoRALayer
 from .common import few, make_layer, pair_up, scalar
 from .names import dotted_name
 from .sgm_names import is_sgm_name, sgm_block_table, sgm_to_diffusers

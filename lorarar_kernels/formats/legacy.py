@@ -5,6 +5,7 @@
   ``<self_attn>.to_q_lora.down.weight`` -> ``<self_attn>.q_proj`` (``to_out_lora`` -> ``out_proj``);
 - LoRA-compatible layers: ``<module>.lora.down.weight``, ``.lora_layer.`` or ``.lora_linear_layer.`` ->
   ``<module>`` (the form the LoRA.rar authors' scripts save, behind any number of ``unet.`` prefixes).
+May import: `errors`, `lora_layer`, `formats.common`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import LoraFileError
-from ..lora import LoRALayer
+from ..lora_layer import LoRALayer
 from .common import component_of, make_layer, module_name, pair_up
 
 _KEY = re.compile(r"^(?P<stem>.+)\.(?P<half>down|up)\.weight$")

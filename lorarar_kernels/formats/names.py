@@ -5,6 +5,7 @@ kohya / sd-scripts write a module path with every ``.`` replaced by ``_``
 ``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0``). The underscores inside segment names
 (``to_out``, ``transformer_blocks``) make that ambiguous; we undo it with a vocabulary of the segment names
 that contain underscores, taking the longest known segment at each position and a single token otherwise.
+May import: nothing of the engine.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ Scale per module, first found: a ``<module>.alpha`` tensor; the file's ``lora_ad
 ``adapter_config.json`` beside the file; else 1. From a config, ``alpha`` is the ``alpha_pattern`` entry
 matching the module or ``lora_alpha`` (PEFT's default 8), and ``scale = alpha / r``, or
 ``alpha / sqrt(r)`` with ``use_rslora`` (PEFT's ``LoraLayer.update_layer``).
+May import: `errors`, `lora_layer`, `safeio`, `formats.common`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraFileError
-from ..lora import LoRA, LoRALayer
+from ..lora_layer import LoRALayer
 from ..safeio import read_json, write_safetensors
 from .common import component_of, few, make_layer, module_name, pair_up, scalar
 
@@ -154,7 +155,7 @@ def _pattern_config(names_ranks_alphas: list[tuple[str, int, float]]) -> dict:
     }
 
 
-def write_peft(lora: LoRA, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+def write_peft(lora: Mapping[str, LoRALayer], path: str | Path, *, dtype: torch.dtype | None = None) -> None:
     """Write ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` safetensors + diffusers metadata.
 
     UNet layers get the ``unet.`` prefix; per component, ``lora_adapter_metadata`` holds a PEFT config with

@@ -5,6 +5,7 @@ The SGM UNet numbers its blocks flatly: ``input_blocks.0`` is ``conv_in``; then 
 ``middle_block`` is ``[resnet, attention, resnet]``; each up block contributes ``layers_per_block + 1``
 entries ``[resnet, attention?, upsampler?]`` (the upsampler on its last entry unless it is the last block).
 The layout comes from the diffusers UNet config; SDXL base's when none is given.
+May import: `errors`, `formats.names`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Kernels for the pass over the weights. One file per kernel; `reference` is the oracle and fallback.
+"""The backend contract for the pass over the weights: `ApplyJob`, `FactorSource`, `Backend`, `Plan`.
 
-Every backend module exposes ``unavailable(device: torch.device) -> str | None`` (None = can run) and
-``apply(jobs: Sequence[ApplyJob]) -> None``, which computes for every job
+One file per kernel; `reference` (the `torch` backend) is the oracle and fallback. A backend is an object
+satisfying `Backend` (``name``, ``unavailable(device)``, ``plan(jobs)``, ``apply(jobs)``); `plan` validates
+the jobs (through `ops.validate.check_job`) and builds whatever tables the kernel needs, and the returned
+`Plan`'s ``run()`` is the pass itself: for every job
 
     dst = round_to_dtype(float32(src) + up @ (down * S)),   S[k, j] = col_scale[0 if k < split else 1, j]
 
@@ -11,11 +13,15 @@ A job carries its factors packed (``up``/``down`` fp32, LoRA scales folded in) o
 backend, as ``sources``: where the two LoRAs keep them (`FactorSource`), read in place by the kernel
 with the same arithmetic as packing (``fp32(up) * fp32(scale)``, ``fp32(down)``). `ApplyJob.packed`
 turns the second form into the first; the `torch` reference takes either.
+May import: torch only (the backends below import this module, never the reverse). docs/design.md section 3
+says where each backend rounds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -96,3 +102,31 @@ def scaled_down(job: ApplyJob) -> torch.Tensor:
     out[: job.split].mul_(job.col_scale[0])
     out[job.split :].mul_(job.col_scale[1])
     return out
+
+
+class Plan(Protocol):
+    """A backend's pass over a fixed set of jobs, validated and with its tables built: ``run()`` writes.
+
+    A plan holds the jobs' tensors, so the addresses in its tables stay valid while it lives; their contents
+    may change between runs (new factors written into the same buffers).
+    """
+
+    def run(self) -> None: ...
+
+
+class Backend(Protocol):
+    """What `lorarar_kernels.dispatch` registers: one object per backend."""
+
+    name: str
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """None when this backend can run on ``device``, else why not."""
+        ...
+
+    def plan(self, jobs: Sequence[ApplyJob]) -> Plan:
+        """Validate ``jobs`` (LayerMismatchError naming the layer) and build the pass (may synchronise)."""
+        ...
+
+    def apply(self, jobs: Sequence[ApplyJob]) -> None:
+        """``plan(jobs).run()``, for one-off calls."""
+        ...

@@ -13,6 +13,9 @@ Both compute, for every job (see `lorarar_kernels.ops`),
   rounding. fp32 weights: 3xTF32 (each operand split into a TF32 head and a TF32 tail, three MMAs,
   error ~ fp32 FMA), fp32 accumulation. Deterministic for a given GPU and plan. No host sync, no allocation
   once the plan exists, on the current stream: safe inside CUDA-graph capture.
+
+Both satisfy `lorarar_kernels.ops.Backend`; jobs are validated by `ops.validate.check_job`.
+May import: `errors`, `ops`, `ops.validate`, `_C`.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from __future__ import annotations
 import functools
 import re
 import struct
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
 from ..errors import LayerMismatchError, LoraRarError
 from . import ApplyJob
+from .validate import check_job
+from .validate import rows_ok as _rows_ok
 
 try:
     from .. import _C
@@ -38,6 +41,9 @@ else:
     _IMPORT_ERROR = None
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+COEFF_MAX_HIDDEN = (
+    256  # the cuda coefficient kernel's largest hidden width (kCoeffMaxHidden, csrc/cuda_api.h)
+)
 # PackJob field order of csrc/job_table.h (checked against _C.PACK_FIELDS when the module loads)
 _PACK_FIELDS = (
     "up_src", "down_src", "up_dst", "down_dst", "rows", "cols", "rank", "ld_up_src", "ld_down_src",
@@ -51,80 +57,6 @@ _JOB_INDEX = re.compile(r"^job (\d+): ")
 def compiled_with_cuda() -> bool:
     """True when `lorarar_kernels._C` exists and was built with its CUDA kernels."""
     return _C is not None and bool(_C.compiled_with_cuda())
-
-
-def _check(job: ApplyJob, device_type: str) -> None:
-    """Raise LayerMismatchError (naming the layer) unless `job` fits the native kernels' contract."""
-    name, dst, src, cs = job.name, job.dst, job.src, job.col_scale
-
-    def fail(what: str) -> None:
-        raise LayerMismatchError(f"{name}: {what}")
-
-    if dst.dtype not in DTYPE_CODES:
-        fail(f"weight dtype {dst.dtype} is not float32, float16 or bfloat16")
-    if src.dtype != dst.dtype:
-        fail(f"src dtype {src.dtype} differs from dst dtype {dst.dtype}")
-    if cs is not None and cs.dtype != torch.float32:
-        fail(f"col_scale must be float32, got {cs.dtype}")
-    if dst.dim() != 2 or src.shape != dst.shape:
-        fail(f"dst {tuple(dst.shape)} and src {tuple(src.shape)} must be the same 2-D shape")
-    out_f, in_f = dst.shape
-    if job.sources is None:
-        up, down = job.up, job.down
-        for label, t in (("up", up), ("down", down)):
-            if t.dtype != torch.float32:
-                fail(f"{label} must be float32, got {t.dtype}")
-        if up.dim() != 2 or down.dim() != 2 or up.shape[0] != out_f or down.shape[1] != in_f:
-            fail(f"up {tuple(up.shape)} @ down {tuple(down.shape)} does not give [{out_f}, {in_f}]")
-        if down.shape[0] != up.shape[1]:
-            fail(f"up has rank {up.shape[1]} but down has {down.shape[0]} rows")
-        factors = [("up", up), ("down", down)]
-    else:
-        if device_type != "cpu":
-            fail("the cuda kernels take packed factors, not sources")
-        if len(job.sources) != 2:
-            fail("sources must be a pair (rank rows below split, the others)")
-        factors = []
-        for k, x in enumerate(job.sources):
-            if x is None:
-                continue
-            if x.up.dtype not in DTYPE_CODES or x.down.dtype not in DTYPE_CODES:
-                fail(f"source {k} factors are {x.up.dtype}/{x.down.dtype}, not float32, float16 or bfloat16")
-            if x.up.dim() != 2 or x.down.dim() != 2 or x.up.shape[0] != out_f or x.down.shape[1] != in_f:
-                fail(
-                    f"source {k}: up {tuple(x.up.shape)} @ down {tuple(x.down.shape)} is not [{out_f}, {in_f}]"
-                )
-            if x.up.shape[1] != x.down.shape[0]:
-                fail(f"source {k}: up has rank {x.up.shape[1]} but down has {x.down.shape[0]} rows")
-            factors += [(f"source {k} up", x.up), (f"source {k} down", x.down)]
-        first = job.sources[0]
-        if (0 if first is None else first.rank) != job.split:
-            fail(f"split {job.split} is not the rank of the first source")
-    rank = job.rank
-    if cs is not None and tuple(cs.shape) != (2, in_f):
-        fail(f"col_scale {tuple(cs.shape)} must be [2, {in_f}]")
-    if not 0 <= job.split <= rank:
-        fail(f"split {job.split} outside [0, {rank}]")
-    tensors = [dst, src, *(t for _, t in factors), *([cs] if cs is not None else [])]
-    if any(t.device != dst.device for t in tensors):
-        fail(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
-    if dst.device.type != device_type:
-        fail(f"weight is on {dst.device}, this backend runs on {device_type}")
-    for label, t in (("dst", dst), ("src", src), *factors, ("col_scale", cs)):
-        if t is not None and not _rows_ok(t):
-            fail(f"{label} needs unit column stride and row stride >= its width, got strides {t.stride()}")
-    if dst.numel() == 0:
-        fail("empty weight")
-    if src.data_ptr() == dst.data_ptr():
-        if src.stride() != dst.stride():
-            fail("src aliases dst with different strides")
-    elif src.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr():
-        fail("src and dst share storage without being the same view")
-
-
-def _rows_ok(t: torch.Tensor) -> bool:
-    """A 2-D tensor the kernels can address as rows: unit column stride, row stride >= width."""
-    return (t.shape[1] <= 1 or t.stride(1) == 1) and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
 
 
 def _ld(t: torch.Tensor) -> int:
@@ -210,7 +142,7 @@ class CppPlan:
         if _C is None:
             raise LoraRarError(f"cpp backend: {_IMPORT_ERROR}")
         for job in jobs:
-            _check(job, "cpu")
+            check_job(job, "cpu", sources=True)
         self.jobs = tuple(jobs)
         self.table = torch.tensor([_row(job) for job in self.jobs], dtype=torch.int64)
 
@@ -309,7 +241,7 @@ class CudaPlan:
         if _C is None:
             raise LoraRarError(f"cuda backend: {_IMPORT_ERROR}")
         for job in jobs:
-            _check(job, "cuda")
+            check_job(job, "cuda")
         self.jobs = tuple(jobs)
         self.launches: list[tuple] = []  # (table, stream it was made on, n jobs, tiles, dtype code, device)
         by_dtype: dict[torch.dtype, list[ApplyJob]] = {}
@@ -340,12 +272,6 @@ class _Cuda:
     """The `cuda` backend (tensor cores, one launch per weight dtype)."""
 
     name = "cuda"
-    cache_size = 8  # plans kept by apply(); plans used inside CUDA-graph capture are kept for good
-
-    def __init__(self) -> None:
-        self._plans: OrderedDict[tuple, CudaPlan] = OrderedDict()
-        self._pinned: dict[tuple, CudaPlan] = {}
-        self._lock = threading.Lock()  # swaps of different targets may run in different threads
 
     def unavailable(self, device: torch.device) -> str | None:
         if _C is None:
@@ -364,33 +290,16 @@ class _Cuda:
         return CudaPlan(jobs)
 
     def apply(self, jobs: Sequence[ApplyJob]) -> None:
-        """dst = round(fp32(src) + up @ (down * S)) for every job; reuses the plan of an identical table."""
+        """dst = round(fp32(src) + up @ (down * S)) for every job: a plan built and run at once. Inside
+        CUDA-graph capture, capture a `plan`'s ``run()`` instead (building a plan uploads its table)."""
         if not jobs:
             return
-        if _C is None:
-            raise LoraRarError(f"cuda backend: {_IMPORT_ERROR}")
-        for job in jobs:
-            _check(job, "cuda")
-        # The table holds only addresses and shapes, so an identical key means an identical valid table.
-        key = tuple(tuple(_row(job)) for job in jobs)
-        capturing = torch.cuda.is_current_stream_capturing()
-        with self._lock:
-            plan = self._pinned.get(key) or self._plans.get(key)
-            if plan is None:
-                if capturing:
-                    raise LoraRarError(
-                        "cuda backend: build the swap plan before CUDA-graph capture (run apply once first)"
-                    )
-                plan = CudaPlan(jobs)
-                plan.jobs = ()  # the caller owns the tensors; the key pins the addresses
-                self._plans[key] = plan
-                while len(self._plans) > self.cache_size:
-                    self._plans.popitem(last=False)
-            elif key in self._plans:
-                self._plans.move_to_end(key)
-            if capturing:
-                self._pinned[key] = plan  # a captured graph keeps the table's address
-        plan.run()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise LoraRarError(
+                "cuda backend: apply() builds its table, which cannot happen during CUDA-graph capture; "
+                "build CUDA.plan(jobs) before capture and capture plan.run()"
+            )
+        CudaPlan(jobs).run()
 
 
 def cuda_coefficients(
@@ -402,8 +311,9 @@ def cuda_coefficients(
     """out = b2 + w2 @ relu(P @ A + b1) for every (P, A, out) of one width, one launch (fp32 FMA).
 
     P [hidden, R] (= [s_c W1c B_c | s_s W1s B_s]), A [R, in] (= [A_c; A_s]), out [2, in] written
-    (row 0 = m_c, row 1 = m_s); b1 [hidden], w2 [2, hidden], b2 [2]; hidden <= 256; all fp32 on one GPU.
-    Sums over k and over the hidden units run in a fixed order (deterministic). See DESIGN.md section 2.
+    (row 0 = m_c, row 1 = m_s); b1 [hidden], w2 [2, hidden], b2 [2]; hidden <= COEFF_MAX_HIDDEN; all fp32 on
+    one GPU.
+    Sums over k and over the hidden units run in a fixed order (deterministic). See docs/design.md section 2.
     """
     if not layers:
         return

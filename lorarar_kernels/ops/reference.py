@@ -1,7 +1,8 @@
-"""The `torch` backend: plain PyTorch, the oracle every other backend is tested against.
+"""The `torch` backend (`TORCH`): plain PyTorch, the oracle every other backend is tested against.
 
-On CPU, fp16/bf16 ``addmm_`` runs 80-200x slower than fp32 (DESIGN.md section 3), so 16-bit weights are
-upcast a block of rows at a time, updated with fp32 ``addmm_`` and rounded once on write-back.
+On CPU, fp16/bf16 ``addmm_`` runs 80-200x slower than fp32 (docs/design.md section 3), so 16-bit weights
+are upcast a block of rows at a time, updated with fp32 ``addmm_`` and rounded once on write-back. Takes
+packed factors or sources (packed on the fly). May import: `ops` (the contract).
 """
 
 from __future__ import annotations
@@ -52,3 +53,31 @@ def exact(job: ApplyJob) -> torch.Tensor:
         down[: job.split] *= s[0]
         down[job.split :] *= s[1]
     return (job.src.double() + job.up.double() @ down).to(job.dst.dtype)
+
+
+class ReferencePlan:
+    """The `torch` pass over a fixed set of jobs (torch itself refuses what does not fit)."""
+
+    def __init__(self, jobs: Sequence[ApplyJob]) -> None:
+        self.jobs = tuple(jobs)
+
+    def run(self) -> None:
+        apply(self.jobs)
+
+
+class _Torch:
+    """The `torch` backend object (`lorarar_kernels.ops.Backend`)."""
+
+    name = "torch"
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return unavailable(device)
+
+    def plan(self, jobs: Sequence[ApplyJob]) -> ReferencePlan:
+        return ReferencePlan(jobs)
+
+    def apply(self, jobs: Sequence[ApplyJob]) -> None:
+        apply(jobs)
+
+
+TORCH = _Torch()

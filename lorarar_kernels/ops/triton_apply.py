@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..errors import BackendUnavailableError, LayerMismatchError, LoraRarError
 from . import ApplyJob
+from .validate import check_job
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("ieee", "tf32")
@@ -190,34 +191,8 @@ def _settings(dtype: torch.dtype, max_rank: int, cfg: Config) -> tuple[int, int,
 
 
 def _check(job: ApplyJob) -> None:
-    """Shapes, dtypes, devices and contiguity of one job; raises LayerMismatchError naming the layer."""
-    dst, src, up, down, cs = job.dst, job.src, job.up, job.down, job.col_scale
-
-    def bad(msg: str) -> LayerMismatchError:
-        return LayerMismatchError(f"layer {job.name!r}: {msg}")
-
-    if dst.dim() != 2 or dst.dtype not in WEIGHT_DTYPES:
-        raise bad(f"dst must be a 2-D float32/float16/bfloat16 tensor, got {tuple(dst.shape)} {dst.dtype}")
-    rows, cols = dst.shape
-    if src.shape != dst.shape or src.dtype != dst.dtype:
-        raise bad(f"src {tuple(src.shape)} {src.dtype} does not match dst {tuple(dst.shape)} {dst.dtype}")
-    if up.dim() != 2 or down.dim() != 2 or up.shape[0] != rows or down.shape[1] != cols:
-        raise bad(f"up {tuple(up.shape)} / down {tuple(down.shape)} do not fit dst {tuple(dst.shape)}")
-    if up.shape[1] != down.shape[0]:
-        raise bad(f"rank mismatch: up {tuple(up.shape)}, down {tuple(down.shape)}")
-    if up.dtype != torch.float32 or down.dtype != torch.float32:
-        raise bad(f"up and down must be float32, got {up.dtype}/{down.dtype}")
-    if cs is not None and (cs.dtype != torch.float32 or tuple(cs.shape) != (2, cols)):
-        raise bad(f"col_scale must be float32 [2, {cols}], got {tuple(cs.shape)} {cs.dtype}")
-    if not 0 <= job.split <= down.shape[0]:
-        raise bad(f"split {job.split} outside [0, {down.shape[0]}]")
-    tensors = [t for t in (dst, src, up, down, cs) if t is not None]
-    if any(t.device != dst.device for t in tensors):
-        raise bad(f"tensors on several devices: {sorted({str(t.device) for t in tensors})}")
-    if not all(t.is_contiguous() for t in tensors):
-        raise bad("dst, src, up, down and col_scale must be contiguous")
-    if max(rows * cols, rows * up.shape[1], up.shape[1] * cols) > _INT32_MAX:
-        raise bad(f"too large for 32-bit indexing: {tuple(dst.shape)} with rank {up.shape[1]}")
+    """Shapes, dtypes, devices and contiguity of one job (`ops.validate.check_job`, naming the layer)."""
+    check_job(job, None, contiguous=True, index_limit=_INT32_MAX, allow_empty=True)
 
 
 def _offset(t: torch.Tensor | None, base: torch.Tensor, job: ApplyJob) -> int:

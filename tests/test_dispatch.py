@@ -1,0 +1,101 @@
+"""The one place a kernel is chosen (`lorarar_kernels.dispatch`): the apply backend's auto rule, the
+backend contract every registered backend satisfies, and the coefficient kernel's auto rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from coefficient_cases import DEV, HAS_GPU, available_kernels, hypernet, pair
+
+import lorarar_kernels as lk
+from lorarar_kernels import dispatch
+from lorarar_kernels.errors import BackendUnavailableError, LoraRarError
+from lorarar_kernels.ops import ApplyJob, native
+from lorarar_kernels.plan import plan_pair
+
+CPU = torch.device("cpu")
+
+
+def test_every_backend_satisfies_the_contract():
+    for name in dispatch._LOCATIONS:
+        impl, why = dispatch._load(name)
+        if impl is None:
+            continue
+        assert impl.name == name
+        assert callable(impl.unavailable) and callable(impl.plan) and callable(impl.apply)
+    assert set(lk.backends(CPU)) == set(dispatch._LOCATIONS) and lk.backends(CPU)["torch"] is None
+
+
+@pytest.mark.parametrize("name", ["torch", "cpp", "triton"])
+def test_every_plan_runs_the_same_pass_as_apply(name):
+    if lk.backends(CPU)[name] is not None:
+        pytest.skip(f"{name}: {lk.backends(CPU)[name]}")
+    impl = dispatch.get(name, CPU)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 40, generator=gen)
+    up, down = torch.randn(24, 5, generator=gen) * 0.1, torch.randn(5, 40, generator=gen) * 0.1
+    cs = torch.rand(2, 40, generator=gen) + 0.5
+    a, b = torch.full_like(w, float("nan")), torch.full_like(w, float("nan"))
+    impl.apply([ApplyJob("l", a, w, up, down, cs, 2)])
+    run = dispatch.runner(impl, [ApplyJob("l", b, w, up, down, cs, 2)])
+    run()
+    assert torch.equal(a, b) and not torch.isnan(a).any()
+
+
+def test_auto_apply_choice_follows_the_table():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        want = next(n for n in dispatch.AUTO_ORDER[("cpu", dtype)] if lk.backends(CPU)[n] is None)
+        assert dispatch.choose("auto", CPU, dtype)[0] == want
+    assert dispatch.choose("auto", torch.device("meta"), torch.float32)[0] == "torch"  # unlisted device
+    with pytest.raises(BackendUnavailableError, match="unknown backend"):
+        dispatch.choose("fastest", CPU, torch.float32)
+    with pytest.raises(BackendUnavailableError, match="unavailable on cpu"):
+        dispatch.choose("cuda", CPU, torch.float32)
+
+
+def test_cuda_coefficients_are_not_chosen_for_a_hidden_width_above_their_limit():
+    wide = lk.Hypernet(widths=(64,), hidden=native.COEFF_MAX_HIDDEN + 1)
+    why = dispatch.coefficient_unavailable("cuda", DEV, wide)
+    assert why is not None and "hidden width" in why
+    assert dispatch.coefficient_unavailable("cuda", DEV, lk.Hypernet(widths=(64,), hidden=8)) != why
+    with pytest.raises(BackendUnavailableError, match="hidden width"):
+        dispatch.choose_coefficients("cuda", DEV, wide.to(DEV), grad=False)
+    assert dispatch.choose_coefficients("auto", DEV, wide.to(DEV), grad=False) != "cuda"
+
+
+def test_auto_rule():
+    net = hypernet("cpu")
+    assert dispatch.choose_coefficients("auto", torch.device("cpu"), net, grad=False) == "torch"
+    assert dispatch.choose_coefficients("auto", torch.device("cpu"), None, grad=False) == "torch"
+    if HAS_GPU:
+        gnet = hypernet(DEV)
+        assert (
+            dispatch.choose_coefficients("auto", DEV, gnet, grad=True) == "torch"
+        )  # no autograd in the kernels
+        assert (
+            dispatch.choose_coefficients("auto", DEV, net, grad=False) == "torch"
+        )  # hypernetwork left on the CPU
+        assert (
+            dispatch.choose_coefficients("auto", DEV, gnet, grad=False)
+            == (available_kernels() or ["torch"])[0]
+        )
+    # on the CPU auto is the torch path itself: the same bits
+    c, s = pair("cpu")
+    a = plan_pair(c, s, net, coefficient_kernel="auto")
+    t = plan_pair(c, s, net, coefficient_kernel="torch")
+    assert all(torch.equal(a[n].col_scale, t[n].col_scale) for n in a if a[n].col_scale is not None)
+
+
+def test_bad_kernel_choices_say_why():
+    net = hypernet("cpu")
+    cpu = torch.device("cpu")
+    with pytest.raises(LoraRarError, match="must be one of"):
+        dispatch.choose_coefficients("fast", cpu, net, grad=False)
+    with pytest.raises(LoraRarError, match="no autograd"):
+        dispatch.choose_coefficients("triton", cpu, net, grad=True)
+    if not HAS_GPU:
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            dispatch.choose_coefficients("cuda", cpu, net, grad=False)
+        c, s = pair("cpu")
+        with pytest.raises(BackendUnavailableError):
+            plan_pair(c, s, net, coefficient_kernel="cuda")

@@ -1,0 +1,64 @@
+"""The target state (`merge.TargetState`): transitions, staleness, `Merge.plan` once overtaken, restore."""
+
+import pytest
+import torch
+from engine_helpers import rand_lora, weights
+from engine_models import AttentionStack, attention_shapes
+
+import lorarar_kernels as lk
+
+SMALL = attention_shapes((("down_blocks.0", 48, 1, 1),), context=40)
+
+
+def test_restore_after_a_merge_that_touched_no_unet_layer_forgets_it():
+    target = AttentionStack(SMALL, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    te = lk.LoRA(
+        {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": lk.LoRALayer(
+            torch.randn(2, 16, generator=gen), torch.randn(16, 2, generator=gen))},
+        source="te-only",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="text-encoder layers"):
+        m = lk.merge(target, te, None)
+    assert lk.current(target) is m and m.layers == []
+    lk.restore(target)
+    assert lk.current(target) is None and not m.is_current
+    c = rand_lora(SMALL, 2, 3)
+    before = weights(target)
+    m2 = lk.merge(target, c, None, keep_original="host")  # a new keep mode after restore: allowed
+    assert m2.is_current
+    m2.restore()
+    assert all(torch.equal(before[n], p) for n, p in target.named_parameters())
+
+
+def test_merge_plan_refuses_to_be_read_once_overtaken():
+    net = lk.Hypernet(widths=(48,), hidden=8)
+    target = AttentionStack(SMALL, seed=1)
+    first = lk.merge(target, rand_lora(SMALL, 3, 1), rand_lora(SMALL, 2, 2), net)
+    plan = first.plan
+    assert set(plan) == set(first.layers)
+    lk.merge(target, rand_lora(SMALL, 3, 3), rand_lora(SMALL, 2, 4), net)
+    assert first.plan is plan  # its buffer is the one the next swap avoids
+    lk.merge(target, rand_lora(SMALL, 3, 5), rand_lora(SMALL, 2, 6), net)  # reuses the first's buffer
+    with pytest.raises(lk.StaleSwapError, match="reused"):
+        _ = first.plan
+    assert set(first.coefficients) and first.layers == list(plan)  # still readable
+
+
+def test_prepared_swap_plan_is_refused_once_stale():
+    target = AttentionStack(SMALL, seed=1)
+    p1 = lk.prepare(target, rand_lora(SMALL, 2, 1), None)
+    assert set(p1.plan) == {n for n, _, _ in SMALL}
+    lk.prepare(target, rand_lora(SMALL, 2, 2), None)
+    with pytest.raises(lk.StaleSwapError):
+        _ = p1.plan
+    with pytest.raises(lk.StaleSwapError):
+        p1.apply()
+
+
+def test_restore_of_a_never_merged_target_changes_nothing():
+    target = AttentionStack(SMALL, seed=1)
+    prepared = lk.prepare(target, rand_lora(SMALL, 2, 1), None)
+    lk.restore(target)  # nothing merged: no transition, the prepared swap stays fresh
+    prepared.apply()
+    assert lk.current(target) is not None
