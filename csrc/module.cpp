@@ -42,56 +42,70 @@ Span span(int64_t addr, int64_t rows, int64_t cols, int64_t ld, int64_t es) {
 }
 bool overlap(Span a, Span b) { return a.first < b.last && b.first < a.last; }
 
+// Validates one Job row; every failure names the Job field (csrc/job_table.h) that is wrong.
 void check_job(const Job& j, int64_t i) {
-  auto fail = [i](const std::string& what) {
-    throw std::invalid_argument("job " + std::to_string(i) + ": " + what);
+  auto fail = [i](const std::string& field, const std::string& what) {
+    throw std::invalid_argument("job " + std::to_string(i) + ": " + field + ": " + what);
   };
+  auto str = [](int64_t v) { return std::to_string(v); };
   if (j.dtype < 0 || j.dtype > 2) {
-    fail("dtype code " + std::to_string(j.dtype) + " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
+    fail("dtype", "code " + str(j.dtype) + " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
   }
-  if (j.rows < 1 || j.cols < 1) {
-    fail("empty weight [" + std::to_string(j.rows) + ", " + std::to_string(j.cols) + "]");
+  if (j.rows < 1) fail("rows", "empty weight [" + str(j.rows) + ", " + str(j.cols) + "]");
+  if (j.cols < 1) fail("cols", "empty weight [" + str(j.rows) + ", " + str(j.cols) + "]");
+  if (j.rank < 0) fail("rank", str(j.rank) + " is negative");
+  if (j.split < 0 || j.split > j.rank) {
+    fail("split", str(j.split) + " is outside [0, rank " + str(j.rank) + "]");
   }
-  if (j.rank < 0 || j.split < 0 || j.split > j.rank) {
-    fail("rank " + std::to_string(j.rank) + " / split " + std::to_string(j.split) + " out of range");
-  }
-  if (j.sources != 0 && j.sources != 1) fail("sources must be 0 (packed factors) or 1 (the LoRAs' own)");
-  if (j.ld_dst < j.cols || j.ld_src < j.cols || (j.col_scale != 0 && j.ld_col_scale < j.cols)) {
-    fail("a row stride is shorter than its row");
-  }
-  if (j.dst == 0 || j.src == 0) fail("null address");
+  if (j.sources != 0 && j.sources != 1) fail("sources", "must be 0 (packed factors) or 1 (the LoRAs' own)");
+  auto short_row = [&](int64_t ld, int64_t width) {
+    return "row stride " + str(ld) + " is shorter than its row of " + str(width);
+  };
+  if (j.ld_dst < j.cols) fail("ld_dst", short_row(j.ld_dst, j.cols));
+  if (j.ld_src < j.cols) fail("ld_src", short_row(j.ld_src, j.cols));
+  if (j.col_scale != 0 && j.ld_col_scale < j.cols) fail("ld_col_scale", short_row(j.ld_col_scale, j.cols));
+  if (j.dst == 0) fail("dst", "null address");
+  if (j.src == 0) fail("src", "null address");
   const int64_t es = element_size(j.dtype);
-  if (j.dst % es || j.src % es || j.col_scale % 4) fail("misaligned address");
+  if (j.dst % es) fail("dst", "misaligned address");
+  if (j.src % es) fail("src", "misaligned address");
+  if (j.col_scale % 4) fail("col_scale", "misaligned address");
   const Span dst = span(j.dst, j.rows, j.cols, j.ld_dst, es);
   if (j.src == j.dst) {
-    if (j.ld_src != j.ld_dst) fail("in place with different row strides for src and dst");
+    if (j.ld_src != j.ld_dst) fail("ld_src", "in place with a row stride other than ld_dst");
   } else if (overlap(dst, span(j.src, j.rows, j.cols, j.ld_src, es))) {
-    fail("src and dst overlap without being the same matrix");
+    fail("src", "overlaps dst without being the same matrix");
   }
-  if (j.col_scale != 0 && overlap(dst, span(j.col_scale, 2, j.cols, j.ld_col_scale, 4))) fail("col_scale overlaps dst");
+  if (j.col_scale != 0 && overlap(dst, span(j.col_scale, 2, j.cols, j.ld_col_scale, 4))) {
+    fail("col_scale", "overlaps dst");
+  }
   // The factors: one fp32 block (packed) or two LoRAs' blocks of ranks split and rank - split.
   struct Factor {
+    const char *up_name, *down_name, *ld_up_name, *ld_down_name, *dtype_name;
     int64_t up, down, ld_up, ld_down, dt_up, dt_down, rank;
   };
   std::vector<Factor> factors;
   if (j.sources == 0) {
-    factors.push_back({j.up, j.down, j.ld_up, j.ld_down, lorarar::kFloat32, lorarar::kFloat32, j.rank});
+    factors.push_back({"up", "down", "ld_up", "ld_down", "dtype", j.up, j.down, j.ld_up, j.ld_down,
+                       lorarar::kFloat32, lorarar::kFloat32, j.rank});
   } else {
-    factors.push_back({j.up, j.down, j.ld_up, j.ld_down, j.dtypes & 15, (j.dtypes >> 4) & 15, j.split});
-    factors.push_back({j.up2, j.down2, j.ld_up2, j.ld_down2, (j.dtypes >> 8) & 15, (j.dtypes >> 12) & 15,
-                       j.rank - j.split});
+    factors.push_back({"up", "down", "ld_up", "ld_down", "dtypes", j.up, j.down, j.ld_up, j.ld_down,
+                       j.dtypes & 15, (j.dtypes >> 4) & 15, j.split});
+    factors.push_back({"up2", "down2", "ld_up2", "ld_down2", "dtypes", j.up2, j.down2, j.ld_up2, j.ld_down2,
+                       (j.dtypes >> 8) & 15, (j.dtypes >> 12) & 15, j.rank - j.split});
   }
   for (const Factor& f : factors) {
     if (f.rank == 0) continue;
-    if (f.dt_up > 2 || f.dt_down > 2) fail("factor dtype code is not 0, 1 or 2");
-    if (f.up == 0 || f.down == 0) fail("null address");
-    if (f.ld_up < f.rank || f.ld_down < j.cols) fail("a row stride is shorter than its row");
+    if (f.dt_up > 2 || f.dt_down > 2) fail(f.dtype_name, "factor dtype code is not 0, 1 or 2");
+    if (f.up == 0) fail(f.up_name, "null address");
+    if (f.down == 0) fail(f.down_name, "null address");
+    if (f.ld_up < f.rank) fail(f.ld_up_name, short_row(f.ld_up, f.rank));
+    if (f.ld_down < j.cols) fail(f.ld_down_name, short_row(f.ld_down, j.cols));
     const int64_t eu = element_size(f.dt_up), ed = element_size(f.dt_down);
-    if (f.up % eu || f.down % ed) fail("misaligned address");
-    if (overlap(dst, span(f.up, j.rows, f.rank, f.ld_up, eu)) ||
-        overlap(dst, span(f.down, f.rank, j.cols, f.ld_down, ed))) {
-      fail("up or down overlaps dst");
-    }
+    if (f.up % eu) fail(f.up_name, "misaligned address");
+    if (f.down % ed) fail(f.down_name, "misaligned address");
+    if (overlap(dst, span(f.up, j.rows, f.rank, f.ld_up, eu))) fail(f.up_name, "overlaps dst");
+    if (overlap(dst, span(f.down, f.rank, j.cols, f.ld_down, ed))) fail(f.down_name, "overlaps dst");
   }
 }
 
