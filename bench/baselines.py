@@ -1,6 +1,6 @@
 """What the engine is measured against: the authors' dense path, diffusers' fuse (via PEFT), the floors.
 
-- `dense_merge`: our own implementation of the authors' formula (DESIGN.md section 1): per layer the dense
+- `dense_merge`: our own implementation of the authors' formula (docs/design.md section 1): per layer the dense
   deltas ``dW_c = s_c B_c A_c``, ``dW_s`` (fp32), ``(m_c, m_s) = hypernet(concat(dW_c.T, dW_s.T))`` for the
   hypernet parts, ``dW = dW_c * m_c + dW_s * m_s`` (else ``dW_c + dW_s``), then ``W = W0 + dW``.
 - `PeftFuse`: what diffusers' ``fuse_lora`` does under the hood — PEFT's ``inject_adapter_in_model`` plus each

@@ -12,7 +12,6 @@ from engine_models import AttentionStack, attention_shapes
 import lorarar_kernels as lk
 from lorarar_kernels import factors
 from lorarar_kernels.ops import native
-from lorarar_kernels.plan import plan_pair
 
 WHY = native.CPP.unavailable(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"cpp backend unavailable: {WHY}")
@@ -29,20 +28,6 @@ def hypernet():
 def pair(seed=1, dtype=torch.float32):
     c, s = rand_lora(SHAPES, 4, seed, scale=0.75), rand_lora(SHAPES, 6, seed + 1, scale=1.25)
     return c.to(dtype=dtype), s.to(dtype=dtype)
-
-
-def test_plan_in_place_keeps_sources_and_packs_on_demand():
-    c, s = pair()
-    net = hypernet()
-    packed = plan_pair(c, s, net)
-    lazy = plan_pair(c, s, net, reads_lora_factors=True)
-    for name, f in lazy.items():
-        p = packed[name]
-        assert (f.packed is None) == (f.mode != "hypernet"), name  # hypernet layers' coefficients need A_cat
-        assert torch.equal(f.up, p.up) and torch.equal(f.down, p.down), name
-        assert (f.col_scale is None) == (p.col_scale is None)
-        if f.col_scale is not None:
-            assert torch.equal(f.col_scale, p.col_scale), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lorarar_kernels as lk
 from lorarar_kernels.errors import LoraRarError
 from lorarar_kernels.ops import FactorSource, native
-from lorarar_kernels.plan import plan_pair
 
 WHY = native.CPP.unavailable(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"native CPU kernels unavailable: {WHY}")
@@ -99,34 +97,3 @@ def test_pack_refuses_overlaps_before_writing():
         assert torch.isnan(buf).all(), "a refused table wrote something"
     with pytest.raises(LoraRarError, match="float32"):
         native.pack_factors([(up, 1.0, down, u[:, :4].double(), d[:4])])
-
-
-def test_plan_native_and_torch_packing_agree():
-    """plan_pair packs natively on the CPU and with torch ops under autograd: the same factors, bitwise."""
-    shapes = [("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 64, 64),
-              ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 64, 96),
-              ("up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0", 64, 64)]  # fmt: skip
-    gen = torch.Generator().manual_seed(3)
-
-    def lora(rank, dtype, scale):
-        return lk.LoRA({n: lk.LoRALayer((torch.randn(rank, i, generator=gen) * 0.1).to(dtype),
-                                        (torch.randn(o, rank, generator=gen) * 0.1).to(dtype), scale)
-                        for n, o, i in shapes})  # fmt: skip
-
-    torch.manual_seed(0)
-    net = lk.Hypernet(widths=(64,), hidden=16)
-    for c, s in (
-        (lora(5, torch.float16, 0.75), lora(3, torch.float32, 1.25)),
-        (lora(4, torch.bfloat16, 1.0), lora(2, torch.float64, 0.5)),  # fp64: the torch path for all
-    ):
-        assert_same_plan(plan_pair(c, s, net), plan_pair(c, s, net, grad=True))
-
-
-def assert_same_plan(fast, slow):
-    assert fast.keys() == slow.keys()
-    for n in fast:
-        a, b = fast[n], slow[n]
-        assert torch.equal(a.up, b.up.detach()) and torch.equal(a.down, b.down.detach()), n
-        assert (a.col_scale is None) == (b.col_scale is None), n
-        if a.col_scale is not None:
-            assert torch.equal(a.col_scale, b.col_scale.detach()), n

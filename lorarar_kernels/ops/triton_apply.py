@@ -2,7 +2,7 @@
 
     dst = round(fp32(src) + up @ (down * S))   per layer, S[k, j] = col_scale[0 if k < split else 1, j]
 
-Layout (DESIGN.md section 3): a swap touches hundreds of layers, so one launch covers every layer of a
+Layout (docs/design.md section 3): a swap touches hundreds of layers, so one launch covers every layer of a
 dtype. Each layer is a row of an int64 *layer table* holding element offsets of its tensors from the
 launch's two base tensors (the group's first ``dst`` for weights, its first ``up`` for the fp32 factors),
 plus its sizes and the index of its first tile. Programs are (layer, row tile, column tile) triples,

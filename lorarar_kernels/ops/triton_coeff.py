@@ -8,7 +8,7 @@ For a layer with ``up = [s_c B_c | s_s B_s]`` ([out, R]), ``down = [A_c ; A_s]``
     m_c = out[0], m_s = out[1]                                 (so ``out`` is the ApplyJob's col_scale)
 
 which equals the hypernetwork applied to every column ``concat(dW_c[:, j], dW_s[:, j])`` of the dense
-deltas (DESIGN.md section 2) without forming them. A program owns one layer's ``BLOCK_N`` columns: it
+deltas (docs/design.md section 2) without forming them. A program owns one layer's ``BLOCK_N`` columns: it
 builds ``H = relu(P @ down + b1)`` ([HIDDEN, BLOCK_N], fp32 ``tl.dot``) in registers and reduces it with
 the two rows of ``W2`` at once; ``H`` never reaches memory. Layers are addressed through an int64 table
 of element offsets, as in `triton_apply`. Inference only (no autograd): the differentiable version is

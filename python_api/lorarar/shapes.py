@@ -2,7 +2,7 @@
 
 SDXL base: 70 transformer blocks (10 at width 640, 60 at 1280), each with self-attention (``attn1``) and
 cross-attention (``attn2``, keys/values from the 2048-wide text context): 560 linear layers, 955.2 M
-weights (DESIGN.md section 1).
+weights (docs/design.md section 1).
 """
 
 from __future__ import annotations
