@@ -51,7 +51,7 @@ class TargetState:
     weights), `restore`. Validity, one mechanism: `generation` counts the transitions; a prepared swap is
     fresh while the generation is the one of its lease, and a merge's factors are live while their workspace
     was not leased again (`Workspace.leased_at`); weights and LoRA factors changed behind the engine's back
-    are caught by per-tensor stamps (`factors.tensor_stamp`). `keep` and the current workspace are derived
+    are caught by per-tensor stamps (`factors.tensor_stamp`). `keep_original` and the current workspace are derived
     from `current`.
     """
 
@@ -67,17 +67,17 @@ class TargetState:
         self.work_lock = threading.RLock()
 
     @property
-    def keep(self) -> str | None:
+    def keep_original(self) -> str | None:
         """The keep_original mode of the weights now (None when nothing is merged)."""
-        return None if self.current is None else self.current._keep
+        return None if self.current is None else self.current._keep_original
 
     def keep_mode(self, keep_original: str | None) -> str:
         """The mode a new merge uses: the current one; a different explicit one is refused."""
-        if self.keep is not None and keep_original not in (None, self.keep):
+        if self.keep_original is not None and keep_original not in (None, self.keep_original):
             raise LoraRarError(
-                f"target was first merged with keep_original={self.keep!r}; restore() before changing it"
+                f"target was first merged with keep_original={self.keep_original!r}; restore() before changing it"
             )
-        return self.keep or keep_original or "device"
+        return self.keep_original or keep_original or "device"
 
     def check_untouched(self) -> None:
         """TargetModifiedError unless every touched weight is as the engine left it."""
@@ -124,7 +124,7 @@ class TargetState:
                 for name in swap._old_only:  # touched by the old pair only
                     _restore_layer(self.layers.pop(name))
                 self.layers.update(swap._new)
-                if swap._keep == "host":
+                if swap._keep_original == "host":
                     for name in swap._plan:
                         layer = self.layers[name]
                         layer.param.copy_(layer.snapshot, non_blocking=True)
@@ -137,7 +137,7 @@ class TargetState:
             timings = {"prepare_s": swap.prepare_s, "apply_s": time.perf_counter() - t0}
             self.current = Merge(
                 swap._root, swap._plan, swap.backend, timings, swap.content, swap.style, swap._recipe,
-                keep=swap._keep, slot=swap._slot, lease=swap._generation,
+                keep_original=swap._keep_original, slot=swap._slot, lease=swap._generation,
             )  # fmt: skip
             self.generation += 1
             return self.current
@@ -187,12 +187,24 @@ class Merge:
     """Handle of one merge. ``restore()`` from any handle restores the target's original weights."""
 
     def __init__(
-        self, target, plan, backend, timings, content, style, recipe=None, *, keep="device", slot=0, lease=0
+        self,
+        target,
+        plan,
+        backend,
+        timings,
+        content,
+        style,
+        recipe=None,
+        *,
+        keep_original="device",
+        slot=0,
+        lease=0,
     ) -> None:
         self._target = weakref.ref(target)
         self._recipe = recipe or {}  # hypernet, coefficients, hyper_parts: to rebuild the plan on export
         self._plan: dict[str, LayerFactors] = plan
-        self._keep, self._slot, self._lease = keep, slot, lease  # factors cut from workspace slot at lease
+        self._keep_original = keep_original
+        self._slot, self._lease = slot, lease  # the factors were cut from workspace `slot` at lease `lease`
         self.backend: str = backend
         self.timings: dict[str, float] = timings
         self.content: LoRA | None = content
@@ -300,7 +312,7 @@ class PreparedSwap:
     """
 
     def __init__(self, root, state, keep, plan, weights, chosen, content, style, t0, lease, recipe) -> None:
-        self._root, self._state, self._keep = root, state, keep
+        self._root, self._state, self._keep_original = root, state, keep
         self._plan, self.content, self.style = plan, content, style
         self._slot, self._generation = lease
         self._recipe = recipe

@@ -51,7 +51,7 @@ class PairRule:
     content: LoRA | None
     style: LoRA | None
     layers: tuple[LayerRule, ...]
-    parts: tuple[str, ...]  # the parts merged through the hypernetwork (() without one)
+    hyper_parts: tuple[str, ...]  # the parts merged through the hypernetwork (() without one)
 
 
 def part_of(name: str, parts: Sequence[str]) -> str | None:

@@ -32,7 +32,7 @@ def test_hyper_parts_none_means_the_networks_own_and_a_subset_is_allowed():
     assert net.parts == ("to_q", "to_out.0")
     rule = merge_rule(c, s, net)
     hyper = {r.name for r in rule.layers if r.mode == "hypernet"}
-    assert hyper == {n for n in c if part_of(n, net.parts)} and rule.parts == net.parts
+    assert hyper == {n for n in c if part_of(n, net.parts)} and rule.hyper_parts == net.parts
     only_q = merge_rule(c, s, net, hyper_parts=["to_q"])
     assert {r.name for r in only_q.layers if r.mode == "hypernet"} == {n for n in c if n.endswith("to_q")}
 
