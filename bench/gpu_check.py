@@ -11,12 +11,13 @@ Built to survive a failure, since a lease is short:
 2. Every stage runs in its own process (`gpu_stages.py`), each backend separately, with a time limit: a
    sticky CUDA error or a hang loses that row only. The markdown table ``gpu_table.md`` in the output
    folder is rewritten after every row, so a run cut short still leaves what it measured.
-3. Order: copy bandwidth; the GPU tests of ``tests/`` (pytest); correctness on odd shapes (partial tiles,
-   ragged and misaligned rows, many rank chunks) per backend; then per backend SDXL's 560 attention
-   layers per dtype: correctness, ``apply()`` (host + launch + kernel, synchronised), the prepared plan's
-   run back to back (device time; kernel time and launch count from torch.profiler), its CUDA-graph
-   replay (checked bit for bit against the eager result); ``plan_pair`` per coefficient kernel.
-   Each timing row gives TB/s of the bytes that must move and the fraction of the measured copy bandwidth.
+3. Order: copy bandwidth; correctness on odd shapes (partial tiles, ragged and misaligned rows: the
+   scalar epilogue and Triton's masks; many rank chunks; in place) per backend; then per backend SDXL's
+   560 attention layers per dtype: correctness, ``apply()`` (host + launch + kernel, synchronised), the
+   prepared plan's run back to back (device time; kernel time and GPU activities from torch.profiler),
+   its CUDA-graph replay (checked bit for bit against the eager result); the GPU tests of ``tests/``
+   (pytest); ``plan_pair`` per coefficient kernel. Each timing row gives TB/s of the bytes that must
+   move, the fraction of the measured copy bandwidth and the ratio to the memory floor.
 ``--dry-run`` runs exactly this on CPU tensors (few layers, Triton in its interpreter, pytest only
 collecting), without installing: the test suite runs it so that the command cannot rot.
 Exit status: 1 when a check failed or a stage crashed, else 0.
@@ -154,7 +155,7 @@ def run_stage(cmd: list[str], timeout: float, report: Report, logf, label: str) 
     return rc, tail
 
 
-def install(out: Path, report: Report) -> None:
+def install(out: Path, report: Report, quick: bool) -> None:
     """pip install the checkout with CUDA, else without; never raises (the run goes on either way)."""
     env = dict(os.environ)
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 4))
@@ -162,12 +163,12 @@ def install(out: Path, report: Report) -> None:
     if nvcc:
         env["CUDACXX"] = nvcc
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "."]
-    for mode in ("ON", "OFF"):
+    for mode, limit in (("ON", 150 if quick else 240), ("OFF", 90 if quick else 120)):
         log(f"install: {' '.join(cmd[2:])}  (LORARAR_CUDA={mode}, CUDACXX={env.get('CUDACXX', 'unset')})")
         t = time.perf_counter()
         try:
             res = subprocess.run(cmd, cwd=REPO, env=dict(env, LORARAR_CUDA=mode), capture_output=True, text=True,
-                                 timeout=420, check=False)  # fmt: skip
+                                 timeout=limit, check=False)  # fmt: skip
             rc, text = res.returncode, res.stdout + res.stderr
         except subprocess.TimeoutExpired as exc:
             rc, text = -1, f"timed out after {exc.timeout} s"
@@ -218,7 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
     p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default $OUT, else bench/results/gpu)"
+        "--out", type=Path, default=None, help="output folder (default $OUT, else out/gpu)"
     )
     p.add_argument(
         "--quick", action="store_true", help="under 3 minutes: 56 layers, fp16+fp32, fewer repeats"
@@ -252,14 +253,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = args.out or Path(os.environ.get("OUT") or REPO / "bench" / "results" / "gpu")
+    out = args.out or Path(os.environ.get("OUT") or REPO / "out" / "gpu")
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out / "gpu_table.md")
     mode = "dry run (CPU)" if args.dry_run else "quick" if args.quick else "full"
     report.header.append(f"`python3 bench/gpu_check.py{' --quick' if args.quick else ''}{' --dry-run' if args.dry_run else ''}`"
                          f" ({mode}; fraction {args.fraction}, {args.iters} iterations, budget {args.budget:.0f} s)")  # fmt: skip
     if not (args.dry_run or args.no_install):
-        install(out, report)
+        install(out, report, args.quick)
     versions(report, args.dry_run)
     common = ["--dtypes", ",".join(args.dtypes), "--fraction", str(args.fraction), "--iters", str(args.iters)]
     common += ["--cpu"] if args.dry_run else []
@@ -273,12 +274,17 @@ def main(argv=None) -> int:
         )
         common += ["--bw", str(bw)]
         plan: list[tuple[str, list[str], float]] = []
-        if not args.no_tests:
-            tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
-            tests += ["--collect-only"] if args.dry_run else ["-k", "not coefficients"] if args.quick else []
-            plan.append(("pytest", tests, 120 if args.dry_run else 100 if args.quick else 200))
         plan += [(f"odd {b}", py + ["odd", b] + common, 120 if args.quick else 180) for b in args.backends]
         plan += [(f"sdxl {b}", py + ["sdxl", b] + common, long_limit) for b in args.backends]
+        if not args.no_tests:  # after the stages only a GPU can give (timings); the odd stage checked first
+            tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            if args.dry_run:
+                tests += [*GPU_TESTS, "--collect-only"]
+            elif args.quick:
+                tests += [GPU_TESTS[0], GPU_TESTS[1], "-k", "cuda or graph or odd_shape or grouped_mixed"]
+            else:
+                tests += GPU_TESTS
+            plan.append(("pytest", tests, 120 if args.dry_run else 60 if args.quick else 150))
         plan.append(("prepare", py + ["prepare"] + common + ["--iters", "3" if args.quick else "5"], 90))
         for label, cmd, limit in plan:
             left = args.budget - (time.perf_counter() - T0)
@@ -290,7 +296,8 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 rc, tail = run_stage(cmd, min(limit, left), report, logf, label)
                 summary = next((x for x in reversed(tail) if x.strip()), f"exit {rc}").strip("= ")
-                report.rows["tests"].append([" ".join(GPU_TESTS) + (" (collect only)" if args.dry_run else ""),
+                report.rows["tests"].append([" ".join(x for x in cmd[5:] if x.startswith("tests/"))
+                                             + (" (collect only)" if args.dry_run else " (quick: -k)" if args.quick else ""),
                                              summary, f"{time.perf_counter() - t:.0f}"])  # fmt: skip
                 report.write()
             else:

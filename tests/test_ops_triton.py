@@ -204,6 +204,18 @@ def test_small_blocks_many_k_chunks(dtype):
     run_and_check(jobs, ta.Config(block_m=16, block_n=16, block_k=16, precision="ieee"))
 
 
+def test_default_precisions_and_fp32_tf32x3_path():
+    """Defaults: tf32x3 for fp32 weights (no spill, ~fp32 accuracy), tf32 for 16-bit; the fp32 default
+    meets the fp32 bound (1e-5 of the update) on a ragged layer with two rank chunks, here and on a GPU."""
+    for dtype, want in ((torch.float32, "tf32x3"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")):
+        assert ta._settings(dtype, 64, ta.Config())[3] == want
+    gen = torch.Generator().manual_seed(13)
+    job = make_job(150, 260, 40, torch.float32, gen, in_place=False)
+    src = job.src.clone()
+    ta.apply_grouped([job])
+    check(job, src)
+
+
 def test_plan_hot_swap_reuses_tables_and_equals_fresh_merge():
     """A TritonPlan re-run after new factors are written in place gives the fresh result, bit for bit."""
     gen = torch.Generator().manual_seed(7)

@@ -174,7 +174,7 @@ class Config:
     block_m: int | None = None
     block_n: int | None = None
     block_k: int | None = None
-    precision: str | None = None  # "ieee" or "tf32"
+    precision: str | None = None  # "ieee", "tf32" or "tf32x3" (see `precision_note`)
     num_warps: int | None = None
     num_stages: int | None = None
 
