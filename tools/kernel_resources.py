@@ -60,6 +60,8 @@ class Kernel:
 
     def problems(self) -> list[str]:
         out = []
+        if self.regs < 0:
+            out.append("no ptxas -v report for this kernel (cannot tell registers and spills)")
         if self.spill_st > 0 or self.spill_ld > 0:
             out.append(f"spills {self.spill_st} B stores / {self.spill_ld} B loads")
         if self.sixteen_bit:
@@ -137,8 +139,7 @@ def parse_sass(text: str) -> dict[str, list[str]]:
 def memory_ops(instrs: list[str]) -> tuple[Counter, Counter, bool | None]:
     """Global/generic memory ops of the kernel and of its epilogue (after the last BAR.SYNC), and whether
     every 128-bit epilogue load comes before the first 128-bit epilogue store."""
-    last_bar = max((i for i, s in enumerate(instrs) if s.split()[-1].startswith("BAR.SYNC") or " BAR.SYNC" in s
-                    or s.startswith("BAR.SYNC")), default=-1)  # fmt: skip
+    last_bar = max((i for i, s in enumerate(instrs) if "BAR.SYNC" in s), default=-1)
     whole, epi, seq = Counter(), Counter(), []
     for i, s in enumerate(instrs):
         m = MEM_OP.match(s + " ")
