@@ -335,7 +335,7 @@ def main(argv=None) -> int:
                           "ptxas log of Triton's own ptxas call)")  # fmt: skip
             kernels += triton_kernels(cuobjdump, Path(tmp), not args.no_candidates)
     header.append(
-        f"re-run: `python tools/kernel_resources.py{' --out ' + str(args.out) if args.out else ''}`"
+        f"re-run: `python tools/kernel_resources.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
     text = report(kernels, header)
     print(text, end="")
