@@ -5,6 +5,12 @@ STAMP  := $(VENV)/.lorarar-installed
 # CPU machines get the local CPU build of torch; a machine with an NVIDIA driver takes pip's default build.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
+# nvcc for the CUDA kernels: $CUDACXX, else nvcc on PATH, else the toolkit's default place (CMake's CUDA
+# detection reads CUDACXX and otherwise looks only on PATH). Empty: the build goes on without CUDA.
+CUDACXX ?= $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
+ifneq ($(strip $(CUDACXX)),)
+export CUDACXX
+endif
 
 .PHONY: setup demo test bench lint clean
 setup: $(STAMP)
@@ -27,7 +33,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lorarar_kernels python_api tests bench
+	$(VENV)/bin/ruff check lorarar_kernels python_api tests bench tools
 
 clean:
 	rm -rf build $(VENV)

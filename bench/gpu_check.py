@@ -1,395 +1,311 @@
-"""One command for a GPU lease: install, check every GPU backend against the reference, time the SDXL swap.
+"""One command for a GPU lease: install, run the GPU tests, check every backend on odd and SDXL shapes, time.
 
-    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py              # on the GPU machine, from the repo root
-    python bench/gpu_check.py --dry-run                         # here: CPU-safe parts on 8 layers
+    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out "$OUT"          # GPU machine, repo root (~5 min)
+    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --quick --out "$OUT"  # under 3 minutes
+    python bench/gpu_check.py --dry-run --out /tmp/gpu-dry               # here: the same command on CPU
 
-Steps: (1) ``pip install --no-build-isolation --no-deps .`` with ``LORARAR_CUDA=ON``; (2) machine and
-versions; (3) copy bandwidth (a large device-to-device copy; bandwidth = read + write bytes / time);
-(4) per weight dtype, SDXL's 560 attention layers with rank 64 + 64 factors on the device and an
-on-device snapshot W0, jobs from ``plan_pair`` exactly as ``lk.merge``'s apply pass builds them
-(``dst = W``, ``src = W0``); for every GPU backend: poison W with NaN, apply, compare every layer with the
-fp64 result rounded once (within 1 ulp plus the fp32-accumulation and documented operand-rounding terms,
-see TOLERANCE) and with the `torch` backend (in ulps); (5) time the apply eagerly and replayed from a CUDA
-graph (capture of the apply only: prepare happens before), count kernel launches per swap
-(torch.profiler), and print a table: ms, TB/s of the bytes that must move (read W0 + write W + fp32
-factors), fraction of the copy bandwidth; (6) time ``plan_pair`` (the prepare's factors and
-coefficients) per coefficient kernel (cuda, triton, torch), for LoRAs seen before and new LoRA objects,
-with each kernel's largest relative difference from the torch coefficients. The table also goes to ``$OUT/gpu_table.md`` when OUT is set.
-A time budget (``--budget``) skips what is left rather than overrun the lease.
+Built to survive a failure, since a lease is short:
+1. ``pip install --no-build-isolation --no-deps --no-index .`` with ``LORARAR_CUDA=ON`` (nvcc from
+   ``$CUDACXX``, else PATH, else /usr/local/cuda/bin); if that fails, again with ``LORARAR_CUDA=OFF``, and
+   the run goes on either way (the logs land in the output folder).
+2. Every stage runs in its own process (`gpu_stages.py`), each backend separately, with a time limit: a
+   sticky CUDA error or a hang loses that row only. The markdown table ``gpu_table.md`` in the output
+   folder is rewritten after every row, so a run cut short still leaves what it measured.
+3. Order: copy bandwidth; correctness on odd shapes (partial tiles, ragged and misaligned rows: the
+   scalar epilogue and Triton's masks; many rank chunks; in place) per backend; then per backend SDXL's
+   560 attention layers per dtype: correctness, ``apply()`` (host + launch + kernel, synchronised), the
+   prepared plan's run back to back (device time; kernel time and GPU activities from torch.profiler),
+   its CUDA-graph replay (checked bit for bit against the eager result); the GPU tests of ``tests/``
+   (pytest); ``plan_pair`` per coefficient kernel. Each timing row gives TB/s of the bytes that must
+   move, the fraction of the measured copy bandwidth and the ratio to the memory floor.
+``--dry-run`` runs exactly this on CPU tensors (few layers, Triton in its interpreter, pytest only
+collecting), without installing: the test suite runs it so that the command cannot rot.
+Exit status: 1 when a check failed or a stage crashed, else 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import os
 import platform
-import statistics
+import shutil
 import subprocess
 import sys
+import threading
 import time
-from functools import partial
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
+STAGES = Path(__file__).resolve().with_name("gpu_stages.py")
 T0 = time.perf_counter()
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-# Documented operand rounding before the fp32 accumulation, as a unit roundoff (DESIGN.md section 3):
-# cuda rounds up and down*S to the 16-bit weight type for the MMA (fp32 weights: 3xTF32 ~ fp32); triton
-# uses TF32 operands for 16-bit weights (10-bit mantissa) and exact fp32 ("ieee") for fp32 weights.
-TOLERANCE = {
-    ("cuda", torch.float16): 2.0**-11,
-    ("cuda", torch.bfloat16): 2.0**-8,
-    ("cuda", torch.float32): 2.0**-22,
-    ("triton", torch.float16): 2.0**-11,
-    ("triton", torch.bfloat16): 2.0**-11,
-}
+GPU_TESTS = ["tests/test_ops_native.py", "tests/test_ops_triton.py", "tests/test_grouped_coefficients.py"]
 
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
+def find_nvcc() -> str | None:
+    """$CUDACXX, else nvcc on PATH, else the CUDA toolkit's default place (CMake looks only on PATH)."""
+    for cand in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+class Report:
+    """The markdown table of a run, rewritten to ``path`` after every change."""
+
+    CHECK = ["backend", "dtype", "shapes", "check", "error / tolerance", "error / strict bound", "ulp vs torch",
+             "u (operand rounding)", "note"]  # fmt: skip
+    TIME = ["backend", "dtype", "mode", "ms", "host ms", "TB/s", "fraction of copy BW", "x floor",
+            "GPU activities", "kernel ms (profiler)", "check", "note"]  # fmt: skip
+    PREP = ["coefficient kernel", "LoRAs", "plan_pair ms", "max rel diff vs torch", "note"]
+    TESTS = ["tests", "result", "seconds"]
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.header: list[str] = []
+        self.rows: dict[str, list[list[str]]] = {"tests": [], "check": [], "time": [], "prepare": []}
+        self.notes: list[str] = []
+        self.failed = False
+
+    def write(self) -> None:
+        def table(head, rows):
+            return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+                "| " + " | ".join(str(c) for c in r) + " |" for r in rows
+            ]
+
+        text = ["# GPU check: kernels on the device, SDXL hot swap from an on-device snapshot", ""]
+        text += [f"- {h}" for h in self.header] + [""]
+        text += ["## GPU tests (pytest)", "", *table(self.TESTS, self.rows["tests"]), ""]
+        text += ["## Correctness (every layer vs round(fp64), NaN-poisoned outputs)", ""]
+        text += [*table(self.CHECK, self.rows["check"]), ""]
+        text += ["## Apply: the pass over the weights", "", *table(self.TIME, self.rows["time"]), ""]
+        text += [
+            "## Prepare: factors and coefficients (`plan_pair`)",
+            "",
+            *table(self.PREP, self.rows["prepare"]),
+        ]
+        text += ["", *[f"- {n}" for n in self.notes], f"- elapsed {time.perf_counter() - T0:.0f} s", ""]
+        if self.path is not None:
+            self.path.write_text("\n".join(text))
+        self.text = "\n".join(text)
+
+    def event(self, ev: dict) -> None:
+        f = lambda x, spec=".3f": "—" if x is None else format(x, spec)  # noqa: E731
+        kind = ev.get("kind")
+        if kind == "bandwidth":
+            self.header.append(
+                f"copy bandwidth {ev['bytes_per_s'] / 1e12:.3f} TB/s (device-to-device, read + write)"
+            )
+        elif kind == "workload":
+            if ev["text"] not in self.header:
+                self.header.append(ev["text"])
+        elif kind == "check":
+            self.failed |= ev["verdict"] == "FAIL"
+            self.rows["check"].append([ev["backend"], ev["dtype"], ev["shapes"], ev["verdict"],
+                                       f(ev.get("tol"), ".3g"), f(ev.get("strict"), ".3g"), f(ev.get("vs_torch"), ".2f"),
+                                       f(ev.get("u"), ".2g"), ev.get("note") or ev.get("worst", "")])  # fmt: skip
+        elif kind == "time":
+            self.rows["time"].append([ev["backend"], ev["dtype"], ev["mode"], f(ev["ms"]), f(ev["host_ms"]),
+                                      f(ev["tbps"]), f(ev["bw_frac"], ".2f"), f(ev["x_floor"], ".2f"), ev["launches"],
+                                      f(ev["kernel_ms"]), ev["check"], ev["note"]])  # fmt: skip
+        elif kind == "prepare":
+            self.rows["prepare"].append([ev["kernel"], ev["loras"], f(ev["ms"], ".2f"), f(ev["diff"], ".2e"),
+                                         ev.get("note", "")])  # fmt: skip
+        elif kind == "note":
+            self.notes.append(ev["text"])
+        self.write()
+
+
+def run_stage(cmd: list[str], timeout: float, report: Report, logf, label: str) -> tuple[int, list[str]]:
+    """Run one stage process, feeding its ``@@`` lines to the report as they arrive; kill it at ``timeout``."""
+    log(f"{label}: {' '.join(cmd[1:])}")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    tail: list[str] = []
+    t = time.perf_counter()
+    try:
+        for line in proc.stdout:
+            logf.write(line)
+            logf.flush()
+            if line.startswith("@@ "):
+                ev = json.loads(line[3:])
+                report.event(ev)
+                log(
+                    f"{label}: "
+                    + " | ".join(f"{k}={v}" for k, v in ev.items() if k != "kind" and v not in ("", None))
+                )
+            else:
+                tail = (tail + [line.rstrip()])[-15:]
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    if rc != 0:
+        why = f"killed after {timeout:.0f} s" if rc < 0 else f"exit {rc}"
+        report.notes.append(f"stage `{label}` {why} after {time.perf_counter() - t:.0f} s; last output: "
+                            + " / ".join(x for x in tail[-3:] if x)[:400])  # fmt: skip
+        report.failed = True
+        report.write()
+        log(f"{label}: {why}\n" + "\n".join(tail))
+    return rc, tail
+
+
+def install(out: Path, report: Report, quick: bool) -> None:
+    """pip install the checkout with CUDA, else without; never raises (the run goes on either way)."""
+    env = dict(os.environ)
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 4))
+    nvcc = find_nvcc()
+    if nvcc:
+        env["CUDACXX"] = nvcc
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "."]
+    for mode, limit in (("ON", 150 if quick else 240), ("OFF", 90 if quick else 120)):
+        log(f"install: {' '.join(cmd[2:])}  (LORARAR_CUDA={mode}, CUDACXX={env.get('CUDACXX', 'unset')})")
+        t = time.perf_counter()
+        try:
+            res = subprocess.run(cmd, cwd=REPO, env=dict(env, LORARAR_CUDA=mode), capture_output=True, text=True,
+                                 timeout=limit, check=False)  # fmt: skip
+            rc, text = res.returncode, res.stdout + res.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, text = -1, f"timed out after {exc.timeout} s"
+        (out / f"install_cuda_{mode.lower()}.log").write_text(text)
+        if rc == 0:
+            report.header.append(f"installed with LORARAR_CUDA={mode} in {time.perf_counter() - t:.0f} s")
+            log(f"install: done (LORARAR_CUDA={mode})")
+            return
+        report.notes.append(
+            f"install with LORARAR_CUDA={mode} failed (exit {rc}); see install_cuda_{mode.lower()}.log"
+        )
+        report.failed = True
+        log(f"install (LORARAR_CUDA={mode}) failed:\n{text[-3000:]}")
+    report.header.append("install failed with and without CUDA: using the lorarar_kernels already importable")
+
+
+def versions(report: Report, dry: bool) -> None:
+    """Machine, versions and the backends the installed package offers, from a fresh process."""
+    code = (
+        "import platform, os, torch, lorarar_kernels as lk\n"
+        "try:\n import triton; tv = triton.__version__\nexcept ImportError: tv = 'absent'\n"
+        f"dev = torch.device('cuda' if torch.cuda.is_available() and not {dry} else 'cpu')\n"
+        "print(f'python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, triton {tv}')\n"
+        "if dev.type == 'cuda':\n p = torch.cuda.get_device_properties(dev)\n"
+        " print(f'GPU {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs')\n"
+        "else:\n print('no GPU: dry run on CPU tensors')\n"
+        "print(f'lorarar_kernels from {os.path.dirname(lk.__file__)}, compiled_with_cuda={lk.compiled_with_cuda()}')\n"
+        "print('backends: ' + ', '.join(f'{k}={v or \"ok\"}' for k, v in lk.backends(dev).items()))\n"
+    )  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=STAGES.parent, capture_output=True, text=True, check=False
+    )
+    lines = res.stdout.strip().splitlines() or [f"version probe failed: {res.stderr.strip()[-300:]}"]
+    sys.path.insert(0, str(STAGES.parent))
+    try:
+        from workload import git_commit
+
+        lines.append(f"commit {git_commit()}, host {platform.node()}, {os.cpu_count()} CPU cores")
+    except Exception:  # noqa: BLE001 - informational
+        pass
+    for line in lines:
+        log(line)
+    report.header += lines
+    report.write()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="no install, CPU tensors, few layers: a smoke test")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default $OUT, else out/gpu)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="under 3 minutes: 56 layers, fp16+fp32, fewer repeats"
+    )
+    p.add_argument("--dry-run", action="store_true", help="CPU tensors, few layers, no install: a smoke test")
     p.add_argument("--no-install", action="store_true", help="use the lorarar_kernels already importable")
+    p.add_argument("--no-tests", action="store_true", help="skip the pytest stage")
     p.add_argument(
-        "--fraction", type=int, default=None, help="every k-th SDXL attention layer (default 1; 70 dry)"
+        "--backends", default=None, help="comma list (default cuda,triton,torch; dry: cpp,torch,triton)"
     )
-    p.add_argument("--dtypes", default="fp16,bf16,fp32")
-    p.add_argument("--backends", default=None, help="to check and time (default cuda,triton,torch; dry: all)")
-    p.add_argument("--iters", type=int, default=20, help="timed repetitions per mode (median reported)")
-    p.add_argument(
-        "--budget", type=float, default=240.0, help="seconds after which remaining timings are skipped"
-    )
+    p.add_argument("--dtypes", default=None, help="comma list (default fp16,bf16,fp32; quick: fp16,fp32)")
+    p.add_argument("--fraction", type=int, default=None, help="every k-th SDXL attention layer (1 = all 560)")
+    p.add_argument("--iters", type=int, default=None, help="timed repetitions per mode")
+    p.add_argument("--budget", type=float, default=None, help="seconds after which stages are skipped")
     p.add_argument(
         "--hypernet", default=None, help="checkpoint (default: the official one if present, else random)"
     )
     args = p.parse_args(argv)
-    args.fraction = args.fraction or (70 if args.dry_run else 1)
-    args.dtypes = [d for d in args.dtypes.split(",") if d]
-    default = "cpp,torch,triton,cuda" if args.dry_run else "cuda,triton,torch"
-    args.backends = [b for b in (args.backends or default).split(",") if b]
+    quick, dry = args.quick, args.dry_run
+    args.backends = [
+        b for b in (args.backends or ("cpp,torch,triton" if dry else "cuda,triton,torch")).split(",") if b
+    ]
+    args.dtypes = (args.dtypes or ("fp32,bf16" if dry else "fp16,fp32" if quick else "fp16,bf16,fp32")).split(
+        ","
+    )
+    args.fraction = args.fraction or (280 if dry else 10 if quick else 1)
+    args.iters = args.iters or (1 if dry else 5 if quick else 20)
+    args.budget = args.budget or (170.0 if quick else 480.0)
     return args
-
-
-def install() -> None:
-    """``pip install --no-build-isolation --no-deps .`` (CUDA on), before lorarar_kernels is imported."""
-    env = dict(os.environ, LORARAR_CUDA="ON")
-    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 4))
-    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "."]
-    log("install: " + " ".join(cmd[2:]) + "  (LORARAR_CUDA=ON)")
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        print(res.stdout[-6000:], res.stderr[-6000:], sep="\n")
-        raise SystemExit(f"install failed (exit {res.returncode})")
-    log("install: done")
-
-
-def versions(device: torch.device) -> list[str]:
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = "absent"
-    out = [
-        f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-        + f"triton {tv}",
-        f"host {platform.node()}, {os.cpu_count()} CPU cores",
-    ]
-    if device.type == "cuda":
-        prop = torch.cuda.get_device_properties(device)
-        out.append(f"GPU {prop.name}, {prop.total_memory / 2**30:.0f} GiB, sm_{prop.major}{prop.minor}, "
-                   f"{prop.multi_processor_count} SMs")  # fmt: skip
-    else:
-        out.append("no GPU: dry run on CPU tensors")
-    return out
-
-
-class Timer:
-    """Wall time of a callable on ``device``: CUDA events on GPU, perf_counter on CPU; median of ``iters``."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, iters: int, warmup: int = 2) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, timer: Timer) -> float:
-    """Bytes per second of a large device-to-device copy, counting read + write."""
-    nbytes = (4 << 30) if device.type == "cuda" else (256 << 20)
-    x = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    y = torch.empty_like(x)
-    return 2 * nbytes / timer(partial(y.copy_, x), iters=10, warmup=3)
-
-
-def make_jobs(wl, dtype: torch.dtype, device: torch.device):
-    """(jobs, prepare seconds): W0 random on the device, W its destination, factors from plan_pair."""
-    from lorarar_kernels.ops import ApplyJob
-    from lorarar_kernels.plan import plan_pair
-
-    gen = torch.Generator(device=device).manual_seed(1)
-    w0, dst = {}, {}
-    for name, o, i in wl.shapes:
-        w0[name] = torch.randn(o, i, generator=gen, device=device).mul_(i**-0.5).to(dtype)
-        dst[name] = torch.empty_like(w0[name])
-    t = time.perf_counter()
-    plan = plan_pair(*wl.pairs[0], wl.hypernet, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    prep = time.perf_counter() - t
-    jobs = [
-        ApplyJob(
-            n, dst[n], w0[n], f.up, f.down, None if f.col_scale is None else f.col_scale.detach(), f.split
-        )
-        for n, f in plan.items()
-    ]
-    return jobs, prep
-
-
-def prepare_rows(wl, device: torch.device, iters: int) -> list[list[str]]:
-    """Time `plan_pair` (what `lk.prepare` spends on factors and coefficients) per coefficient kernel, for
-    LoRAs seen before (projections cached) and new LoRA objects (nothing cached); check each kernel's
-    coefficients against the torch path. Rows: kernel, LoRAs, ms (median, synchronised), max rel diff."""
-    from workload import fresh_copy
-
-    from lorarar_kernels import grouped_coefficients as gc
-    from lorarar_kernels.plan import plan_pair
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    want = plan_pair(*wl.pairs[0], wl.hypernet, device=device, coefficient_kernel="torch")
-    auto = gc.choose("auto", device, wl.hypernet, grad=False)
-    rows = []
-    for kernel in ("cuda", "triton", "torch"):
-        why = gc.unavailable(kernel, device)
-        if why is not None:
-            rows.append([kernel, "—", "—", f"unavailable: {why}"])
-            continue
-        got = plan_pair(*wl.pairs[0], wl.hypernet, device=device, coefficient_kernel=kernel)  # + warm-up
-        diff = max(
-            float((got[n].col_scale - f.col_scale).abs().max() / f.col_scale.abs().max())
-            for n, f in want.items()
-            if f.col_scale is not None
-        )
-        for cached in (True, False):
-            times = []
-            for it in range(iters):
-                pair = wl.pairs[it % 2] if cached else tuple(fresh_copy(x) for x in wl.pairs[it % 2])
-                sync()
-                t = time.perf_counter()
-                plan_pair(*pair, wl.hypernet, device=device, coefficient_kernel=kernel)
-                sync()
-                times.append(time.perf_counter() - t)
-            label = "seen before" if cached else "new objects"
-            tag = f"{kernel} (auto)" if kernel == auto else kernel
-            rows.append([tag, label, f"{statistics.median(times) * 1e3:.2f}", f"{diff:.2e}"])
-            log(" | ".join(rows[-1]))
-    return rows
-
-
-def check(jobs, impl_name: str, impl, dtype: torch.dtype, rank: int) -> dict:
-    """Poison, apply, compare each layer with round(fp64 exact) and with the torch backend."""
-    from lorarar_kernels.ops import ApplyJob
-    from lorarar_kernels.ops import reference as torch_backend
-
-    for j in jobs:
-        j.dst.fill_(float("nan"))
-    impl.apply(jobs)
-    worst_strict = worst_tol = worst_vs_torch = 0.0
-    eps_acc = 2 * (rank + 2) * 2.0**-24
-    eps_op = 2 * TOLERANCE.get((impl_name, dtype), 0.0)
-    for j in jobs:
-        down = j.down.double().clone()
-        if j.col_scale is not None:
-            down[: j.split] *= j.col_scale[0].double()
-            down[j.split :] *= j.col_scale[1].double()
-        exact = (j.src.double() + j.up.double() @ down).to(dtype)
-        terms = j.up.double().abs() @ down.abs()
-        ulp = (
-            torch.nextafter(exact.abs(), torch.full_like(exact.abs(), float("inf"))) - exact.abs()
-        ).double()
-        err = (j.dst.double() - exact.double()).abs()
-        err = torch.where(torch.isnan(j.dst), torch.full_like(err, float("inf")), err)
-        strict = ulp + eps_acc * (j.src.double().abs() + terms)
-        worst_strict = max(worst_strict, float((err / strict).max()))
-        worst_tol = max(worst_tol, float((err / (strict + eps_op * terms)).max()))
-        ref = torch.empty_like(j.dst)
-        torch_backend.apply_one(ApplyJob(j.name, ref, j.src, j.up, j.down, j.col_scale, j.split))
-        worst_vs_torch = max(worst_vs_torch, float(((j.dst.double() - ref.double()).abs() / ulp).max()))
-    return {
-        "ok": worst_tol <= 1.0,
-        "strict": worst_strict,
-        "tol": worst_tol,
-        "ulps_vs_torch": worst_vs_torch,
-        "eps_op": eps_op / 2,
-    }
-
-
-def count_launches(fn, device: torch.device) -> str:
-    """GPU activities (kernels, memcpy, memset) of one call, from torch.profiler."""
-    if device.type != "cuda":
-        return "n/a (CPU)"
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        return str(n)
-    except Exception as exc:  # noqa: BLE001 - the profiler is optional; report why it is missing
-        return f"n/a ({type(exc).__name__})"
-
-
-def graph_replay(fn, device: torch.device):
-    """A callable replaying ``fn`` from a CUDA graph (warm-up on a side stream, then capture), or a reason."""
-    if device.type != "cuda":
-        return None, "no CUDA"
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay, None
-    except Exception as exc:  # noqa: BLE001 - a backend that cannot be captured is a finding, not a crash
-        return None, f"capture failed: {type(exc).__name__}: {str(exc)[:120]}"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.dry_run and not args.no_install:
-        install()
-        importlib.invalidate_caches()
-    # after the install: the installed package (bench/ is sys.path[0], not the repository root)
-    from baselines import gpu_floor_seconds, swap_bytes
-    from workload import git_commit, make_workload
-
-    import lorarar_kernels as lk
-    from lorarar_kernels import dispatch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
-    header = versions(device)
-    header.append(f"lorarar_kernels from {Path(lk.__file__).parent}, commit {git_commit()}, "
-                  f"compiled_with_cuda={lk.compiled_with_cuda()}")  # fmt: skip
-    header.append(
-        "backends: " + ", ".join(f"{k}={'ok' if v is None else v}" for k, v in lk.backends(device).items())
-    )
-    for line in header:
-        log(line)
-    timer = Timer(device)
-    bw = copy_bandwidth(device, timer)
-    log(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
-    wl = make_workload(args.fraction, hypernet=args.hypernet, device=device)
-    header.append(f"copy bandwidth {bw / 1e12:.3f} TB/s (device-to-device, read + write)")
-    header.append(f"{len(wl.shapes)} SDXL attention layers, {wl.weights() / 1e6:.1f} M weights, rank "
-                  f"{wl.rank}+{wl.rank}, hypernet {wl.hypernet_source}")  # fmt: skip
-    log(header[-1])
-    rows, notes = [], []
-    prep_rows = prepare_rows(wl, device, iters=5 if args.dry_run else 10)
-    for dname in args.dtypes:
-        dtype = DTYPES[dname]
-        jobs, prep = make_jobs(wl, dtype, device)
-        nbytes = swap_bytes(wl.shapes, wl.update_rank, torch.tensor([], dtype=dtype).element_size())
-        nbytes += sum(4 * j.col_scale.numel() for j in jobs if j.col_scale is not None)
-        floor = gpu_floor_seconds(nbytes, bw)
-        log(f"{dname}: prepare (plan_pair, hypernet coefficients) {prep * 1e3:.1f} ms; "
-            f"{nbytes / 1e9:.2f} GB must move, floor {floor * 1e3:.3f} ms; "
-            f"auto -> {dispatch.choose('auto', device, dtype)[0]}")  # fmt: skip
-        for name in args.backends:
-            why = lk.backends(device).get(name, "unknown backend")
-            if why is not None:
-                notes.append(f"{name} {dname}: unavailable ({why})")
+    out = args.out or Path(os.environ.get("OUT") or REPO / "out" / "gpu")
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out / "gpu_table.md")
+    mode = "dry run (CPU)" if args.dry_run else "quick" if args.quick else "full"
+    report.header.append(f"`python3 bench/gpu_check.py{' --quick' if args.quick else ''}{' --dry-run' if args.dry_run else ''}`"
+                         f" ({mode}; fraction {args.fraction}, {args.iters} iterations, budget {args.budget:.0f} s)")  # fmt: skip
+    if not (args.dry_run or args.no_install):
+        install(out, report, args.quick)
+    versions(report, args.dry_run)
+    common = ["--dtypes", ",".join(args.dtypes), "--fraction", str(args.fraction), "--iters", str(args.iters)]
+    common += ["--cpu"] if args.dry_run else []
+    common += ["--hypernet", args.hypernet] if args.hypernet else []
+    py = [sys.executable, str(STAGES)]
+    long_limit = 300 if args.dry_run else 150 if args.quick else 240
+    with open(out / "gpu_log.txt", "w") as logf:
+        run_stage(py + ["bandwidth"] + common, 120, report, logf, "bandwidth")
+        bw = next(
+            (float(h.split()[2]) * 1e12 for h in report.header if h.startswith("copy bandwidth")), 4.3e12
+        )
+        common += ["--bw", str(bw)]
+        plan: list[tuple[str, list[str], float]] = []
+        plan += [(f"odd {b}", py + ["odd", b] + common, 120 if args.quick else 180) for b in args.backends]
+        plan += [(f"sdxl {b}", py + ["sdxl", b] + common, long_limit) for b in args.backends]
+        if not args.no_tests:  # after the stages only a GPU can give (timings); the odd stage checked first
+            tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            if args.dry_run:
+                tests += [*GPU_TESTS, "--collect-only"]
+            elif args.quick:
+                tests += [GPU_TESTS[0], GPU_TESTS[1], "-k", "cuda or graph or odd_shape or grouped_mixed"]
+            else:
+                tests += GPU_TESTS
+            plan.append(("pytest", tests, 120 if args.dry_run else 60 if args.quick else 150))
+        plan.append(("prepare", py + ["prepare"] + common + ["--iters", "3" if args.quick else "5"], 90))
+        for label, cmd, limit in plan:
+            left = args.budget - (time.perf_counter() - T0)
+            if left < 10:
+                report.notes.append(f"stage `{label}` skipped: past the {args.budget:.0f} s budget")
+                report.write()
                 continue
-            impl = dispatch.choose(name, device, dtype)[1]
-            res = check(jobs, name, impl, dtype, wl.update_rank)
-            verdict = "pass" if res["ok"] else "FAIL"
-            log(f"{name} {dname}: check {verdict}: error {res['strict']:.3g} x (1 ulp + fp32 accumulation), "
-                f"{res['tol']:.3g} x tolerance (operand rounding {res['eps_op']:.2g}); "
-                f"max {res['ulps_vs_torch']:.2f} ulp from the torch backend")  # fmt: skip
-            swap = partial(impl.apply, jobs)
-            launches = count_launches(swap, device)
-            for mode in ("eager", "graph"):
-                if time.perf_counter() - T0 > args.budget:
-                    notes.append(f"{name} {dname} {mode}: skipped, past the {args.budget:.0f} s budget")
-                    continue
-                if mode == "eager":
-                    fn, why = swap, None
-                else:
-                    fn, why = graph_replay(swap, device)
-                if fn is None:
-                    rows.append([name, dname, mode, "—", "—", "—", "—", launches, verdict, why])
-                    continue
-                t = timer(fn, iters=args.iters)
-                rows.append([
-                    name, dname, mode, f"{t * 1e3:.3f}", f"{nbytes / t / 1e12:.3f}", f"{nbytes / t / bw:.2f}",
-                    f"{t / floor:.2f}", f"{launches} in 1 graph" if mode == "graph" else launches, verdict,
-                    f"{res['ulps_vs_torch']:.2f} ulp vs torch",
-                ])  # fmt: skip
-                log(" | ".join(rows[-1]))
-        del jobs, swap
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    head = [
-        "backend",
-        "dtype",
-        "mode",
-        "ms",
-        "TB/s",
-        "x copy BW",
-        "x floor",
-        "launches/swap",
-        "check",
-        "note",
-    ]
-    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    table += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    prep_head = ["coefficient kernel", "LoRAs", "plan_pair ms", "max rel diff vs torch"]
-    prep_table = ["| " + " | ".join(prep_head) + " |", "|" + "---|" * len(prep_head)]
-    prep_table += ["| " + " | ".join(map(str, r)) + " |" for r in prep_rows]
-    text = "\n".join(
-        ["# GPU check: SDXL hot swap from an on-device snapshot", ""]
-        + [f"- {h}" for h in header]
-        + ["", "Apply (the pass over the weights):", "", *table, ""]
-        + ["Prepare (factors and coefficients, `plan_pair`):", "", *prep_table, ""]
-        + [f"- {n}" for n in notes]
-        + [f"- total {time.perf_counter() - T0:.0f} s"]
-    )
-    print(text)
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "gpu_table.md").write_text(text + "\n")
-    failed = [r for r in rows if r[8] == "FAIL"]
-    return 1 if failed else 0
+            if label == "pytest":
+                t = time.perf_counter()
+                rc, tail = run_stage(cmd, min(limit, left), report, logf, label)
+                summary = next((x for x in reversed(tail) if x.strip()), f"exit {rc}").strip("= ")
+                report.rows["tests"].append([" ".join(x for x in cmd[5:] if x.startswith("tests/"))
+                                             + (" (collect only)" if args.dry_run else " (quick: -k)" if args.quick else ""),
+                                             summary, f"{time.perf_counter() - t:.0f}"])  # fmt: skip
+                report.write()
+            else:
+                run_stage(cmd, min(limit, left), report, logf, label)
+    report.write()
+    print(report.text)
+    log(f"table written to {out / 'gpu_table.md'}")
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 //   fp32 weights: 3xTF32: x = hi + lo with hi = tf32(x), lo = tf32(x - hi); acc += lo*hi' + hi*lo' + hi*hi'
 //                 (m16n16k8 TF32 MMA, fp32 accumulation), error ~ that of fp32 FMA.
 // Epilogue: the accumulator tile goes to shared memory; the block then streams its rows: dst = round(
-// float32(src) + acc) with one round-to-nearest-even (16-byte vector loads/stores when aligned).
+// float32(src) + acc) with one round-to-nearest-even (128-bit loads and stores when aligned; all loads of a
+// thread before its stores, since src and dst may alias).
 // k runs in ascending chunks and each MMA's internal order is fixed by the hardware, so results are
 // deterministic for a given GPU. No host sync, no allocation: the launch is graph-capturable.
 #include <cuda_bf16.h>
@@ -82,16 +83,19 @@ constexpr size_t smem_bytes() {
   return operand_bytes<DT>() > c ? operand_bytes<DT>() : c;
 }
 
-// Eight consecutive weights <-> floats.
-__device__ inline void unpack8(const uint4& v, float* f, __half) {
+// Eight consecutive weights <-> floats. `v` is a register copy (by value): reading a reference into global
+// memory through __half2* would make the compiler issue four 32-bit loads instead of one 128-bit load.
+__device__ inline void unpack8(uint4 v, float* f, __half) {
   const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 t = __half22float2(h[i]);
     f[2 * i] = t.x, f[2 * i + 1] = t.y;
   }
 }
-__device__ inline void unpack8(const uint4& v, float* f, __nv_bfloat16) {
+__device__ inline void unpack8(uint4 v, float* f, __nv_bfloat16) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 t = __bfloat1622float2(h[i]);
     f[2 * i] = t.x, f[2 * i + 1] = t.y;
@@ -100,14 +104,21 @@ __device__ inline void unpack8(const uint4& v, float* f, __nv_bfloat16) {
 __device__ inline uint4 pack8(const float* f, __half) {
   uint4 v;
   __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
   for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
   return v;
 }
 __device__ inline uint4 pack8(const float* f, __nv_bfloat16) {
   uint4 v;
   __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
   for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
   return v;
+}
+__device__ inline void unpack8(uint4 lo, uint4 hi, float* f) {
+  const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = __uint_as_float(w[i]);
 }
 __device__ inline float to_float(__half x) { return __half2float(x); }
 __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -220,40 +231,65 @@ __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
   __syncthreads();
 
   // Stream the tile: each thread owns 8 consecutive columns of a row per step; 16 threads cover a row.
+  // Where the 8 columns are in range and both rows 16-byte aligned (every SDXL layer), all of a thread's
+  // source chunks are loaded before any store (src and dst may be the same tensor, so a store would
+  // otherwise hold back the next load): 128-bit loads through L2 (`__ldcg`; never `__ldg`, whose
+  // read-only path is undefined when dst aliases src) and 128-bit `__stcg` stores. Other chunks (ragged
+  // right edge, misaligned rows) go element by element, each chunk's loads before its stores.
   const W* src = reinterpret_cast<const W*>(job.src);
   W* dst = reinterpret_cast<W*>(job.dst);
   constexpr int CHUNKS = BN / 8, STEPS = BM * CHUNKS / THREADS;
+  constexpr int VECS = sizeof(W) * 8 / sizeof(uint4);  // 16-byte vectors per 8 weights: 1 (16-bit), 2 (fp32)
+  uint4 raw[STEPS][VECS];
+  unsigned vec = 0, inside = 0;  // bit s: step s is a full aligned chunk / has a column in the layer
 #pragma unroll
   for (int s = 0; s < STEPS; ++s) {
     const int e = s * THREADS + threadIdx.x;
     const int i = e / CHUNKS, j = (e % CHUNKS) * 8;
     const int64_t r = r0 + i, c = c0 + j;
     if (r >= job.rows || c >= job.cols) continue;
-    const float* a = Cs + i * LDC + j;
+    inside |= 1u << s;
     const W* ps = src + r * job.ld_src + c;
-    W* pd = dst + r * job.ld_dst + c;
+    const W* pd = dst + r * job.ld_dst + c;
     const uintptr_t addr_bits = reinterpret_cast<uintptr_t>(ps) | reinterpret_cast<uintptr_t>(pd);
-    const bool vec = c + 8 <= job.cols && (addr_bits & 15) == 0;
+    if (c + 8 <= job.cols && (addr_bits & 15) == 0) {
+      vec |= 1u << s;
+#pragma unroll
+      for (int q = 0; q < VECS; ++q) raw[s][q] = __ldcg(reinterpret_cast<const uint4*>(ps) + q);
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < STEPS; ++s) {
+    if (!(inside >> s & 1)) continue;
+    const int e = s * THREADS + threadIdx.x;
+    const int i = e / CHUNKS, j = (e % CHUNKS) * 8;
+    const int64_t r = r0 + i, c = c0 + j;
+    const float* a = Cs + i * LDC + j;
+    W* pd = dst + r * job.ld_dst + c;
     float v[8];
-    if (vec) {
+    if (vec >> s & 1) {
       if constexpr (DT == kFloat32) {
-        const float4 x0 = reinterpret_cast<const float4*>(ps)[0], x1 = reinterpret_cast<const float4*>(ps)[1];
-        v[0] = x0.x, v[1] = x0.y, v[2] = x0.z, v[3] = x0.w;
-        v[4] = x1.x, v[5] = x1.y, v[6] = x1.z, v[7] = x1.w;
+        unpack8(raw[s][0], raw[s][VECS - 1], v);
       } else {
-        unpack8(*reinterpret_cast<const uint4*>(ps), v, W());
+        unpack8(raw[s][0], v, W());
       }
 #pragma unroll
       for (int t = 0; t < 8; ++t) v[t] += a[t];
       if constexpr (DT == kFloat32) {
-        reinterpret_cast<float4*>(pd)[0] = make_float4(v[0], v[1], v[2], v[3]);
-        reinterpret_cast<float4*>(pd)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        __stcg(reinterpret_cast<float4*>(pd), make_float4(v[0], v[1], v[2], v[3]));
+        __stcg(reinterpret_cast<float4*>(pd) + 1, make_float4(v[4], v[5], v[6], v[7]));
       } else {
-        *reinterpret_cast<uint4*>(pd) = pack8(v, W());
+        __stcg(reinterpret_cast<uint4*>(pd), pack8(v, W()));
       }
     } else {
+      const W* ps = src + r * job.ld_src + c;
       const int n = static_cast<int>(job.cols - c < 8 ? job.cols - c : 8);
-      for (int t = 0; t < n; ++t) from_float(to_float(ps[t]) + a[t], pd + t);
+#pragma unroll
+      for (int t = 0; t < 8; ++t) v[t] = t < n ? to_float(ps[t]) : 0.0f;  // unrolled: v stays in registers
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        if (t < n) from_float(v[t] + a[t], pd + t);
+      }
     }
   }
 }

@@ -199,6 +199,18 @@ def test_small_blocks_many_k_chunks(dtype):
     run_and_check(jobs, ta.Config(block_m=16, block_n=16, block_k=16, precision="ieee"))
 
 
+def test_default_precisions_and_fp32_tf32x3_path():
+    """Defaults: tf32x3 for fp32 weights (no spill, ~fp32 accuracy), tf32 for 16-bit; the fp32 default
+    meets the fp32 bound (1e-5 of the update) on a ragged layer with two rank chunks, here and on a GPU."""
+    for dtype, want in ((torch.float32, "tf32x3"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")):
+        assert ta._settings(dtype, 64, ta.Config())[3] == want
+    gen = torch.Generator().manual_seed(13)
+    job = make_job(150, 260, 40, torch.float32, gen, in_place=False)
+    src = job.src.clone()
+    ta.apply_grouped([job])
+    check(job, src)
+
+
 def test_plan_hot_swap_reuses_tables_and_equals_fresh_merge():
     """A TritonPlan re-run after new factors are written in place gives the fresh result, bit for bit."""
     gen = torch.Generator().manual_seed(7)
@@ -268,45 +280,83 @@ def test_cuda_graph_capture_and_tf32_default():
 
 
 _COMPILE_SM90 = """
-import re, sys, triton
+import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lorarar_kernels.ops.triton_apply import _apply_kernel
-from lorarar_kernels.ops.triton_coeff import _coeff_kernel
-assert type(_apply_kernel).__name__ == "JITFunction"
+from lorarar_kernels.ops import triton_apply as ta
+from lorarar_kernels.ops import triton_coeff as tc
+assert not ta.interpreted()
 target = GPUTarget("cuda", 90, 32)
 aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # what the launcher specialises on
-for wt, prec in (("fp32", "ieee"), ("fp16", "tf32"), ("bf16", "tf32")):
-    sig = {"w_base": "*" + wt, "f_base": "*fp32", "table": "*i64", "tile_layer": "*i32"}
-    ce = dict(NF=11, ALIGN=16, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, PRECISION=prec)
-    sig.update({k: "constexpr" for k in ce})
-    ptx = triton.compile(ASTSource(_apply_kernel, sig, ce, aligned), target=target,
-                         options={"num_warps": 8, "num_stages": 3}).asm["ptx"]
-    assert ("mma" in ptx) == (prec == "tf32"), (wt, prec)
-    assert "st.global.v4" in ptx, (wt, "no 128-bit stores")
+for dtype, wt in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+    for prec in ta.PRECISIONS:
+        bm, bn, bk, _, warps, stages = ta._settings(dtype, 128, ta.Config(precision=prec))
+        sig = {"w_base": "*" + wt, "f_base": "*fp32", "table": "*i64", "tile_layer": "*i32"}
+        ce = dict(NF=ta._NF, ALIGN=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, K_END=0)
+        sig.update({k: "constexpr" for k in ce})
+        ptx = triton.compile(ASTSource(ta._apply_kernel, sig, ce, aligned), target=target,
+                             options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
+        assert ("mma" in ptx) == (prec != "ieee"), (wt, prec)
+        assert "st.global.v4" in ptx, (wt, "no 128-bit stores")
 sig = {"p": "*fp32", "d_base": "*fp32", "o_base": "*fp32", "b1": "*fp32", "w2": "*fp32", "b2": "*fp32",
        "table": "*i64", "tile_layer": "*i32", "hidden": "i32", "p_stride": "i32"}
-ce = dict(NF=6, HIDDEN=128, BLOCK_N=64, BLOCK_K=32, PRECISION="ieee")
+bn, bk, warps, stages = tc.launch_settings(128, 128)
+ce = dict(NF=tc._NF, HIDDEN=128, BLOCK_N=bn, BLOCK_K=bk, PRECISION="ieee", K_END=0)
 sig.update({k: "constexpr" for k in ce})
-triton.compile(ASTSource(_coeff_kernel, sig, ce), target=target)
+triton.compile(ASTSource(tc._coeff_kernel, sig, ce), target=target,
+               options={"num_warps": warps, "num_stages": stages})
 print("compiled")
 """
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests run the compiled kernels")
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """The compiled path (TTGIR -> PTX -> cubin for sm_90) of both kernels, which the interpreter skips:
-    TF32 uses tensor cores (mma), ieee does not, and the ALIGN hints give 128-bit weight stores."""
+def _compiled_env() -> dict:
     import os
-    import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    return env
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests run the compiled kernels")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The compiled path (TTGIR -> PTX -> cubin for sm_90) of both kernels, which the interpreter skips,
+    with the GPU launch settings of every precision: tf32 and tf32x3 use tensor cores (mma), ieee does
+    not, and the ALIGN hints give 128-bit weight stores."""
+    import subprocess
+    import sys
+
     res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90], check=False, env=env, capture_output=True, text=True
+        [sys.executable, "-c", _COMPILE_SM90],
+        check=False,
+        env=_compiled_env(),
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the device run has the real kernels to time instead")
+def test_default_configs_do_not_spill_and_store_128_bit():
+    """tools/kernel_resources.py on the default launch settings (the issue-15 checks): ptxas reports no
+    spill for any kernel and the 16-bit apply kernels use 128-bit weight loads and stores (the CUDA
+    kernels too, where nvcc is installed)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(repo / "tools" / "kernel_resources.py"), "--no-candidates"]
+    nvcc = [os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    if not any(c and os.path.isfile(c) for c in nvcc):  # the tool looks in the same places
+        args.append("--no-cuda")
+    res = subprocess.run(args, check=False, env=_compiled_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [
+        line for line in res.stdout.splitlines() if line.startswith("| Triton") or line.startswith("| CUDA")
+    ]
+    assert len(rows) >= 5 and all(line.rstrip().endswith("| ok |") for line in rows), res.stdout
 
 
 # ---------------------------------------------------------------- coefficients

@@ -13,14 +13,19 @@ interpreter, but plain pointer arithmetic needs no cast and lets ``tl.multiple_o
 Precision: the update is accumulated in fp32 by ``tl.dot``; the column scales are folded into the
 ``down`` tile in fp32 as it is loaded; ``src`` is added in fp32 and the sum is rounded once to the
 weight dtype on store (round to nearest even; for bf16 done with integer ops, because the interpreter's
-fp32->bf16 cast truncates). Operand precision (``precision``): ``"ieee"`` (exact fp32 products on CUDA
-cores; default for fp32 weights) or ``"tf32"`` (default for 16-bit weights: tensor cores read ``up`` and
-``down * S`` with a 10-bit mantissa, so each product is off by up to ~2^-10 relative and the update by
-~2^-10 of its magnitude: about one fp16 ulp when |update| ~ |weight|, less for bf16). TF32 rather than
-16-bit operands: the factors are fp32 in memory (so 16-bit operands would save no bandwidth), TF32 has
-fp16's mantissa with fp32's range, and its MMA rate (~0.5 ms for SDXL's rank-128 update on an H200)
-stays under the ~0.9 ms memory floor. The interpreter computes every ``tl.dot`` in exact fp32, so on
-CPU both settings give the ``"ieee"`` result.
+fp32->bf16 cast truncates). Operand precision (``precision``, `precision_note`):
+``"tf32x3"`` (default for fp32 weights): each operand split into a TF32 high part and a TF32 low part,
+three tensor-core products; ~2^-21 relative per product, the accuracy of an fp32 FMA within a small
+factor. ``"ieee"``: exact fp32 products on CUDA cores, ~8x the MMA time and, at the 3-stage pipeline,
+a 6 KB register spill (tools/kernel_resources.md), so only on request. ``"tf32"`` (default for 16-bit
+weights): tensor cores read ``up`` and ``down * S`` as TF32 (wgmma truncates the fp32 values to a
+10-bit mantissa), so each product is off by < 2^-9 relative and the update by up to ~2^-10 of its
+magnitude (gpu_check's tolerance): about one fp16 ulp when |update| ~ |weight|, less for bf16. TF32
+rather than 16-bit operands: the factors are fp32 in memory (so 16-bit operands would save no
+bandwidth), TF32 has fp16's mantissa with fp32's range, and its MMA rate (~0.5 ms for SDXL's rank-128
+update on an H200) stays under the ~0.9 ms memory floor. The launch settings (`_GPU_SETTINGS`) were
+chosen by compiling for sm_90a (tools/kernel_resources.py): none spills. The interpreter computes every
+``tl.dot`` in exact fp32, so on CPU all three settings give the ``"ieee"`` result.
 
 Capture: `apply` launches kernels only, on the current stream, without host sync, once the tables of
 that set of jobs exist. They are built (and copied to the device) the first time a set of jobs is seen
@@ -46,7 +51,23 @@ from . import ApplyJob
 from .validate import check_job
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PRECISIONS = ("ieee", "tf32")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+# GPU launch settings (block_m, block_n, block_k cap, precision, warps, stages) per weight dtype; checked
+# for register spills by tools/kernel_resources.py (compiled for sm_90a, no GPU needed).
+_GPU_SETTINGS = {
+    torch.float32: (128, 128, 32, "tf32x3", 8, 3),
+    torch.float16: (128, 128, 32, "tf32", 8, 3),
+    torch.bfloat16: (128, 128, 32, "tf32", 8, 3),
+}
+# fp32 settings tools/kernel_resources.py compiles beside the default, to show why it is the default.
+FP32_CANDIDATES = (
+    (128, 128, 32, "ieee", 8, 3),
+    (128, 128, 32, "ieee", 8, 1),
+    (128, 128, 32, "tf32x3", 8, 3),
+    (128, 128, 32, "tf32x3", 8, 2),
+    (128, 128, 32, "tf32x3", 4, 3),
+    (64, 128, 32, "tf32x3", 4, 3),
+)
 _NF = 11  # int64 columns of the layer table, in this order:
 # dst, src, up, down, col_scale (element offsets), rows, cols, rank, split, has col_scale, first tile
 _INT32_MAX = 2**31 - 1
@@ -76,7 +97,8 @@ def _apply_kernel(
     BLOCK_M: tl.constexpr,  # rows of W per program
     BLOCK_N: tl.constexpr,  # columns of W per program
     BLOCK_K: tl.constexpr,  # rank chunk (power of two >= 16; the rank is masked up to it)
-    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" or "tf32"
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32" or "tf32x3"
+    K_END: tl.constexpr,  # 0: loop to each layer's rank (compiled); > 0: to K_END, masked (interpreter)
 ):
     """One [BLOCK_M, BLOCK_N] tile of one layer: dst = round(fp32(src) + up @ (down * S))."""
     pid = tl.program_id(0)
@@ -109,7 +131,9 @@ def _apply_kernel(
     up_ptrs = f_base + up_off + offs_m[:, None] * rank + ks[None, :]  # [BLOCK_M, BLOCK_K]
     down_ptrs = f_base + down_off + ks[:, None] * cols + offs_n[None, :]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):
+    # The bound is written inline: Triton 3.6's interpreter turns every assigned value into a 1-element
+    # array, which numpy >= 2 refuses to use as a range bound (so it gets a Python int, K_END).
+    for k0 in range(0, K_END if K_END > 0 else rank, BLOCK_K):
         k = k0 + ks
         a = tl.load(up_ptrs + k0, mask=mask_m[:, None] & (k[None, :] < rank), other=0.0)
         b = tl.load(down_ptrs + k0 * cols, mask=(k[:, None] < rank) & mask_n[None, :], other=0.0)
@@ -151,7 +175,7 @@ class Config:
     block_m: int | None = None
     block_n: int | None = None
     block_k: int | None = None
-    precision: str | None = None  # "ieee" or "tf32"
+    precision: str | None = None  # "ieee", "tf32" or "tf32x3" (see `precision_note`)
     num_warps: int | None = None
     num_stages: int | None = None
 
@@ -171,16 +195,27 @@ class _Group:
     precision: str
     num_warps: int
     num_stages: int
+    k_end: int  # the kernel's K_END: 0 compiled, the largest rank rounded up to block_k when interpreted
+
+
+def precision_note(precision: str) -> str:
+    """What an ``input_precision`` gives the update's products (for reports)."""
+    return {
+        "ieee": "exact fp32 products (FMA, no tensor cores)",
+        "tf32": "TF32 operands (wgmma truncates fp32 to a 10-bit mantissa: < 2^-10 relative per operand)",
+        "tf32x3": "3xTF32 (hi/lo TF32 split, 3 MMAs): ~2^-21 relative per product, fp32 accumulation",
+    }[precision]
 
 
 def _settings(dtype: torch.dtype, max_rank: int, cfg: Config) -> tuple[int, int, int, str, int, int]:
-    """Block sizes, precision, warps and stages. GPU defaults are untuned first guesses."""
+    """Block sizes, precision, warps and stages: `_GPU_SETTINGS` on a GPU (spill-free, untimed yet)."""
     if interpreted():  # few, large programs: each costs milliseconds of numpy
         bm, bn, bk_cap, warps, stages = 128, 256, 128, 4, 1
+        default_precision = _GPU_SETTINGS[dtype][3]
     else:
-        bm, bn, bk_cap, warps, stages = 128, 128, 32, 8, 3
+        bm, bn, bk_cap, default_precision, warps, stages = _GPU_SETTINGS[dtype]
     bk = min(bk_cap, max(16, triton.next_power_of_2(max(max_rank, 1))))
-    precision = cfg.precision or ("ieee" if dtype == torch.float32 else "tf32")
+    precision = cfg.precision or default_precision
     if precision not in PRECISIONS:
         raise LoraRarError(f"triton backend: precision must be one of {PRECISIONS}, got {precision!r}")
     bm, bn, bk = cfg.block_m or bm, cfg.block_n or bn, cfg.block_k or bk
@@ -242,7 +277,10 @@ def _build_group(jobs: Sequence[ApplyJob], idx: list[int], cfg: Config) -> _Grou
     table = torch.tensor(rows_out, dtype=torch.int64).to(device)
     counts = torch.tensor(tiles_per_layer, dtype=torch.int64)
     tile_layer = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32), counts).to(device)
-    return _Group(tuple(idx), table, tile_layer, tile0, align or 16, bm, bn, bk, precision, warps, stages)
+    k_end = bk * max(1, triton.cdiv(max_rank, bk)) if interpreted() else 0
+    return _Group(
+        tuple(idx), table, tile_layer, tile0, align or 16, bm, bn, bk, precision, warps, stages, k_end
+    )
 
 
 def _key(jobs: Sequence[ApplyJob], cfg: Config) -> tuple:
@@ -313,6 +351,7 @@ def _launch_kernel(group: _Group, first: ApplyJob) -> None:
         BLOCK_N=group.block_n,
         BLOCK_K=group.block_k,
         PRECISION=group.precision,
+        K_END=group.k_end,
         num_warps=group.num_warps,
         num_stages=group.num_stages,
     )

@@ -49,6 +49,7 @@ def _coeff_kernel(
     BLOCK_N: tl.constexpr,  # columns per program
     BLOCK_K: tl.constexpr,  # rank chunk (power of two >= 16, masked)
     PRECISION: tl.constexpr,  # tl.dot input_precision
+    K_END: tl.constexpr,  # 0: loop to each layer's rank (compiled); > 0: to K_END, masked (interpreter)
 ):
     """out[:, cols] = W2 relu(P @ down[:, cols] + b1) + b2 for one layer's BLOCK_N columns."""
     pid = tl.program_id(0)
@@ -69,7 +70,9 @@ def _coeff_kernel(
     p_ptrs = p + p_col + offs_h[:, None] * p_stride + ks[None, :]  # [HIDDEN, BLOCK_K]
     d_ptrs = d_base + d_off + ks[:, None] * cols + offs_n[None, :]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((HIDDEN, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):
+    # The bound is written inline: Triton 3.6's interpreter turns every assigned value into a 1-element
+    # array, which numpy >= 2 refuses to use as a range bound (so it gets a Python int, K_END).
+    for k0 in range(0, K_END if K_END > 0 else rank, BLOCK_K):
         k = k0 + ks
         a = tl.load(p_ptrs + k0, mask=mask_h[:, None] & (k[None, :] < rank), other=0.0)
         b = tl.load(d_ptrs + k0 * cols, mask=(k[:, None] < rank) & mask_n[None, :], other=0.0)
@@ -82,6 +85,17 @@ def _coeff_kernel(
     m_s = tl.sum(h * w2_s[:, None], axis=0) + tl.load(b2 + 1)
     tl.store(o_base + o_off + offs_n, m_c, mask=mask_n)
     tl.store(o_base + o_off + cols + offs_n, m_s, mask=mask_n)
+
+
+def launch_settings(hidden: int, max_rank: int) -> tuple[int, int, int, int]:
+    """(block_n, block_k, num_warps, num_stages) of a launch. GPU: 8 warps, 64 columns (32 above 128
+    hidden units), so that the [HIDDEN, BLOCK_N] fp32 accumulator fits in registers without a stack
+    (at 4 warps: 255 registers and a stack; tools/kernel_resources.py compiles both)."""
+    if interpreted():  # few, large programs: each costs milliseconds of numpy
+        bk_cap, bn, warps, stages = 128, 256, 4, 1
+    else:
+        bk_cap, bn, warps, stages = 32, 64 if hidden <= 128 else 32, 8, 3
+    return bn, min(bk_cap, max(16, triton.next_power_of_2(max(max_rank, 1)))), warps, stages
 
 
 def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
@@ -162,10 +176,9 @@ def coefficients_grouped(
 
     hid = max(16, triton.next_power_of_2(hidden))
     max_rank = max(layers[i][0].shape[1] for i in live)
-    if interpreted():
-        bn, bk = block_n or 256, block_k or min(128, max(16, triton.next_power_of_2(max_rank)))
-    else:  # untuned first guesses
-        bn, bk = block_n or 64, block_k or min(32, max(16, triton.next_power_of_2(max_rank)))
+    bn, bk, warps, stages = launch_settings(hidden, max_rank)
+    bn, bk = block_n or bn, block_k or bk
+    k_end = bk * max(1, triton.cdiv(max_rank, bk)) if interpreted() else 0
     if precision not in PRECISIONS:
         raise LoraRarError(f"coefficients_grouped: precision must be one of {PRECISIONS}, got {precision!r}")
     d_base, o_base = layers[live[0]][1], out[live[0]]
@@ -185,6 +198,7 @@ def coefficients_grouped(
     ).to(device)
     _coeff_kernel[(tile0,)](
         p, d_base, o_base, b1, w2, b2, table, tile_layer, hidden, max(p.shape[1], 1),
-        NF=_NF, HIDDEN=hid, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
+        NF=_NF, HIDDEN=hid, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, K_END=k_end,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
