@@ -356,14 +356,14 @@ def stage_prepare(args, device) -> None:
     """`plan_pair` per coefficient kernel, LoRAs seen before and new LoRA objects; max rel diff vs torch."""
     from workload import fresh_copy, make_workload
 
-    from lorarar_kernels import grouped_coefficients as gc
+    from lorarar_kernels import dispatch as coefficient_dispatch
     from lorarar_kernels.plan import plan_pair
 
     wl = make_workload(args.fraction, hypernet=args.hypernet, device=device)
     want = plan_pair(*wl.pairs[0], wl.hypernet, device=device, coefficient_kernel="torch")
     try:
-        auto = gc.choose("auto", device, wl.hypernet, grad=False)
-    except Exception:  # noqa: BLE001 - the auto rule moves to dispatch.py; the rows do not depend on it
+        auto = coefficient_dispatch.choose_coefficients("auto", device, wl.hypernet, grad=False)
+    except Exception:  # noqa: BLE001 - the rows do not depend on the auto label
         auto = None
     for kernel in ("cuda", "triton", "torch"):
         try:

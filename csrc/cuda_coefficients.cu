@@ -1,4 +1,4 @@
-// Batched low-rank hypernetwork coefficients (DESIGN.md section 2), one launch for all layers of a width:
+// Batched low-rank hypernetwork coefficients (docs/design.md section 2), one launch for all layers of a width:
 //   out[:, j] = b2 + W2 relu(P @ A[:, j] + b1),  P [hidden, R] = [s_c W1c B_c | s_s W1s B_s], A [R, in]
 // (= [A_c; A_s]), out [2, in] = (m_c; m_s). fp32 FMA throughout (the coefficients feed every weight).
 //

@@ -23,14 +23,8 @@ from collections.abc import Mapping
 
 import torch
 
-from . import dispatch
 from .errors import LoraRarError
 from .hypernet import Hypernet
-
-# The choice lives in `dispatch`; these names stay for callers of the old spelling (bench/gpu_check.py).
-KERNELS = dispatch.COEFFICIENT_KERNELS
-choose = dispatch.choose_coefficients
-unavailable = dispatch.coefficient_unavailable
 
 
 def grouped(
