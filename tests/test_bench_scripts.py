@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lorarar_kernels.ops import cpu_isa
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,9 @@ def run(*args: str) -> str:
     return proc.stdout
 
 
-def test_gpu_check_dry_run_checks_and_tables():
+def test_gpu_check_dry_run_checks_and_tables(monkeypatch):
+    # gpu_check's TOLERANCE holds cpp to fp32 operands: run it on an fp32-operand CPU path (not amx)
+    monkeypatch.setenv("LORARAR_CPU_PATH", "avx512" if cpu_isa.best() == "amx" else "auto")
     out = run("bench/gpu_check.py", "--dry-run", "--dtypes", "fp32,bf16", "--backends", "cpp,torch",
               "--iters", "2", "--fraction", "140")  # fmt: skip
     assert "| cpp | fp32 | eager |" in out and "| torch | bf16 | eager |" in out
