@@ -89,14 +89,16 @@ inline void tile_6x16(int64_t K, const float* __restrict a, const float* __restr
   acc[6] = c30, acc[7] = c31, acc[8] = c40, acc[9] = c41, acc[10] = c50, acc[11] = c51;
 }
 
-// Ask for the source rows of the next tile down (same columns) while this one computes.
+// Ask for the source of the next tile along the rows (same rows, the next NR columns) while this one
+// computes.
 template <int DT>
 inline void prefetch_next(const Job& job, int64_t r, int64_t c) {
   constexpr int64_t es = DT == kFloat32 ? 4 : 2;
   const char* src = reinterpret_cast<const char*>(job.src);
-  const int64_t last = lmin(r + 2 * MR, job.rows);
-  for (int64_t i = r + MR; i < last; ++i) {
-    const char* p = src + (i * job.ld_src + c) * es;
+  if (c + NR >= job.cols) return;
+  const int64_t last = lmin(r + MR, job.rows);
+  for (int64_t i = r; i < last; ++i) {
+    const char* p = src + (i * job.ld_src + c + NR) * es;
     _mm_prefetch(p, _MM_HINT_T0);
     _mm_prefetch(p + NR * es - 1, _MM_HINT_T0);
   }

@@ -40,14 +40,16 @@ inline void tile_12x32(int64_t K, const float* __restrict a, const float* __rest
   for (int i = 0; i < 2 * MR; ++i) acc[i] = c[i];
 }
 
-// Ask for the source rows of the next tile down (same columns) while this one computes.
+// Ask for the source of the next tile along the rows (same rows, the next NR columns) while this one
+// computes.
 template <int DT>
 inline void prefetch_next(const Job& job, int64_t r, int64_t c) {
   constexpr int64_t es = DT == kFloat32 ? 4 : 2;
   const char* src = reinterpret_cast<const char*>(job.src);
-  const int64_t last = lmin(r + 2 * MR, job.rows);
-  for (int64_t i = r + MR; i < last; ++i) {
-    const char* p = src + (i * job.ld_src + c) * es;
+  if (c + NR >= job.cols) return;
+  const int64_t last = lmin(r + MR, job.rows);
+  for (int64_t i = r; i < last; ++i) {
+    const char* p = src + (i * job.ld_src + c + NR) * es;
     _mm_prefetch(p, _MM_HINT_T0);
     _mm_prefetch(p + NR * es - 1, _MM_HINT_T0);
   }
@@ -65,6 +67,15 @@ struct Avx512Tile {
     const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
     const char* src = reinterpret_cast<const char*>(job.src);
     char* dst = reinterpret_cast<char*>(job.dst);
+    if (nr == NR && can_stream(job, es)) {  // c is a multiple of NR: every row write is whole lines
+      for (int i = 0; i < mr; ++i) {
+        const char* s = src + ((r + i) * job.ld_src + c) * es;
+        const __m512 lo = _mm512_add_ps(load_n<DT>(s, 0xFFFF), acc[2 * i]);
+        const __m512 hi = _mm512_add_ps(load_n<DT>(s + 16 * es, 0xFFFF), acc[2 * i + 1]);
+        stream32<DT>(dst + ((r + i) * job.ld_dst + c) * es, lo, hi);
+      }
+      return;
+    }
     for (int i = 0; i < mr; ++i) {
       const char* s = src + ((r + i) * job.ld_src + c) * es;
       char* d = dst + ((r + i) * job.ld_dst + c) * es;
@@ -80,6 +91,7 @@ struct Avx512Tile {
 
 void cpu_task_avx512(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
   run_task_any<Avx512Tile>(job, r0, c0, ap, bp);
+  _mm_sfence();  // the task's streaming stores are globally visible before the pass returns
 }
 
 }  // namespace lorarar

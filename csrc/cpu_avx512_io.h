@@ -46,5 +46,32 @@ inline void store_n(char* p, __m512 v, __mmask16 m) {
   }
 }
 
+// 32 weights (lo: the first 16) to a 64-byte-aligned p with non-temporal stores: whole cache lines written
+// without reading them first (a swap from a snapshot writes W without needing its old contents). The
+// caller issues _mm_sfence() before the pass returns.
+template <int DT>
+inline void stream32(char* p, __m512 lo, __m512 hi) {
+  if constexpr (DT == kFloat32) {
+    _mm512_stream_ps(reinterpret_cast<float*>(p), lo);
+    _mm512_stream_ps(reinterpret_cast<float*>(p) + 16, hi);
+  } else {
+    __m256i a, b;
+    if constexpr (DT == kFloat16) {
+      a = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      b = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      a = bf16_round(lo);
+      b = bf16_round(hi);
+    }
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+  }
+}
+
+// Whether row writes of 32 weights at dst + (row * ld + c) can stream: a separate output (not in place)
+// whose rows and column blocks start on 64-byte boundaries.
+inline bool can_stream(const Job& job, int64_t es) {
+  return job.dst != job.src && job.dst % 64 == 0 && (job.ld_dst * es) % 64 == 0;
+}
+
 }  // namespace
 }  // namespace lorarar
