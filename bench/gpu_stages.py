@@ -125,6 +125,10 @@ def check(jobs, srcs, backend: str, dtype: torch.dtype) -> dict:
 
     worst_strict = worst_tol = worst_vs_torch = 0.0
     eps_op = 2 * TOLERANCE.get((backend, dtype), 0.0)
+    if backend == "cpp":  # bf16 operands on the amx path (lorarar_kernels/ops/cpu_isa.py)
+        from lorarar_kernels.ops import cpu_isa
+
+        eps_op = 2 * cpu_isa.operand_rounding(dtype)
     worst_layer = ""
     for j, src in zip(jobs, srcs):
         eps_acc = 2 * (j.up.shape[1] + 2) * 2.0**-24

@@ -1,10 +1,16 @@
-"""Interleaved ratios on this CPU: every candidate against the compute floor and the authors' dense path.
+"""Interleaved ratios on this CPU: every candidate against the floor and the authors' dense path.
 
-Each round times, for every candidate in turn (order rotated per round), an fp32 GEMM (the floor's rate,
-measured right before) and then the candidate; ratios are taken within the round, so load that comes and
-goes on a shared machine hits both sides. Reported per candidate: median ms, median ratio to the floor
-and its spread (min-max over rounds), and the speed-up over the authors' dense path (fp32) of the same
-round. Rows are appended to ``bench/results/cpu.csv``; a bar chart goes to ``bench/results/``.
+The floor of a candidate is the larger of compute (the update's FLOPs at the measured fp32 GEMM rate) and
+memory (the bytes a swap must move, ``Workload.swap_bytes``: W0 read + W written in the weight dtype + the
+LoRA factors read, at the measured copy bandwidth, read + write bytes / time); the table says which bound
+applies and also gives the ratio to the memory floor alone (what an AMX bf16 pass is held to). Each round
+times, for every candidate in turn (order rotated per round), an fp32 GEMM and a 256 MiB copy (the two
+rates, measured right before) and then the candidate; ratios are taken within the round, so load that
+comes and goes on a shared machine hits both sides. Reported per candidate: median ms, median ratio to
+the floor and its spread (min-max over rounds), and the speed-up over the authors' dense path (fp32) of
+the same round. The header names the CPU and the `cpp` kernel's path (cpuid, or ``LORARAR_CPU_PATH``:
+``LORARAR_CPU_PATH=avx2`` shows what an AVX2-only CPU would get). Rows are appended to
+``bench/results/cpu.csv``; a bar chart goes to ``bench/results/``.
 
     python bench/ratios.py --fraction 10 --dtypes fp32,fp16,bf16 --rounds 7
     python bench/ratios.py --fraction 1 --dtypes fp32 --candidates swap,dense --rounds 5   # all 560 layers
@@ -32,6 +38,7 @@ from workload import (
     HotSwap,
     Workload,
     check_merge,
+    copy_seconds,
     fp32_eps,
     gemm_seconds,
     machine_info,
@@ -39,7 +46,7 @@ from workload import (
 )
 
 import lorarar_kernels as lk
-from lorarar_kernels.ops import ApplyJob
+from lorarar_kernels.ops import ApplyJob, cpu_isa
 from lorarar_kernels.ops import reference as torch_backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,10 +65,13 @@ class Candidate:
     backend: str
     run: Callable[[], object]
     flops: int | None  # FLOPs of the update it performs (None: no floor ratio)
+    nbytes: int | None = None  # bytes it must move at least (memory floor)
     setup: Callable[[], None] | None = None  # untimed, before each timed call
     swap: HotSwap | None = None
     times: list[float] = field(default_factory=list)
-    floor_ratios: list[float] = field(default_factory=list)
+    floor_ratios: list[float] = field(default_factory=list)  # time / max(compute, memory floor)
+    mem_ratios: list[float] = field(default_factory=list)  # time / memory floor
+    bounds: list[str] = field(default_factory=list)  # which floor was the larger, per round
     apply_ratios: list[float] = field(default_factory=list)
     dense_ratios: list[float] = field(default_factory=list)  # dense time / this time, same round
 
@@ -82,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", default=",".join(CANDIDATES), help=f"any of {','.join(CANDIDATES)}")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     p.add_argument("--gemm", type=int, default=2048, help="n of the n^3 fp32 GEMM giving the floor rate")
+    p.add_argument("--copy-mib", type=int, default=256, help="MiB copied to measure the copy bandwidth")
     p.add_argument(
         "--hypernet", default=None, help="checkpoint (default: the official SDXL one, else random)"
     )
@@ -158,16 +169,18 @@ def build(args, wl: Workload) -> tuple[list[Candidate], list[str]]:
                 # pair 1 in the weights first, so that a backend that wrote nothing could not pass the check
                 lk.merge(module, *wl.pairs[1], wl.hypernet, backend="torch")
                 m = lk.merge(module, *wl.pairs[0], wl.hypernet, backend=b)
-                if check:
+                if check:  # + the documented bf16 operand rounding of the cpp kernel's amx path
+                    op = 2.5 * cpu_isa.operand_rounding(dtype) if m.backend == "cpp" else 0.0
                     check_merge(
-                        weights_of(module), ref, plan, eps=eps, what=f"{m.backend} {dname}", names=names
+                        weights_of(module), ref, plan, eps=eps + op, what=f"{m.backend} {dname}", names=names
                     )
                 swap = HotSwap(module, wl, b)
                 label = "auto" if b == "auto" else b
-                cands.append(Candidate("swap", dname, label, swap, flops, swap=swap))
+                nb = wl.swap_bytes(dtype.itemsize)
+                cands.append(Candidate("swap", dname, label, swap, flops, nb, swap=swap))
                 if b == "auto":  # the same swap to LoRA objects never seen before: no per-LoRA cache
                     cold = ColdSwap(module, wl, b)
-                    cands.append(Candidate(COLD, dname, label, cold, flops, setup=cold.setup, swap=cold))
+                    cands.append(Candidate(COLD, dname, label, cold, flops, nb, setup=cold.setup, swap=cold))
         if "peft" in args.candidates:
             _, ref, plan, names = targets[dname]
             fuse = PeftFuse(
@@ -177,7 +190,8 @@ def build(args, wl: Workload) -> tuple[list[Candidate], list[str]]:
                 fuse.fuse()
                 u = {"fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}[dname]
                 check_merge(fuse.weights(), ref, plan, eps=eps + 4 * u, what=f"PEFT {dname}", names=names)
-            cands.append(Candidate("PEFT fuse", dname, "peft", fuse.fuse, flops, setup=fuse.reset))
+            nb = wl.swap_bytes(dtype.itemsize)
+            cands.append(Candidate("PEFT fuse", dname, "peft", fuse.fuse, flops, nb, setup=fuse.reset))
     if "dense" in args.candidates:
         if "fp32" not in targets:
             targets["fp32"] = make_target(wl, torch.float32, check)
@@ -192,7 +206,7 @@ def build(args, wl: Workload) -> tuple[list[Candidate], list[str]]:
             dense_merge(w, *wl.pairs[calls[0] % 2], wl.hypernet)
             calls[0] += 1
 
-        cands.append(Candidate("dense path (authors)", "fp32", "torch", dense_run, flops))
+        cands.append(Candidate("dense path (authors)", "fp32", "torch", dense_run, flops, wl.swap_bytes(4)))
     if "coefficients" in args.candidates:
         lowrank, dense = coefficient_forms(*wl.pairs[0], wl.hypernet)
         if check:
@@ -204,10 +218,12 @@ def build(args, wl: Workload) -> tuple[list[Candidate], list[str]]:
     return cands, notes
 
 
-def measure(args, wl: Workload, cands: list[Candidate]) -> list[float]:
-    """Interleaved rounds; returns the floor-rate samples (FLOP/s)."""
+def measure(args, wl: Workload, cands: list[Candidate]) -> tuple[list[float], list[float]]:
+    """Interleaved rounds; returns the floor-rate samples (FLOP/s) and copy-bandwidth samples (B/s)."""
     dense = next((c for c in cands if c.label.startswith("dense path")), None)
     rates: list[float] = []
+    bws: list[float] = []
+    copy_bytes = 2 * args.copy_mib * 2**20  # read + written
     gemm_flops = 2 * args.gemm**3
     for c in cands:  # warm-up (also lets auto settle and caches fill)
         if c.setup:
@@ -221,6 +237,8 @@ def measure(args, wl: Workload, cands: list[Candidate]) -> list[float]:
             round_rates: dict[int, float] = {}
             for c in order:
                 rate = gemm_flops / gemm_seconds(args.gemm, repeats=2)
+                bw = copy_bytes / copy_seconds(args.copy_mib, repeats=2)
+                bws.append(bw)
                 if c.setup:
                     c.setup()
                 t0 = time.perf_counter()
@@ -230,15 +248,20 @@ def measure(args, wl: Workload, cands: list[Candidate]) -> list[float]:
                 rates.append(rate)
                 c.times.append(t)
                 if c.flops:
-                    c.floor_ratios.append(t / cpu_floor_seconds(c.flops, rate))
+                    compute, memory = cpu_floor_seconds(c.flops, rate), (c.nbytes or 0) / bw
+                    floor = max(compute, memory)
+                    c.bounds.append("compute" if compute >= memory else "memory")
+                    c.floor_ratios.append(t / floor)
+                    if c.nbytes:
+                        c.mem_ratios.append(t / memory)
                     if c.swap is not None:
-                        c.apply_ratios.append(c.swap.apply_s[-1] / cpu_floor_seconds(c.flops, rate))
+                        c.apply_ratios.append(c.swap.apply_s[-1] / floor)
                 bar.update()
             if dense is not None:
                 for c in cands:
                     if c.flops:  # whole merges only (the coefficient rows are compared with each other)
                         c.dense_ratios.append(round_times[id(dense)] / round_times[id(c)])
-    return rates
+    return rates, bws
 
 
 def fmt_spread(xs: list[float], digits: int = 2) -> str:
@@ -271,19 +294,26 @@ def verdict(c: Candidate) -> str:
     return "; ".join(parts)
 
 
+def kernel_path(c: Candidate) -> str:
+    """The `cpp` kernel path a swap candidate ran (ops/cpu_isa.py), '' for anything else."""
+    used = c.swap.used if c.swap is not None else c.backend
+    return cpu_isa.path_for(cpu_isa.selected(), DTYPES[c.dtype]) if used == "cpp" else ""
+
+
 def table(
-    args, wl: Workload, cands: list[Candidate], rates: list[float], notes: list[str]
+    args, wl: Workload, cands: list[Candidate], rates: list[float], bws: list[float], notes: list[str]
 ) -> tuple[str, list]:
-    rate = statistics.median(rates)
+    rate, bw = statistics.median(rates), statistics.median(bws)
     floor_ms = wl.flops() / rate * 1e3
     head = (
-        "| candidate | dtype | backend | median ms | prepare ms | apply ms | GFLOP/s | × floor (median) "
-        "| × floor (min–max) | apply × floor | speed-up vs dense (median) | vs dense (min–max) | target |"
+        "| candidate | dtype | backend | path | median ms | prepare ms | apply ms | GFLOP/s | × floor (median) "
+        "| × floor (min–max) | bound | × memory floor | apply × floor | speed-up vs dense (median) "
+        "| vs dense (min–max) | target |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     lines.append(
-        f"| floor: update FLOPs / fp32 GEMM rate | fp32 | torch.mm {args.gemm}³ | {floor_ms:.1f} | | | "
-        f"{rate / 1e9:.1f} | 1.00 | | | | | |"
+        f"| compute floor: update FLOPs / fp32 GEMM rate | all | torch.mm {args.gemm}³ | | {floor_ms:.1f} | | | "
+        f"{rate / 1e9:.1f} | | | | | | | | |"
     )
     rows = [
         {
@@ -299,6 +329,18 @@ def table(
             "ratio_floor_q3": round(rate / quartiles(rates)[0], 3),
         }
     ]
+    for dname in dict.fromkeys(c.dtype for c in cands if c.nbytes):
+        nbytes = wl.swap_bytes(DTYPES[dname].itemsize)
+        mem_ms = nbytes / bw * 1e3
+        lines.append(
+            f"| memory floor: {nbytes / 1e9:.2f} GB / copy bandwidth {bw / 1e9:.1f} GB/s | {dname} | copy "
+            f"{args.copy_mib} MiB | | {mem_ms:.1f} | | | | | | {'memory' if mem_ms > floor_ms else 'compute'} "
+            f"bound | | | | | |"
+        )
+        rows.append({
+            "candidate": "memory floor", "dtype": dname, "backend": f"copy {args.copy_mib} MiB",
+            "median_ms": round(mem_ms, 2), "gbps": round(bw / 1e9, 2),
+        })  # fmt: skip
     for c in cands:
         ms = statistics.median(c.times) * 1e3
         prep = app = ""
@@ -307,28 +349,34 @@ def table(
             prep = f"{statistics.median(c.swap.prepare_s[-n:]) * 1e3:.1f}"
             app = f"{statistics.median(c.swap.apply_s[-n:]) * 1e3:.1f}"
         backend = c.backend if c.swap is None or c.backend != "auto" else f"auto ({c.swap.used})"
+        path = kernel_path(c)
         gflops = f"{c.flops / (ms / 1e3) / 1e9:.1f}" if c.flops else ""
-        fr, ar, dr = med(c.floor_ratios), med(c.apply_ratios), med(c.dense_ratios)
+        fr, ar, dr, mr = med(c.floor_ratios), med(c.apply_ratios), med(c.dense_ratios), med(c.mem_ratios)
+        bound = max(set(c.bounds), key=c.bounds.count) if c.bounds else ""
         lines.append(
-            f"| {c.label} | {c.dtype} | {backend} | {ms:.1f} | {prep} | {app} | {gflops} | "
-            f"{'' if fr is None else f'{fr:.2f}'} | {fmt_spread(c.floor_ratios) if fr else ''} | "
+            f"| {c.label} | {c.dtype} | {backend} | {path} | {ms:.1f} | {prep} | {app} | {gflops} | "
+            f"{'' if fr is None else f'{fr:.2f}'} | {fmt_spread(c.floor_ratios) if fr else ''} | {bound} | "
+            f"{'' if mr is None else f'{mr:.2f}'} | "
             f"{'' if ar is None else f'{ar:.2f}'} | {'' if dr is None else f'{dr:.2f}×'} | "
             f"{fmt_spread(c.dense_ratios) if dr else ''} | {verdict(c)} |"
         )
         rows.append({
-            "candidate": c.label, "dtype": c.dtype, "backend": backend, "median_ms": round(ms, 2),
+            "candidate": c.label, "dtype": c.dtype, "backend": backend, "cpu_path_used": path,
+            "median_ms": round(ms, 2),
             "prepare_ms": prep, "apply_ms": app, "gflops": gflops,
             "ratio_floor_median": "" if fr is None else round(fr, 3),
             "ratio_floor_min": round(min(c.floor_ratios), 3) if fr else "",
             "ratio_floor_max": round(max(c.floor_ratios), 3) if fr else "",
             "ratio_floor_q1": round(quartiles(c.floor_ratios)[0], 3) if fr else "",
             "ratio_floor_q3": round(quartiles(c.floor_ratios)[2], 3) if fr else "",
+            "floor_bound": bound,
+            "ratio_memory_floor_median": "" if mr is None else round(mr, 3),
             "apply_ratio_floor_median": "" if ar is None else round(ar, 3),
             "speedup_vs_dense_median": "" if dr is None else round(dr, 3),
             "speedup_vs_dense_min": round(min(c.dense_ratios), 3) if dr else "",
             "speedup_vs_dense_max": round(max(c.dense_ratios), 3) if dr else "",
         })  # fmt: skip
-    lines.append(f"| {ZIPLORA} | | | | | | | | | | | | |")
+    lines.append(f"| {ZIPLORA} |" + " |" * 15)
     lo = next((c for c in cands if c.label == "coefficients, low-rank"), None)
     hi = next((c for c in cands if c.label == "coefficients, dense"), None)
     extra = []
@@ -366,7 +414,7 @@ def write_png(path: Path, rows: list[dict], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["ratio_floor_median"] != ""]
+    rows = [r for r in rows if r.get("ratio_floor_median", "") != ""]
     if not rows:
         return
     labels = [f"{r['candidate']}\n{r['dtype']} {r['backend']}" for r in rows]
@@ -387,7 +435,7 @@ def write_png(path: Path, rows: list[dict], title: str) -> None:
     ax.set_ylim(0, None)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("time / compute floor (median, IQR)")
+    ax.set_ylabel("time / floor = max(compute, memory) (median, IQR)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -442,6 +490,7 @@ def main(argv=None) -> int:
         f"# {meta['machine']} ({meta['cores']} cores, {meta['threads']} threads), torch {meta['torch']}, "
         f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}, load average {meta['loadavg']}"
     )
+    print(f"# cpp kernel path: {meta['cpu_path']} (paths here: {cpu_isa.available()})")
     print(
         f"# {len(wl.shapes)} SDXL attention layers (fraction {args.fraction}), "
         f"{wl.weights() / 1e6:.1f} M weights, "
@@ -452,13 +501,13 @@ def main(argv=None) -> int:
     if not cands:
         print("nothing to time", file=sys.stderr)
         return 1
-    rates = measure(args, wl, cands)
+    rates, bws = measure(args, wl, cands)
     if hasattr(os, "getloadavg"):
         notes.append(
             f"load average {meta['loadavg']} at the start, {os.getloadavg()[0]:.1f} at the end "
             f"({meta['cores']} cores)"
         )
-    text, rows = table(args, wl, cands, rates, notes)
+    text, rows = table(args, wl, cands, rates, bws, notes)
     print()
     print(text)
     if args.csv:

@@ -77,6 +77,13 @@ class Workload:
     def weights(self) -> int:
         return sum(o * i for _, o, i in self.shapes)
 
+    def swap_bytes(self, weight_bytes: int, factor_bytes: int = 4) -> int:
+        """Bytes a hot swap must move at least: read W0 and write W (``weight_bytes`` each), read both LoRAs'
+        factors once (fp32 here: ``random_lora``)."""
+        return sum(
+            2 * o * i * weight_bytes + self.update_rank * (o + i) * factor_bytes for _, o, i in self.shapes
+        )
+
     def factor_elements(self) -> int:
         """Elements of the merged factors (up [out, R] + down [R, in]) over all layers."""
         return sum(self.update_rank * (o + i) for _, o, i in self.shapes)
@@ -112,6 +119,24 @@ def gemm_seconds(n: int = 2048, repeats: int = 1, _cache: dict = {}) -> float:  
     return best
 
 
+def copy_seconds(mib: int = 256, repeats: int = 1, _cache: dict = {}) -> float:  # noqa: B006
+    """Best time of ``repeats`` CPU copies of ``mib`` MiB (``dst.copy_(src)``, fp32, after a warm-up):
+    the memory floor's rate is ``2 * mib MiB / time`` (bytes read + written), the same count as
+    `Workload.swap_bytes`. 256 MiB is far beyond any cache, like a swap's weights."""
+    if mib not in _cache:
+        n = mib * 2**20 // 4
+        src, dst = torch.randn(n), torch.empty(n)
+        dst.copy_(src)
+        _cache[mib] = (src, dst)
+    src, dst = _cache[mib]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def gemm_rate(n: int = 2048, repeats: int = 3) -> float:
     """Measured fp32 GEMM rate of this CPU in FLOP/s (best of ``repeats``): the compute floor's divisor."""
     return 2 * n**3 / gemm_seconds(n, repeats)
@@ -129,6 +154,10 @@ def max_ulps(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def cpu_model() -> str:
+    from lorarar_kernels.ops import cpu_isa
+
+    if cpu_isa.cpu_model():  # cpuid's brand string (the kernel's own view)
+        return cpu_isa.cpu_model()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -161,6 +190,13 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_path() -> str:
+    """The `cpp` kernel's path for new plans and why (`LORARAR_CPU_PATH` or cpuid; ops/cpu_isa.py)."""
+    from lorarar_kernels.ops import cpu_isa
+
+    return cpu_isa.describe().split(": ", 1)[-1]
+
+
 def machine_info() -> dict[str, str]:
     """CPU model, cores, torch/triton versions, git commit, date: the columns every result row carries."""
     try:
@@ -173,6 +209,7 @@ def machine_info() -> dict[str, str]:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git_commit(),
         "machine": cpu_model(),
+        "cpu_path": cpu_path(),
         "cores": str(os.cpu_count()),
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,

@@ -1,4 +1,4 @@
-// CPU kernel of the pass over the weights (the `cpp` backend). See cpu_apply.cpp.
+// CPU kernel of the pass over the weights (the `cpp` backend). See cpu_apply.cpp; the paths: cpu_isa.h.
 #pragma once
 
 #include <cstdint>
@@ -7,11 +7,9 @@
 
 namespace lorarar {
 
-// Instruction set the CPU kernel was compiled for: "avx2+fma+f16c" (x86-64-v3) or "portable".
-const char* cpu_kernel_isa();
-
-// dst = round(float32(src) + up @ (down * S)) for every job; fp32 accumulation in a fixed order (bits do
-// not depend on n_threads); jobs must have been validated (see module.cpp).
-void cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads);
+// dst = round(float32(src) + up @ (down * S)) for every job on CPU path `path` (cpu_isa.h; -1: the best
+// one here; the caller checks that the path runs: cpu_path_unsupported). fp32 accumulation in a fixed
+// order (bits do not depend on n_threads); jobs must have been validated (see module.cpp).
+void cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads, int path = -1);
 
 }  // namespace lorarar

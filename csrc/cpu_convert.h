@@ -1,6 +1,10 @@
-// Scalar fp32 <-> fp16/bf16 conversions shared by the CPU kernels (cpu_apply.cpp, cpu_pack.cpp).
+// Scalar fp32 <-> fp16/bf16 conversions shared by the CPU kernels (cpu_apply*.cpp, cpu_pack.cpp).
 // Round-to-nearest-even, NaN -> quiet NaN: the same bits as torch's `.to(dtype)`; the kernels' vector
 // paths give the same bits.
+//
+// Everything here has internal linkage (an unnamed namespace): the files that include it are compiled
+// with different instruction sets (CMakeLists.txt), and an inline function with external linkage would be
+// one symbol the linker may take from the AVX-512 file for the portable one.
 #pragma once
 
 #include <cmath>
@@ -16,6 +20,7 @@
 #endif
 
 namespace lorarar {
+namespace {
 namespace convert {
 
 inline uint32_t bits_of(float f) {
@@ -122,4 +127,5 @@ inline void to_float(int64_t dtype, const char* src, int64_t n, float scale, boo
 }
 
 }  // namespace convert
+}  // namespace
 }  // namespace lorarar

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -121,7 +122,8 @@ void cpu_pack(const PackJob* jobs, int64_t n_jobs, int n_threads, uint8_t* finit
     }
   }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
-  std::vector<uint8_t> bad(static_cast<size_t>(n_tasks), 0);
+  // not a std::vector<uint8_t>: its out-of-line code would be a symbol shared with baseline files
+  std::unique_ptr<uint8_t[]> bad(new uint8_t[static_cast<size_t>(n_tasks) + 1]());
 #ifndef _OPENMP
   (void)n_threads;
 #else

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu_apply.h"
+#include "cpu_isa.h"
 #include "cpu_pack.h"
 #include "cuda_api.h"
 #include "job_table.h"
@@ -248,26 +249,35 @@ py::tuple plan_coefficients(const py::bytes& table, int64_t hidden) {
   return finish_plan(rows, tiles);
 }
 
+// The pack kernel (cpu_pack.cpp) is compiled for x86-64-v3 where the build has the AVX2 path.
 std::optional<std::string> cpu_unsupported() {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (std::string(lorarar::cpu_kernel_isa()) != "portable") {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") ||
-        !__builtin_cpu_supports("f16c")) {
-      return std::string("the CPU kernel was built for x86-64-v3 (AVX2, FMA, F16C) and this CPU lacks one");
-    }
-  }
-#endif
-  return std::nullopt;
+  const std::string why = lorarar::cpu_path_unsupported(lorarar::kPathAvx2);
+  if (why.empty() || why.rfind("this build has no", 0) == 0) return std::nullopt;  // portable build: scalar
+  return "the pack kernel needs AVX2/FMA/F16C: " + why;
 }
 
-void cpu_apply(int64_t table, int64_t n_jobs, int n_threads) {
+// path: a cpu_isa.h code, -1 for the best one here.
+void cpu_apply(int64_t table, int64_t n_jobs, int n_threads, int path) {
   if (n_jobs < 0 || (n_jobs > 0 && table == 0)) throw std::invalid_argument("bad job table");
-  if (auto why = cpu_unsupported()) throw std::runtime_error(*why);
+  if (path < -1 || path >= lorarar::kNumPaths) throw std::invalid_argument("bad CPU path code");
+  if (path >= 0 && !lorarar::cpu_path_unsupported(path).empty()) {
+    throw std::runtime_error(std::string("CPU path ") + lorarar::cpu_path_name(path) + ": " +
+                             lorarar::cpu_path_unsupported(path));
+  }
   const Job* jobs = reinterpret_cast<const Job*>(table);
   for (int64_t i = 0; i < n_jobs; ++i) check_job(jobs[i], i);
   py::gil_scoped_release release;
-  lorarar::cpu_apply(jobs, n_jobs, n_threads);
+  lorarar::cpu_apply(jobs, n_jobs, n_threads, path);
+}
+
+// {path name: None if it runs here, else why not}, slowest first.
+py::dict cpu_paths() {
+  py::dict out;
+  for (int p = 0; p < lorarar::kNumPaths; ++p) {
+    const std::string why = lorarar::cpu_path_unsupported(p);
+    out[lorarar::cpu_path_name(p)] = why.empty() ? py::object(py::none()) : py::object(py::str(why));
+  }
+  return out;
 }
 
 // Returns one byte per job: 1 when every value it wrote is finite.
@@ -319,14 +329,17 @@ PYBIND11_MODULE(_C, m) {
   py::dict build;
   build["cuda_mode"] = LORARAR_BUILD_CUDA_MODE;  // LORARAR_CUDA at configure time: AUTO, ON or OFF
   build["nvcc"] = LORARAR_BUILD_NVCC;            // the CUDA compiler used, "" when none
-  build["cpu_isa"] = lorarar::cpu_kernel_isa();
+  build["cpu_isa"] = "run-time dispatch: see cpu_paths()";
   m.attr("BUILD") = build;
 
   m.def("compiled_with_cuda", [] { return kWithCuda; }, "True when the CUDA kernels were compiled in.");
-  m.def("cpu_isa", [] { return std::string(lorarar::cpu_kernel_isa()); },
-        "Instruction set of the CPU kernel: 'avx2+fma+f16c' or 'portable'.");
-  m.def("cpu_unsupported", &cpu_unsupported, "None when this CPU can run the CPU kernel, else why not.");
+  m.def("cpu_isa", [] { return std::string(lorarar::cpu_path_name(lorarar::cpu_best_path())); },
+        "The fastest CPU kernel path this binary runs on this CPU: 'amx', 'avx512', 'avx2' or 'portable'.");
+  m.def("cpu_paths", &cpu_paths, "{CPU kernel path: None if it runs here, else why not}, slowest first.");
+  m.def("cpu_model", &lorarar::cpu_model, "The CPU's brand string from cpuid ('' when unknown).");
+  m.def("cpu_unsupported", &cpu_unsupported, "None when this CPU can run the pack kernel, else why not.");
   m.def("cpu_apply", &cpu_apply, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
+        py::arg("path") = -1,
         "dst = round(fp32(src) + up @ (down * S)) for n_jobs Job rows at host address `table`.");
   m.def("cpu_pack", &cpu_pack, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
         "Pack LoRA factors into fp32 swap factors (PackJob table at address `table`); one finite flag byte "

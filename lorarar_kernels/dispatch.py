@@ -1,7 +1,8 @@
 """Backend registry and the one place where a kernel is chosen: the apply backend and the coefficient kernel.
 
 Rule for ``backend="auto"`` (deterministic for a given device type and weight dtype; see `AUTO_ORDER`):
-the first backend of the list for that device and dtype that is available here. Rule for
+the first backend of the list for that device and dtype that is available here and whose own
+``auto_unavailable(dtype)`` (if it has one) says None. Rule for
 ``coefficient_kernel="auto"`` (see `COEFFICIENT_AUTO_ORDER`): without autograd and with the hypernetwork on
 the weights' device, the first kernel of the list for that device type that can run this hypernetwork
 (the `cuda` kernel takes hidden widths up to `ops.native.COEFF_MAX_HIDDEN`); else `torch`. The lists are
@@ -9,6 +10,11 @@ set from measurements in ``bench/`` and the GPU check; the `torch` reference is 
 
 May import: `errors`, `ops` (backends are imported lazily, by name, so a missing extension or Triton
 makes a backend unavailable instead of failing the import).
+
+CPU (``cpp`` first): `cpp` runs the fastest kernel path this CPU has (cpuid at run time; forced with
+``LORARAR_CPU_PATH``) and auto takes it only on the paths ``ops.cpu_isa.AUTO_PATHS`` lists (avx2, avx512,
+amx: each measured faster than the `torch` backend and PEFT's fuse by ``bench/ratios.py`` in every dtype),
+else `torch`. The path is fixed per plan, so auto stays deterministic on a machine.
 """
 
 from __future__ import annotations
@@ -91,9 +97,12 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str,
         return backend, get(backend, device)
     for name in AUTO_ORDER.get((device.type, dtype), ("torch",)):
         try:
-            return name, get(name, device)
+            impl = get(name, device)
         except BackendUnavailableError:
             continue
+        rule = getattr(impl, "auto_unavailable", None)
+        if rule is None or rule(dtype) is None:
+            return name, impl
     return "torch", get("torch", device)
 
 

@@ -14,7 +14,7 @@ import torch
 from engine_helpers import ordered, term_size
 
 from lorarar_kernels.errors import LayerMismatchError, LoraRarError
-from lorarar_kernels.ops import ApplyJob, native, reference
+from lorarar_kernels.ops import ApplyJob, cpu_isa, native, reference
 
 CPU = torch.device("cpu")
 CPP_WHY = native.CPP.unavailable(CPU)
@@ -38,6 +38,8 @@ def make_job(out_f, in_f, rank, dtype, *, inplace, col_scale, seed=0, device=CPU
 
 
 def assert_close_to_exact(out: torch.Tensor, exact: torch.Tensor, job: ApplyJob, operand_eps: float = 0.0):
+    if out.device.type == "cpu" and not operand_eps:  # cpp: bf16 operands on the amx path (ops/cpu_isa.py)
+        operand_eps = cpu_isa.operand_rounding(out.dtype)
     out, exact = out.cpu(), exact.cpu()
     assert not torch.isnan(out).any(), "NaN left in the output (a tile was not written)"
     if out.dtype == torch.float32:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import LayerMismatchError, LoraRarError
-from . import ApplyJob
+from . import ApplyJob, cpu_isa
 from .validate import check_job
 from .validate import rows_ok as _rows_ok
 
@@ -120,7 +120,20 @@ class _Cpp:
             return _IMPORT_ERROR
         if torch.device(device).type != "cpu":
             return "the cpp backend runs on CPU tensors only"
-        return _C.cpu_unsupported()
+        try:
+            cpu_isa.selected()  # every CPU runs the portable path; a forced path may not run here
+        except LoraRarError as exc:
+            return str(exc)
+        return None
+
+    def auto_unavailable(self, dtype: torch.dtype) -> str | None:
+        """None when `auto` takes this backend for CPU weights of ``dtype`` (rule: ops/cpu_isa.py)."""
+        return cpu_isa.auto_unavailable(dtype)
+
+    @property
+    def description(self) -> str:
+        """The CPU and the kernel path new plans take (csrc/cpu_isa.cpp; see ops/cpu_isa.py)."""
+        return cpu_isa.describe()
 
     def plan(self, jobs: Sequence[ApplyJob]) -> CppPlan:
         """Validate the jobs and build their table now; ``plan.run()`` is the pass over the weights."""
@@ -145,12 +158,15 @@ class CppPlan:
             check_job(job, "cpu", sources=True)
         self.jobs = tuple(jobs)
         self.table = torch.tensor([_row(job) for job in self.jobs], dtype=torch.int64)
+        self.path = cpu_isa.selected()  # fixed per plan (ops/cpu_isa.py)
 
     def run(self) -> None:
         if not self.jobs:
             return
         try:
-            _C.cpu_apply(self.table.data_ptr(), len(self.jobs), torch.get_num_threads())
+            _C.cpu_apply(
+                self.table.data_ptr(), len(self.jobs), torch.get_num_threads(), cpu_isa.code(self.path)
+            )
         except ValueError as exc:
             raise _reraise(exc, [job.name for job in self.jobs]) from None
 
