@@ -349,7 +349,7 @@ def run_candidate_rounds(
     )
     checked = set()
     for step in schedule:
-        for i, r in step:
+        for i, _ in step:
             cand, res = cands[i], results[i]
             if i not in checked:  # two checked swaps before any timing: to pair 0, then to pair 1
                 for k in (0, 1):
@@ -404,14 +404,29 @@ def main(argv=None) -> dict:
 
     names = [c.strip() for c in args.candidates.split(",") if c.strip()]
     results = []
-    progress = tqdm(total=(args.rounds + args.drift_swaps) * len(names), desc="pipeline swaps", unit="swap", file=sys.stderr)
+    progress = tqdm(
+        total=(args.rounds + args.drift_swaps) * len(names),
+        desc="pipeline swaps",
+        unit="swap",
+        file=sys.stderr,
+    )
     if args.sdxl:  # one UNet: each candidate in turn, back to the original before the next one
         for name in names:
             args1 = argparse.Namespace(**{**vars(args), "candidates": name})
             (cand,) = make_candidates(args1, pipes, pairs, hypernet)
             res = Result(cand.label)
             run_candidate_rounds(
-                [cand], [res], pairs, w0, refs, args.rounds, dtype, progress, False, args.drift_swaps, args.gemm
+                [cand],
+                [res],
+                pairs,
+                w0,
+                refs,
+                args.rounds,
+                dtype,
+                progress,
+                False,
+                args.drift_swaps,
+                args.gemm,
             )
             cand.back()
             res.drift = drift(cand.pipe.unet, w0)
