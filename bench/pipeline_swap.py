@@ -146,25 +146,30 @@ def computed_weight(module) -> torch.Tensor:
 
 
 def reference(w0: dict, pair, hypernet) -> dict:
-    """``{layer: (W0 + dW, |W0| + |terms of dW|)}`` in fp64: the plain sum, or (hypernet) the authors' dense formula (dense deltas
+    """``{layer: (W0 + dW, |W0| + |s| |B| @ |A| per LoRA)}`` in fp64: the plain sum, or (hypernet) the authors' dense formula (dense deltas
     through the hypernetwork, column scaling) for the hypernet's parts."""
     from lorarar_kernels.hypernet import dense_coefficients
     from lorarar_kernels.plan import part_of
+
+    def magnitude(x) -> torch.Tensor:  # |s| |B| @ |A|: what rounding the factors can move dW by
+        return abs(x.scale) * (x.up.double().abs() @ x.down.double().abs())
 
     c, s = pair
     out = {}
     for n, w in w0.items():
         dw_c, dw_s = c[n].delta(torch.float64), s[n].delta(torch.float64)
+        mag_c, mag_s = magnitude(c[n]), magnitude(s[n])
         if hypernet is not None and part_of(n, hypernet.parts):
             m = dense_coefficients(hypernet, dw_c, dw_s)
             dw_c, dw_s = dw_c * m[:, 0], dw_s * m[:, 1]
-        out[n] = (w.double() + dw_c + dw_s, w.double().abs() + dw_c.abs() + dw_s.abs())
+            mag_c, mag_s = mag_c * m[:, 0].abs(), mag_s * m[:, 1].abs()
+        out[n] = (w.double() + dw_c + dw_s, w.double().abs() + mag_c + mag_s)
     return out
 
 
 @torch.no_grad()
 def worst_error(unet, ref: dict) -> float:
-    """``max |W_computed - W_ref| / (|W0| + |terms|)`` over layers (a relative error, 0 = exact)."""
+    """``max |W_computed - W_ref| / (|W0| + |s| |B| @ |A| per LoRA)`` over layers (a relative error, 0 = exact)."""
     mods = dict(unet.named_modules())
     worst = 0.0
     for n, (r, mag) in ref.items():
