@@ -42,6 +42,7 @@ from tqdm import tqdm
 import lorarar_kernels as lk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+MAX_CHECKED = 64  # layers checked per result (every k-th)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The SDXL base 1.0 UNet's config (diffusers names); random weights.
 SDXL_UNET = {
@@ -145,26 +146,40 @@ def computed_weight(module) -> torch.Tensor:
     return w
 
 
-def reference(w0: dict, pair, hypernet) -> dict:
-    """``{layer: (W0 + dW, |W0| + |s| |B| @ |A| per LoRA)}`` in fp64: the plain sum, or (hypernet) the authors' dense formula (dense deltas
-    through the hypernetwork, column scaling) for the hypernet's parts."""
-    from lorarar_kernels.hypernet import dense_coefficients
-    from lorarar_kernels.plan import part_of
+class Reference:
+    """``W0 + dW`` of a pair in fp64, layer by layer when asked (never all layers at once: SDXL's would
+    not fit), on every k-th layer so that at most `MAX_CHECKED` are checked: the plain sum, or (hypernet)
+    the authors' dense formula (dense deltas through the hypernetwork, column scaling) for its parts.
+    ``items()`` yields ``(layer, (W0 + dW, |W0| + |s| |B| @ |A| per LoRA))``."""
 
-    def magnitude(x) -> torch.Tensor:  # |s| |B| @ |A|: what rounding the factors can move dW by
-        return abs(x.scale) * (x.up.double().abs() @ x.down.double().abs())
+    def __init__(self, w0: dict, pair, hypernet) -> None:
+        self.w0, self.pair, self.hypernet = w0, pair, hypernet
+        names = list(w0)
+        self.names = names[:: max(1, -(-len(names) // MAX_CHECKED))]
 
-    c, s = pair
-    out = {}
-    for n, w in w0.items():
+    def layer(self, n: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from lorarar_kernels.hypernet import dense_coefficients
+        from lorarar_kernels.plan import part_of
+
+        def magnitude(x) -> torch.Tensor:  # |s| |B| @ |A|: what rounding the factors can move dW by
+            return abs(x.scale) * (x.up.double().abs() @ x.down.double().abs())
+
+        (c, s), w = self.pair, self.w0[n]
         dw_c, dw_s = c[n].delta(torch.float64), s[n].delta(torch.float64)
         mag_c, mag_s = magnitude(c[n]), magnitude(s[n])
-        if hypernet is not None and part_of(n, hypernet.parts):
-            m = dense_coefficients(hypernet, dw_c, dw_s)
+        if self.hypernet is not None and part_of(n, self.hypernet.parts):
+            m = dense_coefficients(self.hypernet, dw_c, dw_s)
             dw_c, dw_s = dw_c * m[:, 0], dw_s * m[:, 1]
             mag_c, mag_s = mag_c * m[:, 0].abs(), mag_s * m[:, 1].abs()
-        out[n] = (w.double() + dw_c + dw_s, w.double().abs() + mag_c + mag_s)
-    return out
+        return w.double() + dw_c + dw_s, w.double().abs() + mag_c + mag_s
+
+    def items(self):
+        for n in self.names:
+            yield n, self.layer(n)
+
+
+def reference(w0: dict, pair, hypernet) -> Reference:
+    return Reference(w0, pair, hypernet)
 
 
 @torch.no_grad()
@@ -307,7 +322,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--sdxl", action="store_true", help="SDXL's UNet architecture, random weights (~12 GB)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the pipeline's weight dtype")
+    p.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="the pipeline's weight dtype (fp32; SDXL: fp16)"
+    )
     p.add_argument("--rank", type=int, default=None, help="rank of every LoRA (default: 8 tiny, 64 SDXL)")
     p.add_argument("--rounds", type=int, default=10, help="timed swaps per candidate")
     p.add_argument("--hypernet", default=None, help="hypernet checkpoint (SDXL: official if present)")
@@ -389,6 +406,7 @@ def main(argv=None) -> dict:
     quiet_diffusers()
     from lorarar.tiny import default_hypernet
 
+    args.dtype = args.dtype or ("fp16" if args.sdxl else "fp32")
     dtype = DTYPES[args.dtype]
     rank = args.rank or (64 if args.sdxl else 8)
     tmp = tempfile.TemporaryDirectory(prefix="lorarar-pipeline-swap-")
