@@ -42,7 +42,7 @@ from tqdm import tqdm
 import lorarar_kernels as lk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-MAX_CHECKED = 64  # layers checked per result (every k-th)
+MAX_CHECKED = 64  # layers checked per result by default (every k-th; --check-layers)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The SDXL base 1.0 UNet's config (diffusers names); random weights.
 SDXL_UNET = {
@@ -152,10 +152,10 @@ class Reference:
     the authors' dense formula (dense deltas through the hypernetwork, column scaling) for its parts.
     ``items()`` yields ``(layer, (W0 + dW, |W0| + |s| |B| @ |A| per LoRA))``."""
 
-    def __init__(self, w0: dict, pair, hypernet) -> None:
+    def __init__(self, w0: dict, pair, hypernet, most: int = MAX_CHECKED) -> None:
         self.w0, self.pair, self.hypernet = w0, pair, hypernet
         names = list(w0)
-        self.names = names[:: max(1, -(-len(names) // MAX_CHECKED))]
+        self.names = names[:: max(1, -(-len(names) // most))]
 
     def layer(self, n: str) -> tuple[torch.Tensor, torch.Tensor]:
         from lorarar_kernels.hypernet import dense_coefficients
@@ -178,8 +178,8 @@ class Reference:
             yield n, self.layer(n)
 
 
-def reference(w0: dict, pair, hypernet) -> Reference:
-    return Reference(w0, pair, hypernet)
+def reference(w0: dict, pair, hypernet, most: int = MAX_CHECKED) -> Reference:
+    return Reference(w0, pair, hypernet, most)
 
 
 @torch.no_grad()
@@ -329,6 +329,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="timed swaps per candidate")
     p.add_argument("--hypernet", default=None, help="hypernet checkpoint (SDXL: official if present)")
     p.add_argument("--drift-swaps", type=int, default=20, help="untimed swaps each after the timed ones")
+    p.add_argument(
+        "--check-layers", type=int, default=MAX_CHECKED, help="layers checked per result (every k-th)"
+    )
     p.add_argument("--gemm", type=int, default=1024, help="n of the fp32 n^3 GEMM giving the compute floor")
     p.add_argument("--candidates", default="hypernet,direct,fuse,hotswap", help="any of these, in a list")
     return p.parse_args(argv)
@@ -374,6 +377,7 @@ def run_candidate_rounds(
         for i, _ in step:
             cand, res = cands[i], results[i]
             if i not in checked:  # two checked swaps before any timing: to pair 0, then to pair 1
+                t_check = time.perf_counter()
                 for k in (0, 1):
                     cand.swap(k)
                     res.swaps += 1
@@ -385,6 +389,11 @@ def run_candidate_rounds(
                         )
                     res.check_error = max(res.check_error, err)
                 checked.add(i)
+                tqdm.write(
+                    f"{cand.label}: 2 swaps checked in {time.perf_counter() - t_check:.1f} s, worst relative "
+                    f"error {res.check_error:.2g} (bound {tol:.2g})",
+                    file=sys.stderr,
+                )
             k = res.swaps % 2
             floor = flops / (2 * gemm**3 / gemm_seconds(gemm))
             t0 = time.perf_counter()
@@ -423,7 +432,11 @@ def main(argv=None) -> dict:
         hyper_src = args.hypernet or "random (lorarar.tiny.default_hypernet)"
     w0 = {n: lin.weight.detach().clone() for n, lin in linears(shared.unet).items()}
     pairs = make_pairs(shared.unet, rank, Path(tmp.name))
-    refs = {(k, h): reference(w0, pairs.loras[k], hypernet if h else None) for k in (0, 1) for h in (0, 1)}
+    refs = {
+        (k, h): reference(w0, pairs.loras[k], hypernet if h else None, args.check_layers)
+        for k in (0, 1)
+        for h in (0, 1)
+    }
 
     names = [c.strip() for c in args.candidates.split(",") if c.strip()]
     results = []
@@ -454,6 +467,12 @@ def main(argv=None) -> dict:
             cand.back()
             res.drift = drift(cand.pipe.unet, w0)
             results.append(res)
+            tqdm.write(
+                markdown(
+                    {"info": {**info_of(args, rank, hyper_src, w0, res.label)}, "results": [res]}
+                ).splitlines()[-1],
+                file=sys.stderr,
+            )
             if not res.drift["bit_exact"]:  # the next candidate starts from the original weights again
                 for n, lin in linears(shared.unet).items():
                     lin.weight.data.copy_(w0[n])
@@ -470,7 +489,15 @@ def main(argv=None) -> dict:
     ref = results[0]
     for res in results:
         res.ratios = [t / r for t, r in zip(res.times, ref.times)]
-    info = {
+    info = info_of(args, rank, hyper_src, w0, ref.label)
+    out = {"info": info, "results": results}
+    print(markdown(out))
+    tmp.cleanup()
+    return out
+
+
+def info_of(args, rank: int, hyper_src: str, w0: dict, reference_label: str) -> dict:
+    return {
         "model": "SDXL UNet architecture, random weights" if args.sdxl else "tiny SDXL-layout pipeline",
         "layers": len(w0),
         "weights": sum(w.numel() for w in w0.values()),
@@ -479,13 +506,9 @@ def main(argv=None) -> dict:
         "rounds": args.rounds,
         "hypernet": hyper_src,
         "interleaved": not args.sdxl,
-        "reference": ref.label,
+        "reference": reference_label,
         "update_gflop": update_flops(w0, rank) / 1e9,
     }
-    out = {"info": info, "results": results}
-    print(markdown(out))
-    tmp.cleanup()
-    return out
 
 
 def markdown(out: dict) -> str:
