@@ -2,7 +2,7 @@
 
     make bench-report                       # ~5-8 min on 2 quiet cores
     python bench/report.py --help
-    python bench/report.py --sdxl           # adds the SDXL-architecture pipeline and step rows (~12 GB RAM)
+    python bench/report.py --sdxl           # + SDXL-architecture pipeline and step rows (~15 GB RAM, long)
 
 Sections, each checked before it is timed (by the script that times it) and reported as ratios measured
 side by side in interleaved rounds, median and min-max:
