@@ -149,6 +149,31 @@ def ziplora_section(quick: bool) -> tuple[list[str], dict | None]:
     return list(result["lines"]), result
 
 
+def headline(pipe: dict, step: dict) -> list[str]:
+    """The headline ratios of sections 2 and 3 in words (medians of same-round ratios, min-max)."""
+    res = {r.label: r for r in pipe["results"]}
+    ref = pipe["results"][0]
+    out = ["### Headline (this run)", ""]
+    for r in pipe["results"][1:]:
+        if r.ratios:
+            out.append(
+                f"- `{ref.label}` is {statistics.median(r.ratios):.2f}× faster than `{r.label}` "
+                f"(min–max {min(r.ratios):.2f}–{max(r.ratios):.2f}), {pipe['info']['model']}."
+            )
+    drifted = [r.label for r in res.values() if not r.drift.get("bit_exact", True)]
+    exact = [r.label for r in res.values() if r.drift.get("bit_exact")]
+    out.append(
+        f"- After {ref.swaps} swaps and a return to the original model: bit-exact for {', '.join(exact) or 'none'}; "
+        f"drifted for {', '.join(drifted) or 'none'}."
+    )
+    for row in step["rows"][1:]:
+        out.append(
+            f"- One UNet step, {row['label']}: {statistics.median(row['ratios']):.2f}× the base model's "
+            f"(min–max {min(row['ratios']):.2f}–{max(row['ratios']):.2f})."
+        )
+    return out + [""]
+
+
 def chart(path: Path, ratio_rows: list[dict], pipe: dict, step: dict, title: str) -> None:
     """Three panels: the merge pass x floor, a pipeline swap x lorarar's, one UNet step x base."""
     import matplotlib
@@ -277,6 +302,7 @@ def main(argv=None) -> int:
             "SDXL-architecture rows (random weights, ~12 GB RAM) are opt-in: `python bench/report.py --sdxl`.",
             "",
         ]
+    lines += headline(pipe, step)
     log("merge vs ZipLoRA")
     zl_lines, _ = ziplora_section(args.quick)
     lines += ["## 4. Hypernetwork merge vs ZipLoRA's optimisation", "", *zl_lines, ""]

@@ -13,6 +13,9 @@ Candidates, one forward each per round (order rotated), the same inputs, all on 
 - **PEFT adapters, unfused** (tiny model only; a second pipeline): both LoRAs loaded by diffusers'
   ``load_lora_weights`` + ``set_adapters`` and left unfused, what every step costs after a diffusers hotswap.
 
+Each round, every candidate sets its state up (untimed), runs one untimed step, then the timed one: a
+generation runs many steps after one swap, so the steady state is what is measured.
+
 Before timing, the outputs are checked: after a swap the UNet's output equals the authors' hooked output
 (the same merged delta, low-rank vs dense) and the PEFT adapters' output equals a lorarar direct merge's,
 both up to fp32 noise, and all differ from the base model's by far more than that.
@@ -206,11 +209,12 @@ def main(argv=None) -> dict:
         run()
         if leave:
             leave()
-    bar = tqdm(total=args.rounds * len(cands), desc="UNet steps", unit="step", file=sys.stderr)
+    bar = tqdm(total=args.rounds * len(cands), desc="UNet steps (timed)", unit="step", file=sys.stderr)
     for r in range(args.rounds):
         for label, enter, run, leave in cands[r % len(cands) :] + cands[: r % len(cands)]:
             if enter:
                 enter()
+            run()  # untimed: the steady state of a generation (many steps after one swap) is timed
             t0 = time.perf_counter()
             run()
             times[label].append(time.perf_counter() - t0)
