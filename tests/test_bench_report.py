@@ -103,7 +103,11 @@ def test_gpu_regression_skips_without_cuda_and_refuses_to_record():
     assert "skipped" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout.lower()
     refused = run("bench/test_gpu_regression.py", "--update-expectations", expect=1)
     assert "no CUDA device" in refused.stderr
-    assert not list((REPO / "bench" / "expectations").glob("*.json"))  # none guessed
+    from test_gpu_regression import load_expectations
+
+    for path in (REPO / "bench" / "expectations").glob("*.json"):  # checked-in files: recorded on a GPU
+        data = load_expectations(path)
+        assert data["gpu"] != "cpu (dry run)" and data["cuda"] and data["fraction_of_floor"], path
 
 
 def test_gpu_regression_recording_dry_run(tmp_path):
