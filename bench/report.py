@@ -157,7 +157,7 @@ def headline(pipe: dict, step: dict) -> list[str]:
     for r in pipe["results"][1:]:
         if r.ratios:
             out.append(
-                f"- `{ref.label}` is {statistics.median(r.ratios):.2f}× faster than `{r.label}` "
+                f"- `{r.label}` takes {statistics.median(r.ratios):.2f}× the time of `{ref.label}` "
                 f"(min–max {min(r.ratios):.2f}–{max(r.ratios):.2f}), {pipe['info']['model']}."
             )
     drifted = [r.label for r in res.values() if not r.drift.get("bit_exact", True)]
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
         "",
         f"`python bench/pipeline_swap.py {' '.join(sizes['pipeline'])}`. Each swap reads both LoRA files. "
         "`error` columns: the weights the model computes with against `W0 + dW` in fp64 (relative to "
-        "`|W0| + |terms|`); `drift`: the base weights after going back to the original model.",
+        "`|W0| + |s||B|@|A|` per LoRA); `drift`: the base weights after going back to the original model.",
         "",
         pipeline_swap.markdown(pipe),
         "",
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         lines += [step_overhead.markdown(ss), ""]
     else:
         lines += [
-            "SDXL-architecture rows (random weights, ~12 GB RAM) are opt-in: `python bench/report.py --sdxl`.",
+            "SDXL-architecture rows (random weights, ~15 GB RAM, long) are opt-in: `python bench/report.py --sdxl`.",
             "",
         ]
     lines += headline(pipe, step)
