@@ -12,7 +12,7 @@ ifneq ($(strip $(CUDACXX)),)
 export CUDACXX
 endif
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench bench-report lint clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
+
+# The CPU suite in one run (< 10 min on 2 quiet cores) -> BENCHMARKS.md + docs/benchmarks.png.
+# BENCH_REPORT_ARGS=--sdxl adds the SDXL-architecture rows (~12 GB RAM).
+BENCH_REPORT_ARGS ?=
+bench-report: $(STAMP)
+	$(PY) bench/report.py $(BENCH_REPORT_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lorarar_kernels python_api tests bench tools
