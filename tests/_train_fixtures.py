@@ -37,7 +37,7 @@ def build_manifest(root: Path, kind: str = "sdxl", rank: int = 2, n_images: int 
     data = {"version": 1, "base_model": "base/", "contents": [], "styles": []}
     for k, (key, names, token) in enumerate((("contents", CONTENTS, "sks"), ("styles", STYLES, "zwx"))):
         for i, name in enumerate(names):
-            lora = random_lora(unet, rank, seed=100 * k + i, strength=2.0, source=name)
+            lora = random_lora(unet, rank, seed=100 * k + i, strength=1.0, source=name)
             rel = f"loras/{key}/{name}.safetensors"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             lk.LoRA(dict(lora), source=name).save(root / rel)
