@@ -23,7 +23,12 @@ def _setup(args: argparse.Namespace, *, distributed: bool = False):
     from .cli import _quiet_frameworks
 
     _quiet_frameworks()
+    import diffusers.utils.logging
     import torch
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bars per component
+    diffusers.utils.logging.disable_progress_bar()
 
     from .train.diffusion import DiffusionModel
     from .train.manifest import load_manifest
