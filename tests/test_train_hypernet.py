@@ -185,3 +185,17 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
         moved += 1
     assert moved == len(a) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_step(world, tmp_path):
+    manifest, model = world
+    cfg = HypernetTrainConfig(steps=2, hidden=8, seed=7)
+    train_hypernet(model, manifest, tmp_path / "a.safetensors", cfg, progress=False)
+    ckpt = HypernetTrainConfig(steps=2, hidden=8, seed=7, gradient_checkpointing=True)
+    seen = []
+    train_hypernet(model, manifest, tmp_path / "b.safetensors", ckpt, progress=False,
+                   on_step=lambda step, loss: seen.append(model.unet.is_gradient_checkpointing))  # fmt: skip
+    assert seen == [True, True] and not model.unet.is_gradient_checkpointing
+    a, b = _state(tmp_path / "a.safetensors"), _state(tmp_path / "b.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -214,8 +214,6 @@ def train_hypernet(
         raise lk.LoraRarError(f"mixed precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     device = model.device
     model.unet.requires_grad_(False)
-    if config.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
     loras, train_pairs = (
         data
         if data is not None
@@ -242,6 +240,8 @@ def train_hypernet(
 
         module = DistributedDataParallel(module, device_ids=None, broadcast_buffers=False)
     adapter = PairAdapter(model.unet)
+    if config.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing(adapter.checkpoint_function())
     local = config.batch // world
     bar = tqdm(total=config.steps, initial=step, desc="train-hypernet", disable=not progress or rank != 0)
     try:
@@ -292,6 +292,8 @@ def train_hypernet(
     finally:
         bar.close()
         adapter.remove()
+        if config.gradient_checkpointing:
+            model.unet.disable_gradient_checkpointing()
     if rank == 0:
         save_checkpoint(ckpt, net, opt, gen, step, history, config, scaler)
         with atomic_path(out) as tmp:

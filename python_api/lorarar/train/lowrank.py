@@ -131,6 +131,31 @@ class PairAdapter:
 
         return hook
 
+    def checkpoint_function(self):
+        """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that replays this
+        adapter's pair, mode and coefficients when a block is recomputed during backward (by then the
+        adapter may be in another mode: recomputing in it would give other activations)."""
+        from torch.utils.checkpoint import checkpoint
+
+        def run(module, *args):
+            state = (self.content, self.style, self._mode, self._coefficients)
+
+            def contexts():
+                return contextlib.nullcontext(), self._replay(state)
+
+            return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+        return run
+
+    @contextlib.contextmanager
+    def _replay(self, state) -> Iterator[None]:
+        old = (self.content, self.style, self._mode, self._coefficients)
+        self.content, self.style, self._mode, self._coefficients = state
+        try:
+            yield
+        finally:
+            self.content, self.style, self._mode, self._coefficients = old
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
