@@ -200,9 +200,9 @@ def train_lora(
         unet.train()
         bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
         n = latents.shape[0]
+        batch_cond = _repeat(cond, cfg.batch)
         for _ in bar:
             pick = torch.randint(0, n, (cfg.batch,), generator=gen, device=device)
-            batch_cond = _repeat(cond, cfg.batch)
             loss = model.loss(latents[pick], batch_cond, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,7 +221,9 @@ def train_lora(
 def _repeat(cond: dict, b: int) -> dict:
     out = {"encoder_hidden_states": cond["encoder_hidden_states"].expand(b, -1, -1)}
     if "added_cond_kwargs" in cond:
-        out["added_cond_kwargs"] = {k: v.expand(b, *v.shape[1:]) for k, v in cond["added_cond_kwargs"].items()}
+        out["added_cond_kwargs"] = {
+            k: v.expand(b, *v.shape[1:]) for k, v in cond["added_cond_kwargs"].items()
+        }
     return out
 
 
