@@ -198,7 +198,9 @@ def train_hypernet(
     ``<out stem>.loss.png``, ``<out stem>.loss.csv`` and ``<out stem>.checkpoint.safetensors``.
 
     resume: continue from the checkpoint beside ``out`` when there is one. on_step(step, loss): called
-    after every step (after any checkpoint of that step). Under ``torchrun`` only rank 0 writes files.
+    after every step (after any checkpoint of that step). data: already prepared ``(LoraData by key,
+    training pairs of keys)`` instead of the manifest's training split. Under ``torchrun`` only rank 0
+    writes files.
     """
     from tqdm.auto import tqdm
 
@@ -214,11 +216,10 @@ def train_hypernet(
         raise lk.LoraRarError(f"mixed precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     device = model.device
     model.unet.requires_grad_(False)
-    loras, train_pairs = (
-        data
-        if data is not None
-        else (lambda d, p: (d, p["train"]))(*prepare_manifest(model, manifest, ["train"]))
-    )
+    if data is None:
+        loras, by_split = prepare_manifest(model, manifest, ["train"])
+        data = loras, by_split["train"]
+    loras, train_pairs = data
     for d in loras.values():
         d.lora = d.lora.to(device)
     with torch.random.fork_rng(devices=[]):
