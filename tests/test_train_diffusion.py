@@ -2,8 +2,15 @@
 
 import pytest
 import torch
+from _train_fixtures import one_thread
 from lorarar.tiny import build_tiny_pipeline, save_tiny_pipeline
 from lorarar.train.diffusion import DiffusionModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=["sdxl", "sd1"])

@@ -2,11 +2,18 @@
 
 import pytest
 import torch
+from _train_fixtures import one_thread
 from lorarar.tiny import build_tiny_pipeline, random_lora
 from lorarar.train.diffusion import DiffusionModel
 from lorarar.train.lowrank import PairAdapter, hypernet_coefficients, hypernet_widths, similarity
 
 import lorarar_kernels as lk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=["sdxl", "sd1"])
