@@ -68,6 +68,15 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_pack(args: argparse.Namespace) -> int:
+    from .world.assets import pack
+
+    out = pack(args.world, args.out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"packed {args.world} -> {out} ({size / 2**20:.1f} MiB, base UNet in fp16)")
+    return 0
+
+
 def _load_model(path: str | None, device: str | None):
     from .cli import _quiet_frameworks
     from .train.diffusion import DiffusionModel
@@ -129,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("world", formatter_class=fmt, help="build the offline toy world",
                        description="The offline toy world (subjects, styles, base model, LoRAs, hypernet).")  # fmt: skip
-    wsub = p.add_subparsers(dest="world_command", metavar="{build}")
+    wsub = p.add_subparsers(dest="world_command", metavar="{build,pack}")
     wsub.required = True
     b = wsub.add_parser("build", formatter_class=fmt, help="build the toy world into a folder",
                         description=WORLD_HELP)  # fmt: skip
@@ -148,6 +157,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "busy machine 1 wastes less time spinning")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_world_build)
+    k = wsub.add_parser("pack", formatter_class=fmt, help="copy a built world with the base UNet in fp16",
+                        description="Copy a built world to --out (replaced) with the base UNet's weights\n"
+                        "stored in fp16: how the shipped world in lorarar/world/assets/ is made.")  # fmt: skip
+    k.add_argument("--world", required=True, metavar="DIR", help="a folder written by `lorarar world build`")
+    k.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced)")
+    k.set_defaults(func=cmd_world_pack)
 
     t = sub.add_parser("train-lora", formatter_class=fmt, help="train one content or style LoRA",
                        description=TRAIN_LORA_HELP)  # fmt: skip
