@@ -72,6 +72,7 @@ def cmd_train_hypernet(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        init=args.init,
     )
     rank, manifest, model = _setup(args, distributed=True)
     net = train_hypernet(model, manifest, out, cfg, resume=args.resume, progress=not args.no_progress)
