@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli_train, cli_world
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 DESCRIPTION = """\
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="merge backend (auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+    cli_world.register(sub)  # world, train-lora
+    cli_train.register(sub)  # train-hypernet, ziplora, score
     return parser
 
 

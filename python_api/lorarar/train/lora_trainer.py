@@ -1,0 +1,271 @@
+"""DreamBooth-style training of one content or one style LoRA (PEFT on ``to_q``, ``to_k``, ``to_v``,
+``to_out.0``) from a folder of images and a prompt that carries the LoRA's trigger token.
+
+The defaults are the LoRA.rar authors' SDXL settings (`LoraTrainConfig`: rank 64, alpha = rank, lr 5e-5
+constant, 1000 steps, AdamW, batch 1); the toy world uses `TOY_LORA` (rank 8, lr 1e-3, fewer steps,
+batch 8). The loss is the plain diffusion loss of the model (`DiffusionModel.loss`: epsilon or v
+target) on the folder's images, encoded once; only the LoRA factors train. The result is an
+`lk.LoRA` (``down = lora_A``, ``up = lora_B``, scale alpha / rank) saved as diffusers/PEFT safetensors
+(``unet.<module>.lora_A/B.weight`` + alpha metadata) that ``lk.LoRA.load`` and diffusers'
+``load_lora_weights`` / ``load_lora_adapter`` read at the same scale.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import lorarar_kernels as lk
+
+from ..shapes import PARTS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ADAPTER = "lorarar_train"
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """Settings of one LoRA training run (defaults: the authors' SDXL recipe)."""
+
+    rank: int = 64
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    lr: float = 5e-5
+    steps: int = 1000
+    batch: int = 1
+    seed: int = 0
+    targets: tuple[str, ...] = tuple(PARTS)
+    weight_decay: float = 1e-2
+
+    def validated(self) -> LoraTrainConfig:
+        if self.rank < 1 or self.steps < 1 or self.batch < 1 or not self.lr > 0:
+            raise lk.LoraRarError(
+                f"LoRA training: need rank, steps, batch >= 1 and lr > 0, got rank {self.rank}, steps "
+                f"{self.steps}, batch {self.batch}, lr {self.lr}"
+            )
+        return self
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+SDXL_LORA = LoraTrainConfig()
+TOY_LORA = LoraTrainConfig(rank=8, lr=1e-3, steps=300, batch=8)
+
+
+def check_prompt(prompt: str, token: str) -> None:
+    """The prompt must contain the trigger token as a whole word."""
+    if not token or not re.search(rf"(?<!\w){re.escape(token)}(?!\w)", prompt):
+        raise lk.LoraRarError(
+            f"prompt {prompt!r} does not contain the trigger token {token!r}; put the token in the prompt "
+            f"(e.g. 'a photo of {token or 'sks'} dog')"
+        )
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The PNG/JPEG files of ``folder``, sorted by name; an error if it is missing or holds none."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise lk.LoraFileError(f"image folder {d}: no such folder")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise lk.LoraFileError(f"image folder {d}: no .png/.jpg/.jpeg images in it")
+    return files
+
+
+def check_images(folder: str | os.PathLike) -> list[Path]:
+    """`image_files`, each opened and verified (an unreadable image is an error naming it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = image_files(folder)
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise lk.LoraFileError(f"image {path}: unreadable ({type(exc).__name__}: {exc})") from None
+    return files
+
+
+def load_images(folder: str | os.PathLike, size: int) -> torch.Tensor:
+    """Every image of ``folder`` as ``[n, 3, size, size]`` float32 in [-1, 1]: RGB, centre-cropped to a
+    square, resized with Lanczos. An unreadable image is an error naming it."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for path in image_files(folder):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side))
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.LANCZOS)
+                out.append(np.asarray(im, dtype=np.float32))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise lk.LoraFileError(f"image {path}: unreadable ({type(exc).__name__}: {exc})") from None
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def image_size(model) -> int:
+    """The model's native image side in pixels (UNet sample size x VAE scale)."""
+    return int(model.unet.config.sample_size) * model.latent_scale
+
+
+def _attach_adapter(unet: torch.nn.Module, cfg: LoraTrainConfig) -> None:
+    from peft import LoraConfig
+
+    if ADAPTER in getattr(unet, "peft_config", {}):
+        unet.delete_adapters(ADAPTER)
+    unet.add_adapter(
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
+            init_lora_weights="gaussian",
+            target_modules=list(cfg.targets),
+        ),
+        adapter_name=ADAPTER,
+    )
+
+
+def _remove_adapter(unet: torch.nn.Module) -> None:
+    """Take the PEFT wrappers out again, so the UNet has its own modules (and names) back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            setattr(parent, child, module.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(unet, attr):
+            delattr(unet, attr) if attr == "peft_config" else setattr(unet, attr, False)
+
+
+def _collect(unet: torch.nn.Module, cfg: LoraTrainConfig) -> lk.LoRA:
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            down = module.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+            up = module.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+            layers[name] = lk.LoRALayer(down, up, cfg.scale)
+    if not layers:
+        raise lk.LoraRarError(f"LoRA training: the UNet has no layers named by {cfg.targets}")
+    return lk.LoRA(layers)
+
+
+def train_lora(
+    model,
+    images: torch.Tensor,
+    prompt: str,
+    cfg: LoraTrainConfig = SDXL_LORA,
+    *,
+    token: str | None = None,
+    progress: bool = True,
+    desc: str = "train LoRA",
+) -> tuple[lk.LoRA, list[float]]:
+    """Train one LoRA on ``images`` (``[n, 3, H, W]`` in [-1, 1]) under ``prompt``; returns the LoRA and
+    the per-step losses. The model's UNet is left as it was (the PEFT adapter is removed)."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg.validated()
+    if token is not None:
+        check_prompt(prompt, token)
+    unet = model.unet
+    device = model.device
+    latents = model.encode_images(images.to(device))
+    cond = model.encode_prompts([prompt])
+    was_training = unet.training
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # PEFT's gaussian init of lora_A
+        _attach_adapter(unet, cfg)
+    try:
+        params = [p for n, p in unet.named_parameters() if ADAPTER in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+        losses: list[float] = []
+        unet.train()
+        bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+        n = latents.shape[0]
+        batch_cond = _repeat(cond, cfg.batch)
+        for _ in bar:
+            pick = torch.randint(0, n, (cfg.batch,), generator=gen, device=device)
+            loss = model.loss(latents[pick], batch_cond, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
+        bar.close()
+        lora = _collect(unet, cfg)
+    finally:
+        _remove_adapter(unet)
+        unet.train(was_training)
+    return lora, losses
+
+
+def _repeat(cond: dict, b: int) -> dict:
+    out = {"encoder_hidden_states": cond["encoder_hidden_states"].expand(b, -1, -1)}
+    if "added_cond_kwargs" in cond:
+        out["added_cond_kwargs"] = {
+            k: v.expand(b, *v.shape[1:]) for k, v in cond["added_cond_kwargs"].items()
+        }
+    return out
+
+
+def save_lora_file(lora: lk.LoRA, path: str | os.PathLike) -> Path:
+    """Write ``lora`` to ``path`` (.safetensors) through a temporary file renamed at the end."""
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise lk.LoraRarError(f"{out}: LoRAs are written as .safetensors; name the file so")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.safetensors")
+    try:
+        lora.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def train_lora_from_folder(
+    model,
+    folder: str | os.PathLike,
+    prompt: str,
+    token: str,
+    out: str | os.PathLike,
+    cfg: LoraTrainConfig = SDXL_LORA,
+    *,
+    progress: bool = True,
+    desc: str = "train LoRA",
+) -> tuple[Path, list[float]]:
+    """Check the prompt, read the folder at the model's size, train, save; returns (path, losses)."""
+    check_prompt(prompt, token)
+    images = load_images(folder, image_size(model))
+    lora, losses = train_lora(model, images, prompt, cfg, token=token, progress=progress, desc=desc)
+    return save_lora_file(lora, out), losses
+
+
+def with_overrides(cfg: LoraTrainConfig, **kw) -> LoraTrainConfig:
+    """``cfg`` with the given fields replaced where the value is not None."""
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
+
+
+__all__: Sequence[str] = (
+    "LoraTrainConfig", "SDXL_LORA", "TOY_LORA", "check_prompt", "check_images", "image_files", "load_images",
+    "train_lora", "train_lora_from_folder", "save_lora_file", "with_overrides",
+)  # fmt: skip

@@ -1,0 +1,201 @@
+"""Hypernetwork training: gradient vs finite differences, resume = uninterrupted, torchrun (gloo) = one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _train_fixtures import build_manifest, one_thread
+from lorarar.train.diffusion import DiffusionModel
+from lorarar.train.hypernet_trainer import HypernetTrainConfig, train_hypernet
+from lorarar.train.lowrank import PairAdapter, hypernet_coefficients, similarity
+from lorarar.train.manifest import load_manifest
+from lorarar.train.objective import draw, pair_mse, prepare_manifest
+
+import lorarar_kernels as lk
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    manifest = load_manifest(build_manifest(root))
+    model = DiffusionModel.from_directory(manifest.base_model)
+    return manifest, model
+
+
+def _state(path):
+    net = lk.Hypernet.load(path)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_gradient_equals_finite_differences(world):
+    manifest, model = world
+    data, pairs = prepare_manifest(model, manifest, ["train"])
+    c, s = data[pairs["train"][0][0]], data[pairs["train"][0][1]]
+    model.unet.requires_grad_(False)
+    torch.manual_seed(0)
+    net = lk.Hypernet(widths=(32, 64), hidden=8)
+    adapter = PairAdapter(model.unet)
+    adapter.set_pair(c.lora, s.lora)
+    d = draw(c, s, torch.Generator().manual_seed(4), model.num_train_timesteps, timestep=300)
+
+    def objective():
+        m = hypernet_coefficients(net, c.lora, s.lora)
+        mse_c, mse_s = pair_mse(model, adapter, m, c, s, d)
+        return mse_c + mse_s + 0.01 * similarity(m)
+
+    net.zero_grad()
+    objective().backward()
+    params = list(net.parameters())
+    grad = torch.cat([p.grad.flatten() for p in params])
+    gen = torch.Generator().manual_seed(1)
+    checked = 0
+    for _ in range(3):
+        direction = [torch.randn(p.shape, generator=gen) for p in params]
+        norm = torch.cat([v.flatten() for v in direction]).norm()
+        direction = [v / norm for v in direction]
+        h = 1e-3
+        with torch.no_grad():
+            for p, v in zip(params, direction):
+                p.add_(h * v)
+            up = objective().item()
+            for p, v in zip(params, direction):
+                p.sub_(2 * h * v)
+            down = objective().item()
+            for p, v in zip(params, direction):
+                p.add_(h * v)
+        fd = (up - down) / (2 * h)
+        analytic = float(grad @ torch.cat([v.flatten() for v in direction]))
+        assert abs(fd - analytic) <= 2e-2 * abs(analytic) + 1e-5, (fd, analytic)
+        checked += abs(analytic) > 1e-4
+    adapter.remove()
+    assert checked >= 2  # the check is not on vanishing gradients
+
+
+def test_training_writes_a_loadable_hypernet_and_lowers_the_loss(world, tmp_path):
+    manifest, model = world
+    cfg = HypernetTrainConfig(steps=12, batch=2, hidden=8, lr=0.01, seed=1)
+    net = train_hypernet(model, manifest, tmp_path / "h.safetensors", cfg, progress=False)
+    loaded = lk.Hypernet.load(tmp_path / "h.safetensors")
+    assert loaded.widths == (32, 64) and loaded.parts == ("to_q", "to_out.0") and loaded.hidden == 8
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    assert (tmp_path / "h.loss.png").stat().st_size > 1000
+    lines = (tmp_path / "h.loss.csv").read_text().splitlines()
+    assert len(lines) == 13
+    losses = [float(x.split(",")[1]) for x in lines[1:]]
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_resume_after_interruption_equals_uninterrupted(world, tmp_path):
+    manifest, model = world
+    cfg = HypernetTrainConfig(steps=6, batch=1, hidden=8, seed=2, checkpoint_every=3)
+    train_hypernet(model, manifest, tmp_path / "full.safetensors", cfg, progress=False)
+
+    def interrupt(step, loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_hypernet(model, manifest, tmp_path / "cut.safetensors", cfg, progress=False, on_step=interrupt)
+    assert not (tmp_path / "cut.safetensors").exists()  # no half-written output
+    train_hypernet(model, manifest, tmp_path / "cut.safetensors", cfg, progress=False, resume=True)
+    a, b = _state(tmp_path / "full.safetensors"), _state(tmp_path / "cut.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = (tmp_path / "full.loss.csv").read_text()
+    assert full == (tmp_path / "cut.loss.csv").read_text()
+
+
+def test_resume_refuses_other_settings(world, tmp_path):
+    manifest, model = world
+    cfg = HypernetTrainConfig(steps=1, hidden=8, seed=2)
+    train_hypernet(model, manifest, tmp_path / "h.safetensors", cfg, progress=False)
+    other = HypernetTrainConfig(steps=2, hidden=8, seed=3)
+    with pytest.raises(lk.LoraRarError, match="seed"):
+        train_hypernet(model, manifest, tmp_path / "h.safetensors", other, progress=False, resume=True)
+
+
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    manifest, model = world
+    args = [
+        "--manifest",
+        str(manifest.path),
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--hidden",
+        "8",
+        "--seed",
+        "5",
+        "--no-progress",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorarar",
+            "train-hypernet",
+            *args,
+            "--out",
+            str(tmp_path / "one.safetensors"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "lorarar",
+            "train-hypernet",
+            *args,
+            "--out",
+            str(tmp_path / "two.safetensors"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _state(tmp_path / "one.safetensors"), _state(tmp_path / "two.safetensors")
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        moved += 1
+    assert moved == len(a) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_step(world, tmp_path):
+    manifest, model = world
+    cfg = HypernetTrainConfig(steps=2, hidden=8, seed=7)
+    train_hypernet(model, manifest, tmp_path / "a.safetensors", cfg, progress=False)
+    ckpt = HypernetTrainConfig(steps=2, hidden=8, seed=7, gradient_checkpointing=True)
+    seen = []
+    train_hypernet(model, manifest, tmp_path / "b.safetensors", ckpt, progress=False,
+                   on_step=lambda step, loss: seen.append(model.unet.is_gradient_checkpointing))  # fmt: skip
+    assert seen == [True, True] and not model.unet.is_gradient_checkpointing
+    a, b = _state(tmp_path / "a.safetensors"), _state(tmp_path / "b.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
