@@ -1,0 +1,263 @@
+"""`lorarar eval`'s loop: for each (content, style) pair of a manifest split and each method, generate N
+images with fixed seeds (resumable: the images of a finished cell are read back, not made again), judge
+them, and write the reports.
+
+Layout of the output folder::
+
+    config.json                          what generated the images (a resume must match it)
+    images/<content>__<style>/<method>/NN.png
+    ziplora/<content>__<style>.safetensors   the pair's ZipLoRA coefficients (reused on resume)
+    scores_images.csv                    one row per image: approvals and 0-100 scores
+    results.csv, results.md, grid.png    per pair and method, overall with the spread over pairs
+
+Every method of a cell starts from the same noise (one `torch.Generator` seeded with ``seed``, the N images
+drawn as one batch), so methods differ only by how they merge. Sampling is `DiffusionModel.generate`
+(DDIM, no classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import lorarar_kernels as lk
+
+from .methods import DEFAULT, Pair, applied, parse_methods
+
+PROMPT = "a {content_token} {content} in {style_token} style"
+_GENERATION_KEYS = ("images", "steps", "seed", "prompt", "ziplora_steps", "ziplora_preset")
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT))
+    images: int = 4  # per pair and method
+    steps: int = 20  # denoising steps
+    seed: int = 0
+    split: str = "heldout"
+    prompt: str = PROMPT
+    ziplora_steps: int = 100
+    ziplora_preset: str = "lorarar"
+    backend: str = "auto"
+    judge: str | None = "toy"  # "toy" (the shipped judge), a judge file, or None (no scores)
+
+
+@dataclass
+class CellScores:
+    """Per-image judge results of one (pair, method) cell."""
+
+    content: str
+    style: str
+    method: str
+    content_ok: list[bool]
+    style_ok: list[bool]
+    content_score: list[float]  # 0-100: the judge's probability of the pair's subject
+    style_score: list[float]
+
+    @property
+    def both_ok(self) -> list[bool]:
+        return [a and b for a, b in zip(self.content_ok, self.style_ok)]
+
+
+def pair_prompt(template: str, content, style) -> str:
+    try:
+        return template.format(content=content.name, style=style.name, content_token=content.token,
+                               style_token=style.token)  # fmt: skip
+    except (KeyError, IndexError, ValueError) as exc:
+        raise lk.LoraRarError(
+            f"--prompt {template!r}: bad template ({exc}); fields: content, style, content_token, style_token"
+        ) from None
+
+
+def _check_config(out: Path, cfg: EvalConfig) -> None:
+    """Refuse to mix images made with other generation settings into a resumed run."""
+    path = out / "config.json"
+    current = {k: getattr(cfg, k) for k in _GENERATION_KEYS}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            old = None
+        if not isinstance(old, dict) or {k: old.get(k) for k in _GENERATION_KEYS} != current:
+            raise lk.LoraRarError(
+                f"{out}: holds images made with other settings ({path}); use another --out or delete it"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    from ..train._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({**asdict(cfg), **current}, indent=2) + "\n", encoding="utf-8")
+
+
+def _cell_paths(out: Path, content: str, style: str, method: str, n: int) -> list[Path]:
+    d = out / "images" / f"{content}__{style}" / method
+    return [d / f"{i:02d}.png" for i in range(n)]
+
+
+def _save_images(x: torch.Tensor, paths: list[Path]) -> None:
+    from ..train._io import atomic_path
+    from ..world.base import to_images
+
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for im, p in zip(to_images(x), paths):
+        with atomic_path(p) as tmp:
+            im.save(tmp, format="PNG")
+
+
+def load_images(paths: list[Path]) -> torch.Tensor:
+    from ..train.manifest import load_images as read
+
+    from PIL import Image
+
+    with Image.open(paths[0]) as im:
+        side = im.size[0]
+    return read(paths, side, where="generated")
+
+
+def _ziplora_cache(out: Path, model, manifest, c_entry, s_entry, c_lora, s_lora, cfg: EvalConfig, progress):
+    """A callable returning the pair's ZipLoRA coefficients, optimised once and cached on disk."""
+    from ..train.objective import prepare_lora
+    from ..train.ziplora import ZipLoRAConfig, load_coefficients, save_coefficients, ziplora
+
+    path = out / "ziplora" / f"{c_entry.name}__{s_entry.name}.safetensors"
+    memo: dict = {}
+
+    def get() -> dict:
+        if "c" in memo:
+            return memo["c"]
+        if path.is_file():
+            memo["c"] = load_coefficients(path)
+        else:
+            c, s = prepare_lora(model, c_entry, c_lora), prepare_lora(model, s_entry, s_lora)
+            zcfg = ZipLoRAConfig(preset=cfg.ziplora_preset, steps=cfg.ziplora_steps, seed=cfg.seed)
+            res = ziplora(model, c, s, zcfg, progress=False)
+            save_coefficients(path, res.coefficients, {"steps": res.steps, "seconds": f"{res.seconds:.4g}"})
+            memo["c"] = res.coefficients
+        return memo["c"]
+
+    return get
+
+
+def run_eval(
+    manifest_path: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: EvalConfig,
+    *,
+    hypernet: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Generate, judge and report (see the module docstring); returns the overall summary."""
+    from tqdm.auto import tqdm
+
+    from ..train.diffusion import DiffusionModel
+    from ..train.manifest import load_manifest
+    from ..train.objective import image_size, manifest_check
+    from .peft_merge import check_combination
+    from .report import write_reports
+
+    methods = parse_methods(cfg.methods)
+    cfg.methods = methods
+    if cfg.images < 1 or cfg.steps < 1:
+        raise lk.LoraRarError("--images and --steps must be >= 1")
+    out = Path(out)
+    manifest = load_manifest(manifest_path)
+    pairs = manifest.pairs(cfg.split)
+    if not pairs:
+        raise lk.LoraRarError(f"{manifest.path}: split {cfg.split!r} is empty")
+    hyper = None
+    if "hypernet" in methods:
+        from ..world.assets import hypernet_path
+
+        hp = Path(hypernet) if hypernet is not None else hypernet_path(manifest.path.parent)
+        if hp is None or not hp.is_file():
+            raise lk.LoraFileError(
+                f"--hypernet {hp or manifest.path.parent / 'hypernet.safetensors'}: no such file "
+                "(give --hypernet, or leave 'hypernet' out of --methods)"
+            )
+        hyper = lk.Hypernet.load(hp)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    judge = None
+    if cfg.judge is not None:
+        from .toy_judge import SIZE, ToyJudge
+
+        judge = ToyJudge.load(None if cfg.judge == "toy" else cfg.judge)
+    model = DiffusionModel.from_directory(manifest.base_model, device=dev)
+    if judge is not None and image_size(model) != SIZE:
+        raise lk.LoraRarError(
+            f"the toy judge takes {SIZE}x{SIZE} images but {manifest.base_model} makes "
+            f"{image_size(model)}x{image_size(model)}; use --judge none for other models"
+        )
+    if hyper is not None:
+        hyper.to(dev)
+    loras = {}
+    for c, s in pairs:
+        loras.setdefault(f"content:{c.name}", c.load_lora())
+        loras.setdefault(f"style:{s.name}", s.load_lora())
+    manifest_check(manifest, model, loras)
+    for c, s in pairs:
+        for m in methods:
+            if m.startswith("peft-"):
+                check_combination(m[len("peft-") :], loras[f"content:{c.name}"], loras[f"style:{s.name}"])
+    _check_config(out, cfg)
+
+    t0 = time.perf_counter()
+    made = reused = 0
+    cells = [(c, s, m) for c, s in pairs for m in methods]
+    bar = tqdm(cells, desc="eval: generate", disable=not progress, unit="cell")
+    zip_cache: dict = {}
+    for c, s, method in bar:
+        bar.set_postfix_str(f"{c.name} x {s.name}: {method}")
+        paths = _cell_paths(out, c.name, s.name, method, cfg.images)
+        if all(p.is_file() for p in paths):
+            reused += len(paths)
+            continue
+        c_lora, s_lora = loras[f"content:{c.name}"], loras[f"style:{s.name}"]
+        key = (c.name, s.name)
+        if key not in zip_cache:
+            zip_cache[key] = _ziplora_cache(out, model, manifest, c, s, c_lora, s_lora, cfg, progress)
+        pair = Pair(model.unet, c_lora.to(dev), s_lora.to(dev), hyper, cfg.steps, zip_cache[key],
+                    cfg.backend, cfg.seed)  # fmt: skip
+        prompt = pair_prompt(cfg.prompt, c, s)
+        with applied(method, pair):
+            gen = torch.Generator().manual_seed(cfg.seed)
+            x = model.generate([prompt] * cfg.images, steps=cfg.steps, generator=gen)
+        _save_images(x, paths)
+        made += len(paths)
+    bar.close()
+    gen_s = time.perf_counter() - t0
+    log(f"images: {made} made, {reused} reused ({gen_s:.1f} s)")
+
+    scores: list[CellScores] = []
+    if judge is not None:
+        for c, s, method in cells:
+            x = load_images(_cell_paths(out, c.name, s.name, method, cfg.images))
+            scores.append(judge_cell(judge, x, c.name, s.name, method))
+    refs = {(c.name, s.name): (c.image_paths[0], s.image_paths[0]) for c, s in pairs}
+    about = (f"{len(pairs)} pairs of split {cfg.split!r} x {len(methods)} methods, {cfg.images} images each, "
+             f"{cfg.steps} DDIM steps, seed {cfg.seed}; judge: "
+             f"{'the toy world judge' if judge is not None else 'none'}")  # fmt: skip
+    return write_reports(out, cells, scores, refs, cfg, about=about)
+
+
+def judge_cell(judge, x: torch.Tensor, content: str, style: str, method: str) -> CellScores:
+    """The toy judge's verdicts on one cell's images."""
+    p, q = judge.probabilities(x)
+    if content not in judge.subjects or style not in judge.styles:
+        raise lk.LoraRarError(
+            f"the toy judge knows subjects {judge.subjects[:-1]} and styles {judge.styles[:-1]}, not "
+            f"{content!r} / {style!r}; use --judge none"
+        )
+    ci, si = judge.subjects.index(content), judge.styles.index(style)
+    return CellScores(
+        content, style, method,
+        [bool(v) for v in (p.argmax(-1) == ci)], [bool(v) for v in (q.argmax(-1) == si)],
+        [100 * float(v) for v in p[:, ci]], [100 * float(v) for v in q[:, si]],
+    )  # fmt: skip
