@@ -55,32 +55,26 @@ def test_python_dash_m_missing_file_has_no_traceback(tmp_path):
 
 
 def test_demo_writes_images_and_table(tmp_path, capsys):
+    """The demo on the shipped trained world: every stage, a bit-exact restore, the images and the grid."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2", "--size", "32", "--no-progress"]) == 0
+    args = ["demo", "--out", str(out), "--steps", "2", "--samples", "1", "--size", "32", "--no-progress"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "UNTRAINED" in printed and "restore bit-exact: yes" in printed
-    for stage in ("merge content only", "swap to style + content", "restore", "generate merged"):
+    assert "held-out pair" in printed and "hypernetwork: trained" in printed
+    assert "restore bit-exact: yes" in printed
+    for stage in ("merge content only", "(direct merge)", "(hypernet)", "hot swap to", "restore", "generate merged"):
         assert stage in printed
-    names = {
-        "content-only.png",
-        "style-only.png",
-        "merged.png",
-        "swapped.png",
-        "coefficients.png",
-        "timings.md",
-    }
+    tags = ("content-only", "style-only", "direct", "merged", "swapped")
+    names = {*(f"{t}.png" for t in tags), "grid.png", "coefficients.png", "timings.md"}
     assert names <= {p.name for p in out.iterdir()}
     table = (out / "timings.md").read_text()
     assert "| stage" in table and "bit-exact: yes" in table
     assert any(f"| {b} " in table for b in lk.backends())  # which backend ran
     from PIL import Image
 
-    images = {
-        n: np.asarray(Image.open(out / f"{n}.png"))
-        for n in ("content-only", "style-only", "merged", "swapped")
-    }
+    images = {n: np.asarray(Image.open(out / f"{n}.png")) for n in tags}
     assert all(img.shape == (32, 32, 3) for img in images.values())
-    assert len({img.tobytes() for img in images.values()}) == 4  # four different merges, four images
+    assert len({img.tobytes() for img in images.values()}) == len(tags)  # five different merges, five images
 
 
 def test_merge_writes_a_loadable_adapter(files, tmp_path, capsys):

@@ -28,8 +28,8 @@ weights and restore is bit-exact.
 commands:
   merge      write the merged pair as one LoRA file (rank r_c + r_s, diffusers/PEFT safetensors)
   generate   merge a pair into a local diffusers model directory and generate an image (offline)
-  demo       the built-in demo: a tiny offline pipeline, two random LoRAs, an untrained hypernet;
-             merge -> generate -> swap -> restore with timings and a coefficient heat map
+  demo       the built-in demo on the shipped trained toy world: content only, style only, direct and
+             LoRA.rar merges, hot swap, bit-exact restore, with timings and a coefficient heat map
 
 LoRA files: .safetensors (diffusers/PEFT, kohya) or .pth/.bin read with torch.load(weights_only=True).
 Run `lorarar <command> --help` for the options of each command."""
@@ -191,6 +191,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         size=args.size,
         seed=args.seed,
         backend=args.backend,
+        world=args.world,
+        content=args.content,
+        style=args.style,
+        samples=args.samples,
         progress=not args.no_progress,
     )
     return 0 if res.restore_bit_exact else 1
@@ -265,19 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         formatter_class=fmt,
-        help="run the built-in offline demo",
-        description="The built-in demo, fully offline: a tiny SDXL-shaped pipeline, two random demo LoRAs\n"
-        "(content, style) and an UNTRAINED tiny hypernetwork (its coefficients are arbitrary).\n"
-        "Stages: content only, style only, merged pair, swapped roles, restore; prints what each took and\n"
-        "which backend ran, checks that restore is bit-exact, writes the images, a heat map of m_c/m_s\n"
-        "per layer (coefficients.png) and the table (timings.md).",
+        help="run the built-in offline demo on the shipped trained toy world",
+        description="The built-in demo, fully offline, on the shipped toy world (lorarar world build): its\n"
+        "tiny pixel-space base model, a content LoRA and a style LoRA (default: a held-out pair) and its\n"
+        "trained hypernetwork. Stages: content only, style only, direct merge, LoRA.rar merge, hot swap to\n"
+        "another subject, restore; prints what each took and which backend ran, checks that restore is\n"
+        "bit-exact, writes the images, grid.png, a heat map of m_c/m_s per layer (coefficients.png) and the\n"
+        "table (timings.md).",
     )
     p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (demo-output)")
-    p.add_argument("--steps", type=_positive_int, default=4, help="denoising steps per image (4)")
+    p.add_argument("--world", metavar="DIR", help="a built world folder (default: the shipped one)")
+    p.add_argument("--content", help="content LoRA name from the world's manifest (first held-out pair)")
+    p.add_argument("--style", help="style LoRA name from the world's manifest (first held-out pair)")
+    p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps per image (25)")
+    p.add_argument("--samples", type=_positive_int, default=4, help="sampling seeds per image: grid rows (4)")
     p.add_argument(
-        "--size", type=_positive_int, default=64, help="image side in pixels, a multiple of 8 (64)"
+        "--size", type=_positive_int, help="image side in pixels, a multiple of 8 (the model's: 32)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the model, hypernet and sampling (0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (0)")
     p.add_argument("--backend", default="auto", help="merge backend (auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)

@@ -1,8 +1,12 @@
-"""``lorarar demo``: merge -> generate -> hot swap -> restore on the tiny offline pipeline, timed.
+"""``lorarar demo``: the shipped, trained toy world: content only, style only, direct and LoRA.rar merges,
+a hot swap to another pair, and a bit-exact restore, timed.
 
-Uses the two built-in random demo LoRAs and an *untrained* tiny hypernetwork: the images show the
-mechanics (what is merged where, how long each stage takes, that restore is bit-exact), not the
-method's quality.
+The world (`lorarar.world.assets`, built by ``lorarar world build``) holds a tiny pixel-space base model,
+one LoRA per subject and per style, and a LoRA.rar hypernetwork trained on the world's training pairs.
+By default the demo merges a *held-out* pair: neither its subject nor its style was seen in the
+hypernetwork's training. Writes one PNG per stage, ``grid.png`` (references, content only, style only,
+direct merge, LoRA.rar merge, hot-swapped pair; one row per sampling seed), a heat map of the trained
+coefficients and the timings table.
 """
 
 from __future__ import annotations
@@ -19,11 +23,6 @@ import lorarar_kernels as lk
 
 from .pipeline import attach, unet_state
 
-UNTRAINED_NOTE = (
-    "hypernetwork: UNTRAINED (random, seeded) tiny hypernet: its merge coefficients are arbitrary; "
-    "trained hypernetworks are not shipped yet"
-)
-
 
 @dataclass
 class Stage:
@@ -38,6 +37,8 @@ class DemoResult:
     stages: list[Stage] = field(default_factory=list)
     images: dict[str, Path] = field(default_factory=dict)
     heatmap: Path | None = None
+    grid: Path | None = None
+    note: str = ""
     table: Path | None = None
     restore_bit_exact: bool = False
 
@@ -64,30 +65,40 @@ def _timed(fn: Callable):
 def run_demo(
     out_dir: str | Path = "demo-output",
     *,
-    steps: int = 4,
-    size: int = 64,
+    steps: int = 25,
+    size: int | None = None,
     seed: int = 0,
     backend: str = "auto",
-    prompt: str = "a photo of sks dog in watercolor style",
+    world: str | Path | None = None,
+    content: str | None = None,
+    style: str | None = None,
+    samples: int = 4,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Run the demo, write images, ``coefficients.png`` and ``timings.md`` to ``out_dir``; print the table."""
+    """Run the demo on ``world`` (default: the shipped world), write the images, ``grid.png``,
+    ``coefficients.png`` and ``timings.md`` to ``out_dir``; print the table.
+
+    content, style: names from the world's manifest (default: its first held-out pair); the hot swap goes
+    to the next subject with the same style. samples: sampling seeds per image (rows of the grid)."""
     from tqdm.auto import tqdm
 
-    from .tiny import default_hypernet, demo_loras
+    from .train.diffusion import DiffusionModel
+    from .train.manifest import load_manifest
+    from .world.assets import assets_dir, hypernet_path
+    from .world.base import to_images
+    from .world.build import pair_prompt
 
-    if steps < 1 or size < 8 or size % 8:
+    if steps < 1 or samples < 1 or (size is not None and (size < 8 or size % 8)):
         raise lk.LoraRarError(
-            f"demo: need steps >= 1 and a size that is a multiple of 8, got {steps}, {size}"
+            f"demo: need steps >= 1, samples >= 1 and a size that is a multiple of 8, got {steps}, "
+            f"{samples}, {size}"
         )
+    root = Path(world) if world is not None else assets_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = DemoResult()
-    log(UNTRAINED_NOTE)
-    bar = tqdm(
-        total=11, desc="lorarar demo", unit="stage", disable=not progress, file=sys.stderr, leave=False
-    )
+    bar = tqdm(total=12, desc="lorarar demo", unit="stage", disable=not progress, file=sys.stderr, leave=False)
 
     def step(name: str, fn: Callable, backend: str = "", detail: str = ""):
         value, ms = _timed(fn)
@@ -96,30 +107,54 @@ def run_demo(
         bar.update(1)
         return value
 
-    def build():
-        from .tiny import build_tiny_pipeline
+    def load():
+        try:  # no per-component loading bars from transformers
+            from transformers.utils import logging as tlog
 
-        pipe = build_tiny_pipeline(seed)
-        content, style = demo_loras(pipe.unet)
-        return pipe, content, style, default_hypernet(pipe.unet, seed=seed)
+            tlog.disable_progress_bar()
+        except ImportError:
+            pass
+        manifest = load_manifest(root / "manifest.json")
+        model = DiffusionModel.from_directory(manifest.base_model)
+        hpath = hypernet_path(root)
+        return manifest, model, (lk.Hypernet.load(hpath) if hpath is not None else None)
 
-    pipe, content, style, hypernet = step("build tiny pipeline + demo LoRAs", build, detail="offline, seeded")
-    swapper = attach(pipe, hypernet, backend=backend)
-    original = unet_state(pipe)
+    manifest, model, hypernet = step("load world (base, LoRAs, hypernet)", load, detail=str(root.name))
+    held = manifest.split.get("heldout") or manifest.split["train"]
+    c_name = content or held[0][0]
+    s_name = style or held[0][1]
+    c_entry, s_entry = manifest.entry("content", c_name), manifest.entry("style", s_name)
+    others = [n for n in manifest.contents if n != c_name]
+    swap_entry = manifest.entry("content", others[0]) if others else c_entry
+    seen = "held-out" if [c_name, s_name] in [list(p) for p in manifest.split.get("heldout", [])] else "training"
+    res.note = (
+        f"pair: content {c_name!r} + style {s_name!r} ({seen} pair); "
+        + ("hypernetwork: trained on the world's training pairs" if hypernet is not None
+           else "no trained hypernetwork in this world: the LoRA.rar column shows a direct merge")
+    )  # fmt: skip
+    log(res.note)
+    loras = {e.name + ":" + e.kind: e.load_lora() for e in (c_entry, s_entry, swap_entry)}
+    c_lora, s_lora = loras[c_name + ":content"], loras[s_name + ":style"]
+    swapper = attach(model, hypernet, backend=backend)
+    direct = attach(model, None, backend=backend)
+    original = unet_state(model)
+    side = size or int(model.unet.config.sample_size) * model.latent_scale
+    rows: dict[str, torch.Tensor] = {}
 
-    def generate(tag: str):
+    def generate(tag: str, prompt: str):
         def run():
             gen = torch.Generator().manual_seed(seed)
-            img = swapper(prompt, num_inference_steps=steps, height=size, width=size, generator=gen).images[0]
+            with swapper.hold():
+                x = model.generate([prompt] * samples, steps=steps, generator=gen, size=side)
+            rows[tag] = x
             path = out / f"{tag}.png"
-            img.save(path)
+            to_images(x[:1])[0].save(path)
             res.images[tag] = path
-            return path
 
-        step(f"generate {tag}", run, detail=f"{steps} steps, {size}x{size}")
+        step(f"generate {tag}", run, detail=f"{prompt!r}, {steps} steps, {samples} x {side}x{side}")
 
-    def swap(name: str, c, s):
-        m, ms = _timed(lambda: swapper.swap(c, s))
+    def swap(name: str, which, c, s):
+        m, ms = _timed(lambda: which.swap(c, s))
         t = m.timings
         prep, app = t["prepare_s"] * 1e3, t["apply_s"] * 1e3
         detail = f"{len(m.layers)} layers; prepare {prep:.1f} ms, apply {app:.1f} ms"
@@ -128,42 +163,68 @@ def run_demo(
         bar.update(1)
         return m
 
-    swap("merge content only", content, None)
-    generate("content-only")
-    swap("swap to style only", None, style)
-    generate("style-only")
-    merged = swap("swap to content + style (hypernet)", content, style)
-    generate("merged")
-    swap("swap to style + content (roles swapped)", style, content)
-    generate("swapped")
+    swap("merge content only", swapper, c_lora, None)
+    generate("content-only", c_entry.prompt)
+    swap("swap to style only", swapper, None, s_lora)
+    generate("style-only", s_entry.prompt)
+    prompt = pair_prompt(c_name, s_name)
+    swap("swap to content + style (direct merge)", direct, c_lora, s_lora)
+    generate("direct", prompt)
+    merged = swap("swap to content + style (hypernet)", swapper, c_lora, s_lora)
+    generate("merged", prompt)
+    swap(f"hot swap to {swap_entry.name} + {s_name}", swapper, loras[swap_entry.name + ":content"], s_lora)
+    generate("swapped", pair_prompt(swap_entry.name, s_name))
     step("restore", swapper.reset, detail="original weights back")
 
-    def verify() -> bool:
-        now = unet_state(pipe)
-        return all(torch.equal(original[k], now[k]) for k in original)
-
-    res.restore_bit_exact = verify()
+    res.restore_bit_exact = all(torch.equal(v, unet_state(model)[k]) for k, v in original.items())
     res.stages.append(
-        Stage(
-            "verify restore",
-            0.0,
-            "",
-            f"bit-exact: {'yes' if res.restore_bit_exact else 'NO'} ({len(original)} tensors)",
-        )
+        Stage("verify restore", 0.0, "", f"bit-exact: {'yes' if res.restore_bit_exact else 'NO'} ({len(original)} tensors)")
     )
     bar.close()
-    res.heatmap = write_heatmap(merged.coefficients, out / "coefficients.png")
+    res.grid = write_grid(out / "grid.png", rows, c_entry, s_entry, swap_entry.name, side)
+    if merged.coefficients:
+        res.heatmap = write_heatmap(merged.coefficients, out / "coefficients.png")
     table = res.format_table()
     res.table = out / "timings.md"
-    res.table.write_text(
-        f"# lorarar demo\n\n{UNTRAINED_NOTE}\n\nprompt: {prompt!r}, seed {seed}\n\n{table}\n",
-        encoding="utf-8",
-    )
+    res.table.write_text(f"# lorarar demo\n\n{res.note}\n\nseed {seed}\n\n{table}\n", encoding="utf-8")
     log(table)
     log(f"restore bit-exact: {'yes' if res.restore_bit_exact else 'NO'}")
-    written = [*(p.name for p in res.images.values()), res.heatmap.name, res.table.name]
-    log(f"wrote {', '.join(written)} to {out}")
+    written = [*(p.name for p in res.images.values()), res.grid.name]
+    written += [res.heatmap.name] if res.heatmap else []
+    log(f"wrote {', '.join([*written, res.table.name])} to {out}")
     return res
+
+
+def write_grid(path: Path, rows: dict[str, torch.Tensor], content, style, swapped: str, side: int) -> Path:
+    """One labelled PNG: a column per stage (plus the two LoRAs' first reference images), a row per seed."""
+    from PIL import Image, ImageDraw
+
+    from .train.manifest import load_images
+    from .world.base import to_images
+
+    zoom = max(1, 96 // side)
+    cell = side * zoom
+    refs = [load_images(e.image_paths[:1], side) for e in (content, style)]
+    columns = [
+        (f"{content.name} (ref.)", refs[0]),
+        (f"{style.name} (ref.)", refs[1]),
+        ("content only", rows["content-only"]),
+        ("style only", rows["style-only"]),
+        ("direct merge", rows["direct"]),
+        ("LoRA.rar merge", rows["merged"]),
+        (f"{swapped} + {style.name}", rows["swapped"]),
+    ]
+    n = max(x.shape[0] for _, x in columns)
+    pad, label = 4, 14
+    grid = Image.new("RGB", (len(columns) * (cell + pad) + pad, label + n * (cell + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for j, (title, x) in enumerate(columns):
+        left = pad + j * (cell + pad)
+        draw.text((left, 2), title[: cell // 6], fill=(0, 0, 0))
+        for i, im in enumerate(to_images(x)):
+            grid.paste(im.resize((cell, cell), Image.NEAREST), (left, label + pad + i * (cell + pad)))
+    grid.save(path)
+    return path
 
 
 def write_heatmap(coefficients: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str | Path) -> Path:
@@ -196,7 +257,7 @@ def write_heatmap(coefficients: dict[str, tuple[torch.Tensor, torch.Tensor]], pa
     ]
     axes[0].set_yticks(range(len(names)), short, fontsize=5)
     fig.colorbar(im, ax=axes, shrink=0.8)
-    fig.suptitle("LoRA.rar coefficients per layer (untrained demo hypernet)")
+    fig.suptitle("LoRA.rar coefficients per layer (trained toy-world hypernet)")
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
