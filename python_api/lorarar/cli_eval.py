@@ -74,7 +74,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if summ:
         print(f"{'method':<22} {'content':>8} {'style':>8} {'both':>8}")
         for m, r in summ.items():
-            print(f"{m:<22} {100 * r['content'][0]:7.1f}% {100 * r['style'][0]:7.1f}% {100 * r['both'][0]:7.1f}%")
+            print(
+                f"{m:<22} {100 * r['content'][0]:7.1f}% {100 * r['style'][0]:7.1f}% {100 * r['both'][0]:7.1f}%"
+            )
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'grid.png'}")
     return 0
 
@@ -115,7 +117,9 @@ def cmd_eval_judges(args: argparse.Namespace) -> int:
             acc = accuracy(judge, x, y, none) if kind == "content" else accuracy(judge, x, none, y)
             value = acc[0] if kind == "content" else acc[1]
             meta[f"world_{kind}_accuracy"] = f"{value:.4f}"
-            print(f"{args.manifest} {kind} reference images ({len(x)}): {head[:-1]} right {100 * value:.1f} %")
+            print(
+                f"{args.manifest} {kind} reference images ({len(x)}): {head[:-1]} right {100 * value:.1f} %"
+            )
     judge.save(out, meta)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)")
     return 0

@@ -42,6 +42,19 @@ class _Layer:
     top_s: float = 0.0
 
 
+def _factors(layer, lin: nn.Linear, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale * up, down)`` in fp32 on ``lin``'s device, or None; LayerMismatchError on a shape mismatch."""
+    if layer is None:
+        return None
+    if layer.is_conv or (layer.out_features, layer.in_features) != (lin.out_features, lin.in_features):
+        raise lk.LayerMismatchError(
+            f"K-LoRA: layer {name} is [{layer.out_features}, {layer.in_features}], the model's is "
+            f"[{lin.out_features}, {lin.in_features}]"
+        )
+    up, down = layer.factors(torch.float32)
+    return up.to(lin.weight.device), down.to(lin.weight.device)
+
+
 def top_k_sum(delta: torch.Tensor, k: int) -> float:
     """Sum of the ``k`` largest absolute entries of ``delta`` (all of them when it has fewer)."""
     flat = delta.abs().flatten()
@@ -89,20 +102,7 @@ class KLoRA:
         ratios = []
         for name in sorted(c_layers.keys() | s_layers.keys()):
             lin = linears[name]
-            dev = lin.weight.device
-
-            def factors(layer):
-                if layer is None:
-                    return None
-                if layer.is_conv or (layer.out_features, layer.in_features) != (lin.out_features, lin.in_features):
-                    raise lk.LayerMismatchError(
-                        f"K-LoRA: layer {name} is [{layer.out_features}, {layer.in_features}], the model's is "
-                        f"[{lin.out_features}, {lin.in_features}]"
-                    )
-                up, down = layer.factors(torch.float32)
-                return up.to(dev), down.to(dev)
-
-            entry = _Layer(factors(c_layers.get(name)), factors(s_layers.get(name)))
+            entry = _Layer(_factors(c_layers.get(name), lin, name), _factors(s_layers.get(name), lin, name))
             if entry.c is not None and entry.s is not None:
                 dc, ds = entry.c[0] @ entry.c[1], entry.s[0] @ entry.s[1]
                 k = entry.c[1].shape[0] * entry.s[1].shape[0]

@@ -51,7 +51,17 @@ def write_reports(out: Path, cells, scores, refs, cfg, *, about: str = "") -> di
                 "style_score"])  # fmt: skip
     for s in scores:
         for i, row in enumerate(zip(s.content_ok, s.style_ok, s.both_ok, s.content_score, s.style_score)):
-            w.writerow([s.content, s.style, s.method, i, *(int(v) for v in row[:3]), f"{row[3]:.2f}", f"{row[4]:.2f}"])
+            w.writerow(
+                [
+                    s.content,
+                    s.style,
+                    s.method,
+                    i,
+                    *(int(v) for v in row[:3]),
+                    f"{row[3]:.2f}",
+                    f"{row[4]:.2f}",
+                ]
+            )
     _write(out / "scores_images.csv", buf.getvalue())
 
     buf = io.StringIO()

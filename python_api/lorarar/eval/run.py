@@ -111,9 +111,9 @@ def _save_images(x: torch.Tensor, paths: list[Path]) -> None:
 
 
 def load_images(paths: list[Path]) -> torch.Tensor:
-    from ..train.manifest import load_images as read
-
     from PIL import Image
+
+    from ..train.manifest import load_images as read
 
     with Image.open(paths[0]) as im:
         side = im.size[0]

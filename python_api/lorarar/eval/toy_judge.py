@@ -51,7 +51,11 @@ class ToyJudge(nn.Module):
         layers: list[nn.Module] = []
         cin = 3
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(cin, w, 3, stride=1 if i == 0 else 2, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            layers += [
+                nn.Conv2d(cin, w, 3, stride=1 if i == 0 else 2, padding=1),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+            ]
             cin = w
         self.trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.subject_head = nn.Linear(cin, len(self.subjects))
@@ -98,7 +102,9 @@ class ToyJudge(nn.Module):
         try:
             judge.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         except RuntimeError as exc:
-            raise lk.LoraFileError(f"{p}: tensors do not fit the toy judge ({str(exc).splitlines()[0]})") from None
+            raise lk.LoraFileError(
+                f"{p}: tensors do not fit the toy judge ({str(exc).splitlines()[0]})"
+            ) from None
         judge.metadata = meta
         return judge.eval()
 
@@ -154,7 +160,9 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     blur = torch.rand(x.shape[0], generator=gen) < 0.5
     if blur.any():
         k = torch.full((3, 1, 3, 3), 1 / 9)
-        x[blur] = nn.functional.conv2d(nn.functional.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k, groups=3)
+        x[blur] = nn.functional.conv2d(
+            nn.functional.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k, groups=3
+        )
     return x.clamp(-1, 1)
 
 
@@ -168,7 +176,9 @@ class JudgeReport:
     steps: int
 
 
-def accuracy(judge: ToyJudge, x: torch.Tensor, yc: torch.Tensor, ys: torch.Tensor) -> tuple[float, float, float]:
+def accuracy(
+    judge: ToyJudge, x: torch.Tensor, yc: torch.Tensor, ys: torch.Tensor
+) -> tuple[float, float, float]:
     p, q = judge.probabilities(x)
     ok_c, ok_s = p.argmax(-1) == yc, q.argmax(-1) == ys
     return float(ok_c.float().mean()), float(ok_s.float().mean()), float((ok_c & ok_s).float().mean())
