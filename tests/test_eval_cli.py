@@ -79,3 +79,24 @@ def test_eval_bad_input(tmp_path, capsys):
     assert "bad template" in _error_line(capsys, [*base, "--methods", "base", "--prompt", "a {thing}"])
     assert "no such manifest" in _error_line(capsys, ["eval", "--manifest", str(tmp_path / "x.json"), "--out",
                                                       str(tmp_path / "o")])  # fmt: skip
+
+
+def test_eval_with_the_mllm_judge(tmp_path, capsys):
+    from _tiny_mllm import build_tiny_llava
+
+    man = _one_pair_manifest(tmp_path)
+    llava = build_tiny_llava(tmp_path / "llava")
+    out = tmp_path / "run"
+    argv = ["eval", "--manifest", str(man), "--out", str(out), "--images", "1", "--steps", "1", "--methods",
+            "direct,style", "--mllm", str(llava), "--mllm-refs", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted((r["judge"], r["method"]) for r in rows) == [
+        ("mllm", "direct"), ("mllm", "style"), ("toy", "direct"), ("toy", "style")
+    ]  # fmt: skip
+    assert "MLLM judge" in (out / "results.md").read_text()
+    bad = ["eval", "--manifest", str(man), "--out", str(tmp_path / "o2"), "--methods", "direct", "--mllm",
+           str(tmp_path), "--no-progress"]  # fmt: skip
+    capsys.readouterr()
+    line = _error_line(capsys, bad)
+    assert "no config.json" in line

@@ -20,7 +20,10 @@ density 0.5: linear, ties, dare_linear, dare_ties, magnitude_prune need LoRAs of
 ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd take any ranks), content / style (one LoRA
 alone), base (no LoRA). Default: hypernet, direct, ziplora, klora, peft-{linear,cat,svd,ties,dare_linear,
 magnitude_prune}, content, style.
-Judge: the toy world's objective judge (shipped; 32x32 images), a judge file, or none."""
+Judges: the toy world's objective judge (shipped; 32x32 images), a judge file, or none; and with --mllm
+DIR the authors' MLLM protocol (per reference image "same subject?" / "in the {style} style?", Yes/No,
+greedy; majority over references; approved when both pass), offline, with any local image-text-to-text
+model transformers loads."""
 
 JUDGES_HELP = """\
 Train the toy world's objective judge: a small CNN with a subject head (10 subjects + none) and a style
@@ -57,7 +60,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)
     judge = None if args.judge == "none" else args.judge
     cfg = EvalConfig(methods=methods, images=args.images, steps=args.steps, seed=args.seed, split=args.split,
-                     prompt=args.prompt, ziplora_steps=args.ziplora_steps, backend=args.backend, judge=judge)  # fmt: skip
+                     prompt=args.prompt, ziplora_steps=args.ziplora_steps, backend=args.backend, judge=judge,
+                     mllm=args.mllm, mllm_refs=args.mllm_refs, mllm_scores=args.mllm_scores)  # fmt: skip
     if args.threads is not None:
         import torch
 
@@ -143,6 +147,14 @@ def register(subparsers) -> None:
                    help="pair prompt template; fields content, style, content_token, style_token")  # fmt: skip
     p.add_argument("--ziplora-steps", type=_positive, default=100, help="ZipLoRA steps per pair (100)")
     p.add_argument("--judge", default="toy", help="'toy' (shipped toy-world judge), a judge file, or 'none'")
+    p.add_argument(
+        "--mllm",
+        metavar="DIR",
+        help="also judge with this local image-text-to-text model "
+        "(transformers directory: LLaVA-OneVision, Qwen2-VL...), the authors' Yes/No protocol",
+    )
+    p.add_argument("--mllm-refs", type=_positive, help="MLLM: references asked per side (default: all)")
+    p.add_argument("--mllm-scores", action="store_true", help="MLLM: also the 0-100 score variant")
     p.add_argument("--backend", default="auto", help="lk.merge backend (auto)")
     p.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     p.add_argument("--threads", type=_positive, help="torch intra-op threads")

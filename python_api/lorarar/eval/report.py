@@ -47,12 +47,13 @@ def write_reports(out: Path, cells, scores, refs, cfg, *, about: str = "") -> di
     methods = list(dict.fromkeys(m for _, _, m in cells))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["content", "style", "method", "image", "content_ok", "style_ok", "both_ok", "content_score",
+    w.writerow(["judge", "content", "style", "method", "image", "content_ok", "style_ok", "both_ok", "content_score",
                 "style_score"])  # fmt: skip
     for s in scores:
         for i, row in enumerate(zip(s.content_ok, s.style_ok, s.both_ok, s.content_score, s.style_score)):
             w.writerow(
                 [
+                    s.judge,
                     s.content,
                     s.style,
                     s.method,
@@ -66,47 +67,58 @@ def write_reports(out: Path, cells, scores, refs, cfg, *, about: str = "") -> di
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["content", "style", "method", "images", "content_acc", "style_acc", "both_acc",
+    w.writerow(["judge", "content", "style", "method", "images", "content_acc", "style_acc", "both_acc",
                 "content_score", "content_score_std", "style_score", "style_score_std"])  # fmt: skip
     for s in scores:
         cs, ss = _mean_std(s.content_score), _mean_std(s.style_score)
-        w.writerow([s.content, s.style, s.method, len(s.content_ok), f"{_frac(s.content_ok):.4f}",
+        w.writerow([s.judge, s.content, s.style, s.method, len(s.content_ok), f"{_frac(s.content_ok):.4f}",
                     f"{_frac(s.style_ok):.4f}", f"{_frac(s.both_ok):.4f}", f"{cs[0]:.2f}", f"{cs[1]:.2f}",
                     f"{ss[0]:.2f}", f"{ss[1]:.2f}"])  # fmt: skip
     _write(out / "results.csv", buf.getvalue())
 
-    summ = summary(scores, methods) if scores else {}
+    judges = list(dict.fromkeys(s.judge for s in scores))
+    summ = {}
     lines = ["# lorarar eval", ""]
     if about:
         lines += [about, ""]
-    if summ:
-        lines += ["## All pairs", "",
-                  "Accuracy = fraction of images the judge approves; mean ± std over pairs. "
-                  "Scores: the judge's probability of the pair's subject / style, 0-100.", "",
-                  "| method | content | style | both | content score | style score |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for m in methods:
-            r = summ[m]
-            cells_txt = [f"{100 * r[k][0]:.1f} ± {100 * r[k][1]:.1f} %" for k in ("content", "style", "both")]
-            cells_txt += [f"{r[k][0]:.1f} ± {r[k][1]:.1f}" for k in ("content_score", "style_score")]
-            lines.append(f"| {m} | " + " | ".join(cells_txt) + " |")
-        pairs = list(dict.fromkeys((s.content, s.style) for s in scores))
-        lines += ["", "## Per pair: both-approved accuracy (content / style)", "",
-                  "| pair | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]  # fmt: skip
-        by = {(s.content, s.style, s.method): s for s in scores}
-        for c, st in pairs:
-            row = []
-            for m in methods:
-                s = by[(c, st, m)]
-                row.append(f"{100 * _frac(s.both_ok):.0f} % ({100 * _frac(s.content_ok):.0f} / "
-                           f"{100 * _frac(s.style_ok):.0f})")  # fmt: skip
-            lines.append(f"| {c} x {st} | " + " | ".join(row) + " |")
-    else:
+    for jname in judges:
+        js = [s for s in scores if s.judge == jname]
+        summ[jname] = summary(js, methods)
+        lines += _judge_section(jname, js, methods, summ[jname])
+    if not judges:
         lines += ["No judge: images only (see grid.png)."]
     lines.append("")
     _write(out / "results.md", "\n".join(lines))
     _grid(out, cells, refs, methods, cfg.images)
-    return summ
+    return summ.get(judges[0], {}) if judges else {}
+
+
+def _judge_section(jname: str, scores, methods: list[str], summ: dict) -> list[str]:
+    title = "toy-world judge" if jname == "toy" else "MLLM judge (the authors' protocol)"
+    lines = [f"## {title}: all pairs", "",
+             "Accuracy = fraction of images the judge approves; mean ± std over pairs. "
+             "Scores 0-100 (toy: the judge's probability of the pair's subject / style; MLLM: the 0-100 answers, "
+             "or the share of yes votes).", "",
+             "| method | content | style | both | content score | style score |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for m in methods:
+        r = summ[m]
+        cells_txt = [f"{100 * r[k][0]:.1f} ± {100 * r[k][1]:.1f} %" for k in ("content", "style", "both")]
+        cells_txt += [f"{r[k][0]:.1f} ± {r[k][1]:.1f}" for k in ("content_score", "style_score")]
+        lines.append(f"| {m} | " + " | ".join(cells_txt) + " |")
+    pairs = list(dict.fromkeys((s.content, s.style) for s in scores))
+    lines += ["", f"## {title}: per pair, both-approved accuracy (content / style)", "",
+              "| pair | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]  # fmt: skip
+    by = {(s.content, s.style, s.method): s for s in scores}
+    for c, st in pairs:
+        row = []
+        for m in methods:
+            s = by[(c, st, m)]
+            row.append(f"{100 * _frac(s.both_ok):.0f} % ({100 * _frac(s.content_ok):.0f} / "
+                       f"{100 * _frac(s.style_ok):.0f})")  # fmt: skip
+        lines.append(f"| {c} x {st} | " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
 
 
 def _grid(out: Path, cells, refs, methods: list[str], n: int) -> None:

@@ -46,6 +46,9 @@ class EvalConfig:
     ziplora_preset: str = "lorarar"
     backend: str = "auto"
     judge: str | None = "toy"  # "toy" (the shipped judge), a judge file, or None (no scores)
+    mllm: str | None = None  # an image-text-to-text model directory: the authors' MLLM protocol too
+    mllm_refs: int | None = None  # references per side asked (None: all of them)
+    mllm_scores: bool = False  # also the 0-100 variant (twice the questions)
 
 
 @dataclass
@@ -57,8 +60,11 @@ class CellScores:
     method: str
     content_ok: list[bool]
     style_ok: list[bool]
-    content_score: list[float]  # 0-100: the judge's probability of the pair's subject
+    content_score: list[
+        float
+    ]  # 0-100: the judge's probability of the pair's subject (MLLM: see judge_cell_mllm)
     style_score: list[float]
+    judge: str = "toy"
 
     @property
     def both_ok(self) -> list[bool]:
@@ -189,6 +195,11 @@ def run_eval(
         from .toy_judge import SIZE, ToyJudge
 
         judge = ToyJudge.load(None if cfg.judge == "toy" else cfg.judge)
+    mllm = None
+    if cfg.mllm is not None:
+        from .mllm import MLLMJudge
+
+        mllm = MLLMJudge(cfg.mllm, device=str(dev))
     model = DiffusionModel.from_directory(manifest.base_model, device=dev)
     if judge is not None and image_size(model) != SIZE:
         raise lk.LoraRarError(
@@ -240,10 +251,17 @@ def run_eval(
         for c, s, method in cells:
             x = load_images(_cell_paths(out, c.name, s.name, method, cfg.images))
             scores.append(judge_cell(judge, x, c.name, s.name, method))
+    if mllm is not None:
+        bar = tqdm(cells, desc="eval: MLLM judge", disable=not progress, unit="cell")
+        for c, s, method in bar:
+            paths = _cell_paths(out, c.name, s.name, method, cfg.images)
+            scores.append(judge_cell_mllm(mllm, paths, c, s, method, cfg))
+        bar.close()
     refs = {(c.name, s.name): (c.image_paths[0], s.image_paths[0]) for c, s in pairs}
     about = (f"{len(pairs)} pairs of split {cfg.split!r} x {len(methods)} methods, {cfg.images} images each, "
              f"{cfg.steps} DDIM steps, seed {cfg.seed}; judge: "
-             f"{'the toy world judge' if judge is not None else 'none'}")  # fmt: skip
+             f"{'the toy world judge' if judge is not None else 'none'}"
+             f"{f', MLLM {cfg.mllm}' if mllm is not None else ''}")  # fmt: skip
     return write_reports(out, cells, scores, refs, cfg, about=about)
 
 
@@ -261,3 +279,30 @@ def judge_cell(judge, x: torch.Tensor, content: str, style: str, method: str) ->
         [bool(v) for v in (p.argmax(-1) == ci)], [bool(v) for v in (q.argmax(-1) == si)],
         [100 * float(v) for v in p[:, ci]], [100 * float(v) for v in q[:, si]],
     )  # fmt: skip
+
+
+def judge_cell_mllm(mllm, paths: list[Path], content, style, method: str, cfg: EvalConfig) -> CellScores:
+    """The MLLM protocol on one cell (see `mllm`). Scores: the 0-100 answers when ``cfg.mllm_scores``, else
+    the percentage of yes votes over the references."""
+    from PIL import Image
+
+    def refs(entry) -> list:
+        chosen = entry.image_paths[: cfg.mllm_refs] if cfg.mllm_refs else entry.image_paths
+        return [Image.open(p).convert("RGB") for p in chosen]
+
+    c_refs, s_refs = refs(content), refs(style)
+    cell = CellScores(content.name, style.name, method, [], [], [], [], judge="mllm")
+    for p in paths:
+        with Image.open(p) as im:
+            image = im.convert("RGB")
+        v = mllm.judge(image, c_refs, s_refs, style.name)
+        cell.content_ok.append(v.content)
+        cell.style_ok.append(v.style)
+        if cfg.mllm_scores:
+            cs, ss = mllm.scores(image, c_refs, s_refs, style.name)
+            cell.content_score.append(cs if cs is not None else 0.0)
+            cell.style_score.append(ss if ss is not None else 0.0)
+        else:
+            cell.content_score.append(100 * sum(v.content_votes) / len(v.content_votes))
+            cell.style_score.append(100 * sum(v.style_votes) / len(v.style_votes))
+    return cell
