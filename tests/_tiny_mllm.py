@@ -48,3 +48,42 @@ def build_tiny_llava(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     proc.save_pretrained(directory)
     return directory
+
+
+def build_tiny_clip(directory: Path, seed: int = 0) -> Path:
+    """A tiny CLIP (random weights) with the toy world's offline tokenizer and a CLIP image processor."""
+    import torch
+    from lorarar.world.base import build_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = build_tokenizer()
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": tok.bos_token_id,
+                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 8},
+        projection_dim=8,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(cfg).save_pretrained(directory)
+    img = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=img, tokenizer=tok).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_dino(directory: Path, seed: int = 0) -> Path:
+    """A tiny DINOv2 (random weights) with an image processor."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=16, patch_size=8)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Dinov2Model(cfg).save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        directory
+    )
+    return directory

@@ -100,3 +100,18 @@ def test_eval_with_the_mllm_judge(tmp_path, capsys):
     capsys.readouterr()
     line = _error_line(capsys, bad)
     assert "no config.json" in line
+
+
+def test_eval_with_clip_and_dino(tmp_path, capsys):
+    from _tiny_mllm import build_tiny_clip, build_tiny_dino
+
+    man = _one_pair_manifest(tmp_path)
+    out = tmp_path / "run"
+    argv = ["eval", "--manifest", str(man), "--out", str(out), "--images", "2", "--steps", "1", "--methods",
+            "direct,content", "--judge", "none", "--clip", str(build_tiny_clip(tmp_path / "clip")), "--dino",
+            str(build_tiny_dino(tmp_path / "dino")), "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["method"] for r in rows] == ["direct", "content"]
+    assert all(-1 <= float(r[k]) <= 1 for r in rows for k in ("clip_i", "clip_t", "dino"))
+    assert "CLIP-I" in (out / "results.md").read_text()

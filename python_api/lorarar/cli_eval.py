@@ -61,7 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     judge = None if args.judge == "none" else args.judge
     cfg = EvalConfig(methods=methods, images=args.images, steps=args.steps, seed=args.seed, split=args.split,
                      prompt=args.prompt, ziplora_steps=args.ziplora_steps, backend=args.backend, judge=judge,
-                     mllm=args.mllm, mllm_refs=args.mllm_refs, mllm_scores=args.mllm_scores)  # fmt: skip
+                     mllm=args.mllm, mllm_refs=args.mllm_refs, mllm_scores=args.mllm_scores, clip=args.clip,
+                     dino=args.dino)  # fmt: skip
     if args.threads is not None:
         import torch
 
@@ -155,6 +156,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--mllm-refs", type=_positive, help="MLLM: references asked per side (default: all)")
     p.add_argument("--mllm-scores", action="store_true", help="MLLM: also the 0-100 score variant")
+    p.add_argument("--clip", metavar="DIR", help="CLIP directory (transformers): CLIP-I and CLIP-T")
+    p.add_argument("--dino", metavar="DIR", help="DINO / DINOv2 directory (transformers): DINO")
     p.add_argument("--backend", default="auto", help="lk.merge backend (auto)")
     p.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     p.add_argument("--threads", type=_positive, help="torch intra-op threads")

@@ -43,7 +43,9 @@ def summary(scores, methods: list[str]) -> dict[str, dict[str, tuple[float, floa
     return out
 
 
-def write_reports(out: Path, cells, scores, refs, cfg, *, about: str = "") -> dict:
+def write_reports(
+    out: Path, cells, scores, refs, cfg, *, about: str = "", metrics: dict | None = None
+) -> dict:
     methods = list(dict.fromkeys(m for _, _, m in cells))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -85,12 +87,35 @@ def write_reports(out: Path, cells, scores, refs, cfg, *, about: str = "") -> di
         js = [s for s in scores if s.judge == jname]
         summ[jname] = summary(js, methods)
         lines += _judge_section(jname, js, methods, summ[jname])
-    if not judges:
+    if metrics:
+        lines += _metrics_section(out, metrics, methods)
+    if not judges and not metrics:
         lines += ["No judge: images only (see grid.png)."]
     lines.append("")
     _write(out / "results.md", "\n".join(lines))
     _grid(out, cells, refs, methods, cfg.images)
     return summ.get(judges[0], {}) if judges else {}
+
+
+def _metrics_section(out: Path, metrics: dict, methods: list[str]) -> list[str]:
+    """metrics.csv (per pair and method) and the markdown table per method (mean ± std over pairs)."""
+    names = sorted({k for v in metrics.values() for k in v})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["content", "style", "method", *names])
+    for (c, s, m), vals in metrics.items():
+        w.writerow([c, s, m, *(f"{statistics.fmean(vals[n]):.4f}" for n in names)])
+    _write(out / "metrics.csv", buf.getvalue())
+    label = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
+    lines = ["## CLIP / DINO: all pairs (mean ± std over pairs)", "",
+             "| method | " + " | ".join(label.get(n, n) for n in names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    for m in methods:
+        row = []
+        for n in names:
+            mean, std = _mean_std([statistics.fmean(v[n]) for (_, _, mm), v in metrics.items() if mm == m])
+            row.append(f"{mean:.3f} ± {std:.3f}")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 def _judge_section(jname: str, scores, methods: list[str], summ: dict) -> list[str]:

@@ -49,6 +49,8 @@ class EvalConfig:
     mllm: str | None = None  # an image-text-to-text model directory: the authors' MLLM protocol too
     mllm_refs: int | None = None  # references per side asked (None: all of them)
     mllm_scores: bool = False  # also the 0-100 variant (twice the questions)
+    clip: str | None = None  # CLIP directory: CLIP-I and CLIP-T
+    dino: str | None = None  # DINO(v2) directory: DINO
 
 
 @dataclass
@@ -200,6 +202,11 @@ def run_eval(
         from .mllm import MLLMJudge
 
         mllm = MLLMJudge(cfg.mllm, device=str(dev))
+    embed = None
+    if cfg.clip is not None or cfg.dino is not None:
+        from .embed_scores import EmbedScorer
+
+        embed = EmbedScorer(cfg.clip, cfg.dino, device=str(dev))
     model = DiffusionModel.from_directory(manifest.base_model, device=dev)
     if judge is not None and image_size(model) != SIZE:
         raise lk.LoraRarError(
@@ -257,12 +264,20 @@ def run_eval(
             paths = _cell_paths(out, c.name, s.name, method, cfg.images)
             scores.append(judge_cell_mllm(mllm, paths, c, s, method, cfg))
         bar.close()
+    metrics: dict = {}
+    if embed is not None:
+        from PIL import Image
+
+        for c, s, method in cells:
+            ims = [Image.open(p).convert("RGB") for p in _cell_paths(out, c.name, s.name, method, cfg.images)]
+            refs_c = [Image.open(p).convert("RGB") for p in c.image_paths]
+            metrics[(c.name, s.name, method)] = embed.scores(ims, refs_c, f"a {c.name} in {s.name} style")
     refs = {(c.name, s.name): (c.image_paths[0], s.image_paths[0]) for c, s in pairs}
     about = (f"{len(pairs)} pairs of split {cfg.split!r} x {len(methods)} methods, {cfg.images} images each, "
              f"{cfg.steps} DDIM steps, seed {cfg.seed}; judge: "
              f"{'the toy world judge' if judge is not None else 'none'}"
              f"{f', MLLM {cfg.mllm}' if mllm is not None else ''}")  # fmt: skip
-    return write_reports(out, cells, scores, refs, cfg, about=about)
+    return write_reports(out, cells, scores, refs, cfg, about=about, metrics=metrics)
 
 
 def judge_cell(judge, x: torch.Tensor, content: str, style: str, method: str) -> CellScores:
