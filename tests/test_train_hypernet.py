@@ -199,3 +199,14 @@ def test_gradient_checkpointing_gives_the_same_step(world, tmp_path):
     a, b = _state(tmp_path / "a.safetensors"), _state(tmp_path / "b.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_direct_init_starts_at_the_direct_merge(world, tmp_path):
+    manifest, model = world
+    cfg = HypernetTrainConfig(steps=1, hidden=8, lr=0.0, init="direct")
+    net = train_hypernet(model, manifest, tmp_path / "d.safetensors", cfg, progress=False)
+    c, s = manifest.pairs("train")[0]
+    with torch.no_grad():
+        coeffs = hypernet_coefficients(net, c.load_lora(), s.load_lora())
+    spread = max(float((m - 1).abs().max()) for pair in coeffs.values() for m in pair)
+    assert 0 < spread < 0.1

@@ -72,6 +72,7 @@ def cmd_train_hypernet(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        init=args.init,
     )
     rank, manifest, model = _setup(args, distributed=True)
     net = train_hypernet(model, manifest, out, cfg, resume=args.resume, progress=not args.no_progress)
@@ -212,6 +213,9 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="autocast the UNet's forwards on CUDA (no)")  # fmt: skip
+    p.add_argument("--init", choices=("default", "direct"), default="default",
+                   help="default: PyTorch's init, as the authors (m starts near 0); direct: the head starts at "
+                   "m_c = m_s = 1, the direct merge")  # fmt: skip
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="UNet gradient checkpointing (GPU memory)"
     )

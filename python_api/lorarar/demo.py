@@ -11,6 +11,7 @@ coefficients and the timings table.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -73,6 +74,7 @@ def run_demo(
     content: str | None = None,
     style: str | None = None,
     samples: int = 4,
+    guidance: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -80,7 +82,9 @@ def run_demo(
     ``coefficients.png`` and ``timings.md`` to ``out_dir``; print the table.
 
     content, style: names from the world's manifest (default: its first held-out pair); the hot swap goes
-    to the next subject with the same style. samples: sampling seeds per image (rows of the grid)."""
+    to the next subject with the same style. samples: sampling seeds per image (rows of the grid).
+    guidance: classifier-free guidance scale (default: the ``sample_guidance`` the world's manifest records,
+    1 (none) for a world whose base was not trained with empty prompts)."""
     from tqdm.auto import tqdm
 
     from .train.diffusion import DiffusionModel
@@ -88,6 +92,7 @@ def run_demo(
     from .world.assets import assets_dir, hypernet_path
     from .world.base import to_images
     from .world.build import pair_prompt
+    from .world.sample import generate as sample
 
     if steps < 1 or samples < 1 or (size is not None and (size < 8 or size % 8)):
         raise lk.LoraRarError(
@@ -120,6 +125,9 @@ def run_demo(
         return manifest, model, (lk.Hypernet.load(hpath) if hpath is not None else None)
 
     manifest, model, hypernet = step("load world (base, LoRAs, hypernet)", load, detail=str(root.name))
+    if guidance is None:
+        recorded = json.loads((root / "manifest.json").read_text(encoding="utf-8")).get("world", {})
+        guidance = float(recorded.get("sample_guidance", 1.0)) if isinstance(recorded, dict) else 1.0
     held = manifest.split.get("heldout") or manifest.split["train"]
     c_name = content or held[0][0]
     s_name = style or held[0][1]
@@ -145,13 +153,14 @@ def run_demo(
         def run():
             gen = torch.Generator().manual_seed(seed)
             with swapper.hold():
-                x = model.generate([prompt] * samples, steps=steps, generator=gen, size=side)
+                x = sample(model, [prompt] * samples, steps=steps, guidance=guidance, generator=gen, size=side)
             rows[tag] = x
             path = out / f"{tag}.png"
             to_images(x[:1])[0].save(path)
             res.images[tag] = path
 
-        step(f"generate {tag}", run, detail=f"{prompt!r}, {steps} steps, {samples} x {side}x{side}")
+        detail = f"{prompt!r}, {steps} steps, guidance {guidance:g}, {samples} x {side}x{side}"
+        step(f"generate {tag}", run, detail=detail)
 
     def swap(name: str, which, c, s):
         m, ms = _timed(lambda: which.swap(c, s))

@@ -49,9 +49,11 @@ class HypernetTrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (CUDA only)
     gradient_checkpointing: bool = False
+    init: str = "default"  # "default": PyTorch's init (the authors'); "direct": the head starts at m = 1
     # what must match for a checkpoint to be resumed (steps may grow)
     resume_keys: tuple[str, ...] = field(
-        default=("batch", "lr", "weight_decay", "similarity_weight", "hidden", "parts", "seed"), repr=False
+        default=("batch", "lr", "weight_decay", "similarity_weight", "hidden", "parts", "seed", "init"),
+        repr=False,
     )
 
     def as_json(self) -> dict:
@@ -226,7 +228,14 @@ def train_hypernet(
         torch.manual_seed(config.seed)
         net = lk.Hypernet(
             widths=hypernet_widths(model.unet, config.parts), hidden=config.hidden, parts=config.parts
-        ).to(device)
+        )
+        if config.init == "direct":  # start from the direct merge: m_c = m_s = 1 up to a small spread
+            with torch.no_grad():
+                net.output[1].weight.mul_(0.01)
+                net.output[1].bias.fill_(1.0)
+        elif config.init != "default":
+            raise lk.LoraRarError(f"hypernet init must be 'default' or 'direct', got {config.init!r}")
+        net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = None
     if config.mixed_precision == "fp16" and device.type == "cuda":

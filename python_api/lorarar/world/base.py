@@ -27,6 +27,8 @@ from . import draw
 
 IMAGE_SIZE = 32
 PROMPT_TOKENS = 16
+UNCOND_SHARE = 0.1  # captions dropped to the empty prompt in base training (for guidance)
+EMA_DECAY = 0.995
 TEXT_HIDDEN = 32
 WORDS = (
     "a", "in", "style", "photo", "of", "sks", "zwx", *draw.GENERIC_COLOURS, *draw.GENERIC_SHAPES,
@@ -127,19 +129,27 @@ def train_base(
     lr: float = 2e-3,
     images: int = 2048,
     seed: int = 0,
+    uncond: float = UNCOND_SHARE,
+    ema: float = EMA_DECAY,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the base UNet (text encoder frozen) on ``images`` generic pictures; returns the losses.
 
-    AdamW with a short linear warm-up and cosine decay; the captions are encoded once. Deterministic
-    from ``seed`` on a given machine.
+    AdamW with a short linear warm-up and cosine decay; the captions are encoded once. A share
+    ``uncond`` of the captions is replaced by the empty prompt, so the model can be sampled with
+    classifier-free guidance (`lorarar.world.sample`). The UNet ends with the exponential moving average
+    of its weights (decay ``ema``, warmed up as ``min(ema, (1 + k) / (10 + k))``; 0: the last weights).
+    Deterministic from ``seed`` on a given machine.
     """
+    from .sample import UNCOND_PROMPT
+
     x, captions = base_dataset(images, seed)
-    unique = sorted(set(captions))
+    unique = [*sorted(set(captions)), UNCOND_PROMPT]
     cond_all = model.encode_prompts(unique)["encoder_hidden_states"]
     index = torch.tensor([unique.index(c) for c in captions])
     unet = model.unet
     unet.train().requires_grad_(True)
+    averaged = [p.detach().clone() for p in unet.parameters()]
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -149,15 +159,23 @@ def train_base(
     losses = []
     for step in range(steps):
         pick = torch.randint(0, images, (batch,), generator=gen)
-        cond = {"encoder_hidden_states": cond_all[index[pick]]}
+        which = index[pick].masked_fill(torch.rand(batch, generator=gen) < uncond, len(unique) - 1)
+        cond = {"encoder_hidden_states": cond_all[which]}
         loss = model.loss(x[pick], cond, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
+        decay = min(ema, (2 + step) / (11 + step))
+        with torch.no_grad():
+            for avg, p in zip(averaged, unet.parameters()):
+                avg.lerp_(p, 1 - decay)
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, losses[-1])
+    with torch.no_grad():
+        for avg, p in zip(averaged, unet.parameters()):
+            p.copy_(avg)
     unet.eval().requires_grad_(False)
     return losses

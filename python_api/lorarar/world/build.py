@@ -50,6 +50,8 @@ class WorldSpec:
     base_steps: int = 600
     base_batch: int = 16
     base_images: int = 2048
+    base_uncond: float = 0.1  # share of base captions dropped to "" (classifier-free guidance)
+    sample_guidance: float = 3.0  # the guidance `lorarar demo` samples this world with
     lora_rank: int = 8
     lora_steps: int = 150
     lora_batch: int = 8
@@ -174,7 +176,7 @@ def build_world(
                         bar.set_postfix(loss=f"{loss:.4f}")
 
                 train_base(model, steps=spec.base_steps, batch=spec.base_batch, images=spec.base_images,
-                           seed=spec.seed, progress=tick)  # fmt: skip
+                           seed=spec.seed, uncond=spec.base_uncond, progress=tick)  # fmt: skip
                 bar.close()
                 model.save(tmp / "base")
 
