@@ -59,7 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     judge = None if args.judge == "none" else args.judge
-    cfg = EvalConfig(methods=methods, images=args.images, steps=args.steps, seed=args.seed, split=args.split,
+    cfg = EvalConfig(methods=methods, images=args.images, steps=args.steps, guidance=args.guidance, seed=args.seed, split=args.split,
                      prompt=args.prompt, ziplora_steps=args.ziplora_steps, backend=args.backend, judge=judge,
                      mllm=args.mllm, mllm_refs=args.mllm_refs, mllm_scores=args.mllm_scores, clip=args.clip,
                      dino=args.dino)  # fmt: skip
@@ -143,6 +143,11 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="heldout", help="manifest split to evaluate (heldout)")
     p.add_argument("--images", type=_positive, default=4, help="images per pair and method (4)")
     p.add_argument("--steps", type=_positive, default=20, help="DDIM steps per image (20)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance (default: the world's recorded sample_guidance, else 1 = none)",
+    )
     p.add_argument("--seed", type=int, default=0, help="generation seed (0)")
     p.add_argument("--prompt", default="a {content_token} {content} in {style_token} style",
                    help="pair prompt template; fields content, style, content_token, style_token")  # fmt: skip

@@ -56,7 +56,7 @@ class Pair:
     content: lk.LoRA
     style: lk.LoRA
     hypernet: lk.Hypernet | None
-    steps: int
+    steps: int  # UNet passes per image (denoising steps x 2 with classifier-free guidance): K-LoRA's period
     ziplora: Callable[[], dict] | None = None
     backend: str = "auto"
     seed: int = 0

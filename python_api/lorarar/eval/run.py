@@ -11,8 +11,10 @@ Layout of the output folder::
     results.csv, results.md, grid.png    per pair and method, overall with the spread over pairs
 
 Every method of a cell starts from the same noise (one `torch.Generator` seeded with ``seed``, the N images
-drawn as one batch), so methods differ only by how they merge. Sampling is `DiffusionModel.generate`
-(DDIM, no classifier-free guidance).
+drawn as one batch), so methods differ only by how they merge. Sampling is `lorarar.world.sample.generate`
+(DDIM with classifier-free guidance against the empty prompt; 1 = none; default: the ``sample_guidance``
+the world's manifest records, else 1). With guidance each step runs the UNet twice, so K-LoRA's period
+counts both passes.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import lorarar_kernels as lk
 from .methods import DEFAULT, Pair, applied, parse_methods
 
 PROMPT = "a {content_token} {content} in {style_token} style"
-_GENERATION_KEYS = ("images", "steps", "seed", "prompt", "ziplora_steps", "ziplora_preset")
+_GENERATION_KEYS = ("images", "steps", "guidance", "seed", "prompt", "ziplora_steps", "ziplora_preset")
 
 
 @dataclass
@@ -39,6 +41,9 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT))
     images: int = 4  # per pair and method
     steps: int = 20  # denoising steps
+    guidance: float | None = (
+        None  # classifier-free guidance; None: the manifest's world.sample_guidance, else 1
+    )
     seed: int = 0
     split: str = "heldout"
     prompt: str = PROMPT
@@ -224,7 +229,16 @@ def run_eval(
         for m in methods:
             if m.startswith("peft-"):
                 check_combination(m[len("peft-") :], loras[f"content:{c.name}"], loras[f"style:{s.name}"])
+    if cfg.guidance is None:
+        recorded = json.loads(manifest.path.read_text(encoding="utf-8")).get("world")
+        cfg.guidance = float(recorded.get("sample_guidance", 1.0)) if isinstance(recorded, dict) else 1.0
+    passes = 1 if cfg.guidance == 1 else 2
     _check_config(out, cfg)
+
+    from ..world.sample import generate as world_generate
+
+    def sample(prompts, **kw):
+        return world_generate(model, prompts, **kw)
 
     t0 = time.perf_counter()
     made = reused = 0
@@ -241,12 +255,12 @@ def run_eval(
         key = (c.name, s.name)
         if key not in zip_cache:
             zip_cache[key] = _ziplora_cache(out, model, manifest, c, s, c_lora, s_lora, cfg, progress)
-        pair = Pair(model.unet, c_lora.to(dev), s_lora.to(dev), hyper, cfg.steps, zip_cache[key],
+        pair = Pair(model.unet, c_lora.to(dev), s_lora.to(dev), hyper, cfg.steps * passes, zip_cache[key],
                     cfg.backend, cfg.seed)  # fmt: skip
         prompt = pair_prompt(cfg.prompt, c, s)
         with applied(method, pair):
             gen = torch.Generator().manual_seed(cfg.seed)
-            x = model.generate([prompt] * cfg.images, steps=cfg.steps, generator=gen)
+            x = sample([prompt] * cfg.images, steps=cfg.steps, guidance=cfg.guidance, generator=gen)
         _save_images(x, paths)
         made += len(paths)
     bar.close()
@@ -274,7 +288,7 @@ def run_eval(
             metrics[(c.name, s.name, method)] = embed.scores(ims, refs_c, f"a {c.name} in {s.name} style")
     refs = {(c.name, s.name): (c.image_paths[0], s.image_paths[0]) for c, s in pairs}
     about = (f"{len(pairs)} pairs of split {cfg.split!r} x {len(methods)} methods, {cfg.images} images each, "
-             f"{cfg.steps} DDIM steps, seed {cfg.seed}; judge: "
+             f"{cfg.steps} DDIM steps, guidance {cfg.guidance:g}, seed {cfg.seed}; judge: "
              f"{'the toy world judge' if judge is not None else 'none'}"
              f"{f', MLLM {cfg.mllm}' if mllm is not None else ''}")  # fmt: skip
     return write_reports(out, cells, scores, refs, cfg, about=about, metrics=metrics)
