@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_train, cli_world
+from . import cli_eval, cli_train, cli_world
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     cli_world.register(sub)  # world, train-lora
     cli_train.register(sub)  # train-hypernet, ziplora, score
+    cli_eval.register(sub)  # eval, eval-judges
     return parser
 
 
