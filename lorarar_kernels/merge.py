@@ -465,6 +465,13 @@ def _check_arguments(hypernet, backend, coefficients, hyper_parts) -> None:
         raise LoraRarError(
             f"coefficients must be a mapping {{layer name: (m_c, m_s)}}, got {type(coefficients).__name__}"
         )
+    if hyper_parts is not None and not isinstance(hyper_parts, (str, bytes)):
+        if not isinstance(hyper_parts, Sequence | set | frozenset) or not all(
+            isinstance(p, str) for p in hyper_parts
+        ):
+            raise LoraRarError(
+                f"hyper_parts must be None or a sequence of part names, got {hyper_parts!r}"[:200]
+            )
     if isinstance(hyper_parts, (str, bytes)):
         raise LoraRarError(
             f"hyper_parts must be a sequence of part names such as ({hyper_parts!r},), not the string "

@@ -211,3 +211,24 @@ def test_restore_after_a_parameter_was_replaced_refuses():
     mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
     with pytest.raises(lk.TargetModifiedError, match="replaced"):
         lk.restore(target)
+
+
+def test_complex_or_text_coefficients_are_refused():
+    target = AttentionStack(SHAPES, seed=2)
+    c = rand_lora(SHAPES, 2, 1)
+    for bad in (torch.ones(16, dtype=torch.complex64), "abc", torch.ones(16, dtype=torch.bool)):
+        _untouched(
+            target,
+            lambda bad=bad: lk.merge(target, c, None, coefficients={NAME: (bad, None)}),
+            "coefficients",
+        )
+
+
+def test_a_non_sequence_hyper_parts_is_refused():
+    target = AttentionStack(SHAPES, seed=2)
+    c = rand_lora(SHAPES, 2, 1)
+    _untouched(
+        target,
+        lambda: lk.merge(target, c, c, lk.Hypernet(widths=(16,), hidden=4), hyper_parts=5),
+        "hyper_parts",
+    )
