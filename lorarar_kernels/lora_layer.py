@@ -16,6 +16,7 @@ from .errors import LayerMismatchError
 
 # Prefixes of components other than the UNet; layers under them are kept but never merged into a UNet.
 COMPONENT_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
+FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,25 @@ class LoRALayer:
                 f"LoRALayer: rank mismatch, down {tuple(d.shape)} has rank {d.shape[0]}, "
                 f"up {tuple(u.shape)} has rank {u.shape[1]}"
             )
-        if not (d.is_floating_point() and u.is_floating_point()):
-            raise LayerMismatchError(f"LoRALayer: factors must be floating point, got {d.dtype}/{u.dtype}")
-        object.__setattr__(self, "scale", float(self.scale))
+        if d.dtype not in FACTOR_DTYPES or u.dtype not in FACTOR_DTYPES:
+            raise LayerMismatchError(
+                f"LoRALayer: factors must be floating point fp32/fp16/bf16/fp64, got {d.dtype}/{u.dtype}; convert "
+                "the file (e.g. its tensors .to(torch.float16))"
+            )
+        if d.shape[0] == 0:
+            raise LayerMismatchError("LoRALayer: rank 0 (empty factors); leave the layer out instead")
+        for t in (d, u):
+            if t.is_meta or t.layout != torch.strided:
+                raise LayerMismatchError(f"LoRALayer: factors must be dense tensors with data, got {t.layout}"
+                                         f"{' on meta' if t.is_meta else ''}")  # fmt: skip
+        s = self.scale
+        if isinstance(s, torch.Tensor):
+            s = s.item() if s.numel() == 1 and not s.is_complex() else complex(0, 1)
+        if isinstance(s, (bool, complex)) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):
+            raise LayerMismatchError(
+                f"LoRALayer: scale must be a finite real number, got {self.scale!r}"[:200]
+            )
+        object.__setattr__(self, "scale", float(s))
 
     @property
     def rank(self) -> int:

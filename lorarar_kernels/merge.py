@@ -42,6 +42,7 @@ class _Layer:
     snapshot: torch.Tensor | None  # original weights (device or host copy); None in keep_original="none"
     stamp: tuple[int, int] = (0, 0)  # tensor_stamp(param) after the engine's last write
     applied: LayerFactors | None = None  # the delta currently in the weights
+    module: nn.Module | None = None  # the module whose `weight` is `param` (a replaced Parameter is refused)
 
 
 class TargetState:
@@ -53,6 +54,11 @@ class TargetState:
     was not leased again (`Workspace.leased_at`); weights and LoRA factors changed behind the engine's back
     are caught by per-tensor stamps (`factors.tensor_stamp`). `keep_original` and the current workspace are derived
     from `current`.
+
+    Transactions (docs/design.md section 4): `layers` and `current` are replaced, never edited, while weights
+    are written, so the records of the state before a swap stay whole until the swap is done. While the engine
+    writes, `writing` holds what it may have written (the swap's new layers too); a failure rolls back from the
+    snapshots before it propagates. `broken` says why the weights cannot be put back (keep_original="none").
     """
 
     def __init__(self) -> None:
@@ -65,6 +71,8 @@ class TargetState:
         # The engine's own state and factor buffers. `prepare` holds only this one, so it can run while a
         # generation holds `lock`; commit and restore hold both, always `lock` first.
         self.work_lock = threading.RLock()
+        self.writing: dict[str, _Layer] | None = None  # layers a pass in progress (or one that failed) wrote
+        self.broken: str | None = None
 
     @property
     def keep_original(self) -> str | None:
@@ -81,8 +89,21 @@ class TargetState:
 
     def check_untouched(self) -> None:
         """TargetModifiedError unless every touched weight is as the engine left it."""
+        if self.broken is not None:
+            raise TargetModifiedError(
+                self.broken + "; call lk.restore(target), then reload the model's weights"
+            )
+        if self.writing is not None:
+            raise TargetModifiedError(
+                "an interrupted swap or restore of this target could not be rolled back; call lk.restore(target)"
+            )
         for name, layer in self.layers.items():
             p = layer.param
+            if layer.module is not None and getattr(layer.module, "weight", None) is not p:
+                raise TargetModifiedError(
+                    f"layer {name!r}: its weight Parameter was replaced since the engine merged into it, so "
+                    "the engine can neither restore nor update it; rebuild or reload the model, then merge again"
+                )
             if tensor_stamp(p) != layer.stamp:
                 raise TargetModifiedError(
                     f"layer {name!r}: weights changed outside lorarar since its last merge "
@@ -103,7 +124,13 @@ class TargetState:
         return self.workspaces[slot].leased_at == generation
 
     def commit(self, swap: PreparedSwap) -> Merge:
-        """Run ``swap``'s pass over the weights (see `PreparedSwap.apply`); returns the new current merge."""
+        """Run ``swap``'s pass over the weights (see `PreparedSwap.apply`); returns the new current merge.
+
+        All or nothing: with snapshots (keep_original "device"/"host") any failure (an exception, a
+        KeyboardInterrupt, out of memory) rolls the weights back to the state before, bit for bit, before it
+        propagates; with "none" a failure before the first write changes nothing, one after the pass
+        completes the swap, and one during the pass marks the target broken (no snapshot to roll back from).
+        """
         with self.lock, self.work_lock:
             t0 = time.perf_counter()
             if self.generation != swap._generation:
@@ -117,42 +144,113 @@ class TargetState:
                     "after it was prepared (prepare again)"
                 )
             self.check_untouched()
+            old_layers, old_current = self.layers, self.current
             with torch.no_grad():
-                for layer in swap._new.values():
+                for layer in swap._new.values():  # writes only the swap's own buffers: nothing to undo
                     if layer.snapshot is not None:
                         layer.snapshot.copy_(layer.param, non_blocking=True)
-                for name in swap._old_only:  # touched by the old pair only
-                    _restore_layer(self.layers.pop(name))
-                self.layers.update(swap._new)
-                if swap._keep_original == "host":
-                    for name in swap._plan:
-                        layer = self.layers[name]
-                        layer.param.copy_(layer.snapshot, non_blocking=True)
-                for run in swap._runs:
-                    run()
-            for name, f in swap._plan.items():
-                self.layers[name].applied = f
-            for layer in self.layers.values():
-                layer.stamp = tensor_stamp(layer.param)
-            timings = {"prepare_s": swap.prepare_s, "apply_s": time.perf_counter() - t0}
-            self.current = Merge(
-                swap._root, swap._plan, swap.backend, timings, swap.content, swap.style, swap._recipe,
-                keep_original=swap._keep_original, slot=swap._slot, lease=swap._generation,
-            )  # fmt: skip
-            self.generation += 1
-            return self.current
+                writing = {**old_layers, **swap._new}
+                passed = False
+                try:
+                    self.writing = writing
+                    for name in swap._old_only:  # touched by the old pair only
+                        _restore_layer(old_layers[name])
+                    if swap._keep_original == "host":
+                        for name in swap._plan:
+                            layer = writing[name]
+                            layer.param.copy_(layer.snapshot, non_blocking=True)
+                    for run in swap._runs:
+                        run()
+                    passed = True
+                    return self._finish(swap, writing, t0)
+                except BaseException:
+                    if self.current is not None and self.current._lease == swap._generation:
+                        self.writing, self.generation = None, swap._generation + 1
+                        raise  # the swap is complete; only its last bookkeeping was interrupted
+                    if swap._keep_original != "none":
+                        self._roll_back(writing, old_layers, old_current)
+                    elif passed:
+                        self._finish(swap, writing, t0)  # the weights hold the new pair: record it
+                    else:
+                        self.broken = (
+                            "a keep_original='none' swap was interrupted during its pass over the weights, which "
+                            "are now partly the old pair's and partly the new one's (there is no snapshot to roll "
+                            "back from)"
+                        )
+                    raise
+
+    def _finish(self, swap: PreparedSwap, writing: dict[str, _Layer], t0: float) -> Merge:
+        """The records of a completed pass; replaces `layers` and `current` (the old ones stay whole)."""
+        layers = {}
+        for name, f in swap._plan.items():
+            old = writing[name]
+            layers[name] = _Layer(old.param, old.snapshot, tensor_stamp(old.param), f, old.module)
+        timings = {"prepare_s": swap.prepare_s, "apply_s": time.perf_counter() - t0}
+        merged = Merge(
+            swap._root, swap._plan, swap.backend, timings, swap.content, swap.style, swap._recipe,
+            keep_original=swap._keep_original, slot=swap._slot, lease=swap._generation, chosen=swap._chosen,
+        )  # fmt: skip
+        self.layers = layers
+        self.writing = None
+        self.current = merged  # the swap is complete from here (`commit` checks this)
+        self.generation = swap._generation + 1
+        return merged
+
+    def _roll_back(
+        self, writing: dict[str, _Layer], old_layers: dict[str, _Layer], old: Merge | None
+    ) -> None:
+        """Put back the state before a failed swap from the snapshots: the old pair (re-applied with the
+        backends that applied it, so bit for bit) or, if the old pair's factors are gone, the original
+        weights. Retried if interrupted itself; if it still fails, `writing` stays set and `restore` works."""
+        for attempt in range(3):
+            try:
+                with torch.no_grad():
+                    for layer in writing.values():
+                        layer.param.copy_(layer.snapshot)
+                    reapply = old is not None and old.factors_valid
+                    if reapply:
+                        for run in _reapply_runs(old, old_layers):
+                            run()
+                layers = old_layers if reapply else {}
+                for layer in layers.values():
+                    layer.stamp = tensor_stamp(layer.param)
+                self.layers, self.current = layers, old if reapply else None
+                self.writing = None
+                self.generation += 1
+                return
+            except BaseException:
+                if attempt == 2:
+                    raise
 
     def restore(self) -> None:
         """Put back the original weights of every touched layer, free the snapshots, forget the merge."""
         with self.lock, self.work_lock:
-            if not self.layers and self.current is None:
-                return
-            self.check_untouched()
+            if self.broken is not None:
+                why, self.broken = self.broken, None
+                self.layers, self.current, self.writing = {}, None, None
+                self.generation += 1
+                raise TargetModifiedError(
+                    why + "; the engine forgot this target's merge: reload the model's weights (e.g. "
+                    "load_state_dict) before using or merging into it"
+                )
+            writing = self.writing
+            if writing is None:
+                if not self.layers and self.current is None:
+                    return
+                self.check_untouched()
+                writing = self.layers
             with torch.no_grad():
-                for layer in self.layers.values():
-                    _restore_layer(layer)
-            self.layers.clear()
-            self.current = None
+                try:
+                    self.writing = writing
+                    for layer in writing.values():
+                        _restore_layer(layer)
+                except BaseException:
+                    if self.current is not None and self.current._keep_original == "none":
+                        self.broken = (
+                            "a keep_original='none' restore was interrupted (it subtracts the deltas)"
+                        )
+                    raise
+            self.layers, self.current, self.writing = {}, None, None
             self.generation += 1
 
 
@@ -171,11 +269,13 @@ def _unwrap(target: nn.Module) -> nn.Module:
 
 def _state(target: nn.Module) -> TargetState:
     root = _unwrap(target)
-    with _STATES_LOCK:
-        st = _STATES.get(root)
-        if st is None:
-            st = _STATES[root] = TargetState()
-        return st
+    st = _STATES.get(root)  # no lock to look up: an interrupt cannot leave the global lock held
+    if st is None:
+        with _STATES_LOCK:
+            st = _STATES.get(root)
+            if st is None:
+                st = _STATES[root] = TargetState()
+    return st
 
 
 def target_lock(target: nn.Module) -> threading.RLock:
@@ -199,11 +299,15 @@ class Merge:
         keep_original="device",
         slot=0,
         lease=0,
+        chosen=None,
     ) -> None:
         self._target = weakref.ref(target)
         self._recipe = recipe or {}  # hypernet, coefficients, hyper_parts: to rebuild the plan on export
         self._plan: dict[str, LayerFactors] = plan
         self._keep_original = keep_original
+        self._chosen = (
+            chosen or {}
+        )  # (device, dtype) -> (backend name, backend): a rollback re-applies with it
         self._slot, self._lease = slot, lease  # the factors were cut from workspace `slot` at lease `lease`
         self.backend: str = backend
         self.timings: dict[str, float] = timings
@@ -279,7 +383,7 @@ def _modules(root: nn.Module) -> dict[str, nn.Module]:
     return {n.replace("_orig_mod.", ""): m for n, m in root.named_modules()}
 
 
-def _check_target(name: str, out_f: int, in_f: int, modules, state: TargetState) -> torch.Tensor:
+def _check_target(name: str, out_f: int, in_f: int, modules, state: TargetState, kernel=()):
     """The layer's weight Parameter if an ``[out_f, in_f]`` delta fits it; LayerMismatchError otherwise."""
     module = modules.get(name)
     if module is None:
@@ -288,9 +392,26 @@ def _check_target(name: str, out_f: int, in_f: int, modules, state: TargetState)
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise LayerMismatchError(f"layer {name!r}: module {type(module).__name__} has no weight tensor")
+    if w.is_meta or w.layout != torch.strided:
+        kind = "on the meta device (not loaded)" if w.is_meta else f"{w.layout} (not dense)"
+        raise LayerMismatchError(f"layer {name!r}: weight is {kind}; load the model's weights densely first")
+    if w.is_inference():
+        raise LayerMismatchError(
+            f"layer {name!r}: weight is an inference tensor (the model was built or loaded under "
+            "torch.inference_mode()), which cannot be written in place or tracked; build or load it outside "
+            "inference_mode (torch.no_grad() is fine)"
+        )
     if w.dim() < 2 or w.shape[0] != out_f or w[0].numel() != in_f:
         raise LayerMismatchError(
             f"layer {name!r}: LoRA delta is [{out_f}, {in_f}] but the weight is {list(w.shape)}"
+        )
+    kernel, w_kernel = tuple(kernel), tuple(w.shape[2:])  # () for linear; a 1x1 conv is a linear layer
+    if (kernel not in ((), (1, 1)) and w_kernel != kernel) or (w_kernel not in ((), (1, 1)) and not kernel):
+        lora_kind = f"{tuple(kernel)} conv" if kernel else "linear"
+        kind = f"{w_kernel} conv" if w_kernel else "linear"
+        raise LayerMismatchError(
+            f"layer {name!r}: a {lora_kind} LoRA layer for a {kind} weight {list(w.shape)}; "
+            "the LoRA was made for another model"
         )
     if w.dtype not in WEIGHT_DTYPES:
         raise LayerMismatchError(f"layer {name!r}: weight dtype {w.dtype} unsupported (fp32/fp16/bf16 only)")
@@ -299,7 +420,75 @@ def _check_target(name: str, out_f: int, in_f: int, modules, state: TargetState)
     known = state.layers.get(name)
     if known is not None and known.param is not w:
         raise TargetModifiedError(f"layer {name!r}: its weight Parameter was replaced since the last merge")
-    return w
+    return module, w
+
+
+def _job(
+    name: str, w: torch.Tensor, src: torch.Tensor, f: LayerFactors, backend: str, minus=None
+) -> ApplyJob:
+    """The ApplyJob writing ``src + f``'s delta (``- minus``'s, one rounding) into weight ``w``."""
+    w2 = w.view(w.shape[0], -1)
+    scale = None if f.col_scale is None else f.col_scale.detach()
+    if f.packed is None and backend == "cpp" and minus is None:  # read where the LoRAs keep them
+        return ApplyJob(name, w2, src.view(w2.shape), None, None, scale, f.split, f.sources)
+    if minus is not None:  # W += new - old, one rounding
+        up = torch.cat([f.up, -minus.up], dim=1)
+        down = torch.cat([f.scaled_down().detach(), minus.scaled_down().detach()], dim=0)
+        return ApplyJob(name, w2, src.view(w2.shape), up, down, None, f.split)
+    return ApplyJob(name, w2, src.view(w2.shape), f.up, f.down, scale, f.split)
+
+
+def _reapply_runs(old: Merge, layers: dict[str, _Layer]) -> list:
+    """Runs writing ``old``'s pair onto the snapshots of ``layers`` as its backends did (a rollback's second
+    half; keep_original "device"/"host", after the snapshots were copied back)."""
+    jobs: dict[tuple, list[ApplyJob]] = {}
+    for name, f in old._plan.items():
+        layer = layers[name]
+        w = layer.param
+        src = layer.snapshot if old._keep_original == "device" else w
+        jobs.setdefault((w.device, w.dtype), []).append(
+            _job(name, w, src, f, old._chosen[(w.device, w.dtype)][0])
+        )
+    return [dispatch.runner(old._chosen[key][1], group) for key, group in jobs.items()]
+
+
+def _check_arguments(hypernet, backend, coefficients, hyper_parts) -> None:
+    """LoraRarError for arguments of the wrong kind (cheap, before anything is read)."""
+    if hypernet is not None and not isinstance(hypernet, Hypernet):
+        raise LoraRarError(
+            f"hypernet must be a lk.Hypernet or None, got {type(hypernet).__name__}; load a file with "
+            "lk.Hypernet.load(path)"
+        )
+    if not isinstance(backend, str):
+        raise LoraRarError(f"backend must be a string such as 'auto' or 'cpp', got {type(backend).__name__}")
+    if coefficients is not None and not isinstance(coefficients, Mapping):
+        raise LoraRarError(
+            f"coefficients must be a mapping {{layer name: (m_c, m_s)}}, got {type(coefficients).__name__}"
+        )
+    if hyper_parts is not None and not isinstance(hyper_parts, (str, bytes)):
+        if not isinstance(hyper_parts, Sequence | set | frozenset) or not all(
+            isinstance(p, str) for p in hyper_parts
+        ):
+            raise LoraRarError(
+                f"hyper_parts must be None or a sequence of part names, got {hyper_parts!r}"[:200]
+            )
+    if isinstance(hyper_parts, (str, bytes)):
+        raise LoraRarError(
+            f"hyper_parts must be a sequence of part names such as ({hyper_parts!r},), not the string "
+            f"{hyper_parts!r}"
+        )
+
+
+def _refuse_tied(weights: dict[str, tuple[nn.Module, torch.Tensor]]) -> None:
+    """LayerMismatchError if two touched layers share one weight (tied weights would take one delta only)."""
+    seen: dict[int, str] = {}
+    for name, (_, w) in weights.items():
+        other = seen.setdefault(w.data_ptr(), name)
+        if other != name:
+            raise LayerMismatchError(
+                f"layers {other!r} and {name!r} share one weight tensor (tied weights); a merge writes each "
+                "layer's own delta, so untie them (e.g. module.weight = nn.Parameter(module.weight.clone()))"
+            )
 
 
 class PreparedSwap:
@@ -315,12 +504,12 @@ class PreparedSwap:
         self._root, self._state, self._keep_original = root, state, keep
         self._plan, self.content, self.style = plan, content, style
         self._slot, self._generation = lease
-        self._recipe = recipe
+        self._recipe, self._chosen = recipe, chosen
         self._new: dict[str, _Layer] = {}
         self._old_only = [n for n in state.layers if n not in plan]
         jobs: dict[tuple, list[ApplyJob]] = {}
         for name, f in plan.items():
-            w = weights[name]
+            module, w = weights[name]
             layer = state.layers.get(name)
             if layer is None:
                 snap = None
@@ -328,19 +517,10 @@ class PreparedSwap:
                     snap = torch.empty_like(w)
                 elif keep == "host":
                     snap = torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda)
-                layer = self._new[name] = _Layer(w, snap)
-            w2 = w.view(w.shape[0], -1)
-            scale = None if f.col_scale is None else f.col_scale.detach()
+                layer = self._new[name] = _Layer(w, snap, module=module)
             src = layer.snapshot if keep == "device" else w
-            if f.packed is None and chosen[(w.device, w.dtype)][0] == "cpp":  # read where the LoRAs keep them
-                job = ApplyJob(name, w2, src.view(w2.shape), None, None, scale, f.split, f.sources)
-            elif keep == "none" and layer.applied is not None:  # W += new - old, one rounding
-                old = layer.applied
-                up = torch.cat([f.up, -old.up], dim=1)
-                down = torch.cat([f.scaled_down().detach(), old.scaled_down().detach()], dim=0)
-                job = ApplyJob(name, w2, src.view(w2.shape), up, down, None, f.split)
-            else:
-                job = ApplyJob(name, w2, src.view(w2.shape), f.up, f.down, scale, f.split)
+            minus = layer.applied if keep == "none" else None
+            job = _job(name, w, src, f, chosen[(w.device, w.dtype)][0], minus)
             jobs.setdefault((w.device, w.dtype), []).append(job)
         self._runs = [dispatch.runner(chosen[key][1], group) for key, group in jobs.items()]
         names = sorted({name for name, _ in chosen.values()})
@@ -378,29 +558,33 @@ def prepare(
     state = _state(root)
     if keep_original is not None and keep_original not in KEEP_MODES:
         raise LoraRarError(f"keep_original must be one of {KEEP_MODES}, got {keep_original!r}")
+    _check_arguments(hypernet, backend, coefficients, hyper_parts)
     with state.work_lock:  # not `lock`: preparing the next pair may overlap a generation in flight
         t0 = time.perf_counter()
         keep = state.keep_mode(keep_original)
         unet_config = getattr(root, "config", None)
         content, style = _as_lora(content, unet_config), _as_lora(style, unet_config)
         modules = _modules(root)
-        weights: dict[str, torch.Tensor] = {}
+        weights: dict[str, tuple[nn.Module, torch.Tensor]] = {}
         # Names and shapes first (cheap, clear errors), then factors and coefficients on the weights' device.
         for lora in (content, style):
             for name, layer in (lora.unet_layers() if lora is not None else {}).items():
                 try:
-                    weights[name] = _check_target(name, layer.out_features, layer.in_features, modules, state)
+                    weights[name] = _check_target(
+                        name, layer.out_features, layer.in_features, modules, state, layer.down.shape[2:]
+                    )
                 except LayerMismatchError as exc:
                     raise type(exc)(f"{lora.source}: {exc}") from None
+        _refuse_tied(weights)
         state.check_untouched()
-        devices = {w.device for w in weights.values()}
+        devices = {w.device for _, w in weights.values()}
         if len(devices) > 1:
             raise LoraRarError(f"touched weights span several devices; not supported ({devices})")
         device = devices.pop() if devices else torch.device("cpu")
         parts = hyper_parts if hyper_parts is None or isinstance(hyper_parts, str) else tuple(hyper_parts)
         recipe = {"hypernet": hypernet, "coefficients": coefficients, "hyper_parts": parts}
         chosen = {}
-        for w in weights.values():
+        for _, w in weights.values():
             if (w.device, w.dtype) not in chosen:
                 chosen[(w.device, w.dtype)] = dispatch.choose(backend, w.device, w.dtype)
         rule = merge_rule(content, style, hypernet, coefficients=coefficients, hyper_parts=parts)

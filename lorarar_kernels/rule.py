@@ -156,7 +156,16 @@ def _coefficient_pair(name: str, given, n_in: int) -> tuple[torch.Tensor, torch.
         raise LayerMismatchError(f"coefficients[{name!r}] must be a pair (m_c, m_s)") from None
     out = []
     for label, m in (("m_c", m_c), ("m_s", m_s)):
-        m = torch.ones(n_in) if m is None else torch.as_tensor(m)
+        try:
+            m = torch.ones(n_in) if m is None else torch.as_tensor(m)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise LayerMismatchError(
+                f"coefficients[{name!r}] {label} is not a vector of numbers ({exc})"
+            ) from None
+        if m.is_complex() or m.dtype == torch.bool or not (m.is_floating_point() or m.dtype.is_signed):
+            raise LayerMismatchError(
+                f"coefficients[{name!r}] {label} must be real numbers, got dtype {m.dtype}"
+            )
         if m.shape != (n_in,):
             raise LayerMismatchError(
                 f"coefficients[{name!r}] {label} has shape {tuple(m.shape)}, expected ({n_in},)"

@@ -34,15 +34,31 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    """Read the whole file into memory first: tensors that were views of a memory-mapped file would die
+    with SIGBUS once the file is truncated, and change silently once it is overwritten."""
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        data = p.read_bytes()
+    except OSError as exc:
+        raise LoraFileError(f"{p}: cannot be read ({exc})") from None
+    try:
+        tensors = load(data)  # copies out of `data`: the tensors own their memory
+        metadata = _safetensors_metadata(data)
     except Exception as exc:  # safetensors raises several types for truncated/garbage headers
         raise LoraFileError(f"{p}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
     return tensors, metadata
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (already validated by `load`)."""
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise ValueError("__metadata__ is not a mapping of strings to strings")
+    return dict(meta)
 
 
 def _read_pickle(p: Path) -> dict[str, torch.Tensor]:
@@ -72,6 +88,11 @@ def write_safetensors(
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LoraFileError(f"{path}: unreadable JSON ({exc})") from None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise LoraFileError(
+            f"{path}: unreadable JSON ({type(exc).__name__}: {exc}); fix or delete it"
+        ) from None
+    if not isinstance(obj, dict):
+        raise LoraFileError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj

@@ -204,10 +204,13 @@ def test_merge_bad_input(files, tmp_path, capsys, case, message):
     assert not out.exists()
 
 
-def test_argument_errors_exit_2(capsys):
+def test_argument_errors_are_one_line_and_exit_1(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--steps", "0"])
-    assert exc.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "must be >= 1" in err and err.startswith("lorarar demo: error:")
+    assert err.count("\n") == 1
     with pytest.raises(SystemExit) as exc:
         main(["merge", "--content", "a.safetensors"])
-    assert exc.value.code == 2 and "required" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "required" in err and err.count("\n") == 1

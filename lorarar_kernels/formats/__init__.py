@@ -59,6 +59,9 @@ def read_lora(
     if isinstance(path_or_state_dict, Mapping):
         source, path, metadata = "<state dict>", None, {}
         state = dict(path_or_state_dict)
+        keys = [k for k in state if not isinstance(k, str)]
+        if keys:
+            raise LoraFileError(f"{source}: keys must be strings, got {few(map(repr, keys))}")
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise LoraFileError(f"{source}: values that are not tensors: {few(map(str, bad))}")

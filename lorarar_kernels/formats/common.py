@@ -4,6 +4,7 @@ May import: `errors`, `lora_layer`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -40,7 +41,12 @@ def scalar(source: str, key: str, t: torch.Tensor) -> float:
     """The value of a one-element tensor (an ``alpha``)."""
     if t.numel() != 1:
         raise LoraFileError(f"{source}: {key} should hold one number, has shape {tuple(t.shape)}")
-    return float(t.reshape(()).item())
+    if t.is_complex() or t.dtype == torch.bool:
+        raise LoraFileError(f"{source}: {key} should be a real number, has dtype {t.dtype}")
+    value = float(t.reshape(()).item())
+    if not math.isfinite(value):
+        raise LoraFileError(f"{source}: {key} is {value}; alpha must be a finite number")
+    return value
 
 
 def make_layer(source: str, name: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> LoRALayer:
@@ -58,6 +64,17 @@ def pair_up(
 
     ``describe(name)`` says how the layer is spelled in the file, for the message.
     """
+    for n in downs.keys() & ups.keys():
+        d, u = downs[n], ups[n]
+        if d.dim() not in (2, 4) or u.dim() not in (2, 4):
+            raise LoraFileError(
+                f"{source}: layer {describe(n)!r}: down {tuple(d.shape)} and up {tuple(u.shape)} must be 2-D "
+                "(linear) or 4-D (conv); the file is damaged or not a LoRA"
+            )
+        if d.shape[0] == 0:
+            raise LoraFileError(
+                f"{source}: layer {describe(n)!r} has rank 0 (empty factors); remove it from the file"
+            )
     lonely = sorted(set(downs) ^ set(ups))
     if lonely:
         n = lonely[0]

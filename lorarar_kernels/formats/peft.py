@@ -35,16 +35,42 @@ _UNSUPPORTED = {
 PEFT_DEFAULT_ALPHA = 8.0  # peft.LoraConfig.lora_alpha's default
 
 
+# alpha_pattern keys are module-name fragments (PEFT writes `^name`, dots unescaped): `.`, `|`, anchors and at
+# most two `*` keep the backtracking matcher polynomial in the name; nested quantifiers (`(a+)+`) are refused.
+_PATTERN_OK = re.compile(r"[\w.\-|*^$]+")
+
+
+def _pattern(key: object) -> str:
+    if not isinstance(key, str) or not _PATTERN_OK.fullmatch(key) or key.count("*") > 2:
+        raise ValueError(
+            f"alpha_pattern key {key!r}: only module-name patterns (letters, digits, _ . - | ^ $ and up to two "
+            "*) are evaluated, to keep matching fast in the name; write the module names out"
+        )
+    return key
+
+
+def _real(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"expected a number, got {type(v).__name__} {v!r}"[:200])
+    x = float(v)  # OverflowError for integers beyond float
+    if not math.isfinite(x):
+        raise ValueError(f"{x} is not a finite number")
+    return x
+
+
 class _Config:
     """The scale-relevant part of one PEFT ``LoraConfig``."""
 
     def __init__(self, cfg: Mapping, origin: str) -> None:
         try:
-            self.alpha = float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-            self.patterns = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
-        except (TypeError, ValueError, AttributeError) as exc:
+            self.alpha = _real(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+            self.patterns = {_pattern(k): _real(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise LoraFileError(f"{origin}: bad lora_alpha / alpha_pattern ({exc})") from None
-        self.rslora = bool(cfg.get("use_rslora", False))
+        rslora = cfg.get("use_rslora", False)
+        if not isinstance(rslora, bool):
+            raise LoraFileError(f"{origin}: use_rslora must be true or false (JSON booleans), got {rslora!r}")
+        self.rslora = rslora
         self.origin = origin
 
     def scale(self, module: str, rank: int) -> float:
@@ -74,7 +100,7 @@ def _configs(source: str, metadata: Mapping[str, str], path: Path | None) -> dic
     if raw:
         try:
             meta = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise LoraFileError(f"{source}: metadata {METADATA_KEY!r} is not JSON ({exc})") from None
         if not isinstance(meta, dict):
             raise LoraFileError(f"{source}: metadata {METADATA_KEY!r} is not a JSON object")

@@ -200,12 +200,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if res.restore_bit_exact else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line ``lorarar <command>: error: ...`` and exit status 1."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lorarar`` argument parser (subcommands merge, generate, demo)."""
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="lorarar", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt
-    )
+    parser = _Parser(prog="lorarar", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="{merge,generate,demo}")
     sub.required = True
@@ -309,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(exc) if isinstance(exc, LoraRarError) else f"{type(exc).__name__}: {exc}"
         print(f"lorarar {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, RuntimeError, MemoryError, ImportError) as exc:  # libraries' own errors
+        if args.traceback:
+            raise
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(
+            f"lorarar {args.command}: error: {type(exc).__name__}: {first} (run with --traceback for details)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"lorarar {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,159 @@
+"""Fault injection into swaps and restores: an exception raised at every traced line of the engine during
+`PreparedSwap.apply` (and `restore`) leaves the weights the old state or the new one, bit for bit, and a
+later `restore()` puts the original weights back bit for bit (docs/design.md section 4, "Transactions").
+
+The injector is a `sys.settrace` hook counting the line events of the engine's own frames (commit, the
+per-layer restores, the backends' plan runs, the bookkeeping) and raising at the k-th, for every k.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import rand_lora, weights
+from engine_models import AttentionStack, attention_shapes
+
+import lorarar_kernels as lk
+
+STATE_OF = sys.modules["lorarar_kernels.merge"]._state
+
+ENGINE = str(Path(lk.__file__).parent)
+SHAPES = attention_shapes((("down_blocks.0", 24, 1, 1),), context=20)[:4]
+A_CONTENT, A_STYLE = rand_lora(SHAPES[:3], 2, 1), rand_lora(SHAPES[:2], 3, 2)  # the old pair
+B_CONTENT, B_STYLE = rand_lora(SHAPES[1:], 3, 3), rand_lora(SHAPES[2:3], 2, 4)  # old-only, both, new-only
+
+
+class Injector:
+    """Raises ``exc`` at the ``k``-th line event of an engine frame (k=0: counts only)."""
+
+    def __init__(self, k: int, exc: BaseException) -> None:
+        self.k, self.exc, self.n = k, exc, 0
+
+    def __enter__(self):
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc_info):
+        sys.settrace(None)
+
+    def _global(self, frame, event, arg):
+        return self._local if frame.f_code.co_filename.startswith(ENGINE) else None
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.n += 1
+            if self.n == self.k:
+                raise self.exc
+        return self._local
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+
+
+def _start(backend, keep, dtype):
+    target = AttentionStack(SHAPES, dtype=dtype, seed=5)
+    lk.merge(target, A_CONTENT, A_STYLE, backend=backend, keep_original=keep)
+    return target
+
+
+def _references(backend, keep, dtype):
+    """Weights: original, old pair, new pair, and after restore from the old and from the new pair."""
+    target = AttentionStack(SHAPES, dtype=dtype, seed=5)
+    orig = weights(target)
+    lk.merge(target, A_CONTENT, A_STYLE, backend=backend, keep_original=keep)
+    old = weights(target)
+    lk.restore(target)
+    restored_old = weights(target)
+    target = _start(backend, keep, dtype)
+    lk.merge(target, B_CONTENT, B_STYLE, backend=backend)
+    new = weights(target)
+    lk.restore(target)
+    return orig, old, new, restored_old, weights(target)
+
+
+EXCEPTIONS = (KeyboardInterrupt(), torch.OutOfMemoryError("injected out of memory"), RuntimeError("injected"))
+CASES = [(b, k, torch.bfloat16) for b in ("torch", "cpp") for k in ("device", "host", "none")]
+CASES += [("cpp", "device", torch.float32), ("torch", "none", torch.float16)]
+
+
+@pytest.mark.parametrize("backend,keep,dtype", CASES)
+def test_a_swap_interrupted_anywhere_leaves_the_old_or_the_new_state(backend, keep, dtype):
+    orig, old, new, restored_old, restored_new = _references(backend, keep, dtype)
+    target = _start(backend, keep, dtype)
+    swap = lk.prepare(target, B_CONTENT, B_STYLE, backend=backend)
+    with Injector(0, None) as count:
+        swap.apply()
+    assert count.n > 20, count.n  # the tracer sees the engine's frames
+    outcomes = {"old": 0, "new": 0, "broken": 0}
+    for k in range(1, count.n + 2):
+        exc = EXCEPTIONS[k % len(EXCEPTIONS)]
+        target = _start(backend, keep, dtype)
+        swap = lk.prepare(target, B_CONTENT, B_STYLE, backend=backend)
+        try:
+            with Injector(k, exc):
+                swap.apply()
+        except type(exc):
+            pass
+        now, cur = weights(target), lk.current(target)
+        state = STATE_OF(target)
+        if keep == "none" and state.broken is not None:
+            outcomes["broken"] += 1
+            with pytest.raises(lk.TargetModifiedError, match="reload the model"):
+                lk.merge(target, B_CONTENT, None)
+            with pytest.raises(lk.TargetModifiedError, match="reload the model"):
+                lk.restore(target)
+            assert lk.current(target) is None
+            continue
+        if _equal(now, old):
+            outcomes["old"] += 1
+            assert cur is not None and cur.content is A_CONTENT, k
+            expected_restore = restored_old
+        else:
+            assert _equal(now, new), f"injection {k}: weights are neither the old pair nor the new one"
+            outcomes["new"] += 1
+            assert cur is not None and cur.content is B_CONTENT, k
+            expected_restore = restored_new
+        lk.restore(target)
+        assert _equal(weights(target), expected_restore), f"injection {k}: restore() not bit-exact"
+        if keep != "none":
+            assert _equal(weights(target), orig), k
+    assert outcomes["old"] > 0 and outcomes["new"] > 0, outcomes
+    if keep != "none":
+        assert outcomes["broken"] == 0
+
+
+@pytest.mark.parametrize("backend,keep", [(b, k) for b in ("torch", "cpp") for k in ("device", "host")])
+def test_a_restore_interrupted_anywhere_can_be_finished_bit_exactly(backend, keep):
+    orig = weights(AttentionStack(SHAPES, dtype=torch.bfloat16, seed=5))
+    target = _start(backend, keep, torch.bfloat16)
+    with Injector(0, None) as count:
+        lk.restore(target)
+    for k in range(1, count.n + 2):
+        target = _start(backend, keep, torch.bfloat16)
+        try:
+            with Injector(k, KeyboardInterrupt()):
+                lk.restore(target)
+        except KeyboardInterrupt:
+            if STATE_OF(target).writing is not None:  # possibly half restored: no merge on top of it
+                with pytest.raises(lk.TargetModifiedError, match="restore"):
+                    lk.merge(target, B_CONTENT, None)
+            else:  # interrupted before the first write or after the last one
+                assert _equal(weights(target), orig) == (lk.current(target) is None), k
+        lk.restore(target)
+        assert _equal(weights(target), orig) and lk.current(target) is None, k
+
+
+def test_a_failed_first_merge_leaves_the_original_weights_and_no_records():
+    target = AttentionStack(SHAPES, dtype=torch.float16, seed=5)
+    orig = weights(target)
+    swap = lk.prepare(target, B_CONTENT, B_STYLE, backend="torch")
+    swap._runs.append(lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
+    with pytest.raises(torch.OutOfMemoryError):
+        swap.apply()
+    assert _equal(weights(target), orig) and lk.current(target) is None
+    lk.restore(target)
+    assert _equal(weights(target), orig)
+    m = lk.merge(target, B_CONTENT, B_STYLE, backend="torch")  # and the target is usable again
+    assert m.is_current
