@@ -8,7 +8,8 @@ The model (a `lorarar.train.diffusion.DiffusionModel`):
   still maps distinct prompts to distinct contexts, and the UNet's cross-attention learns to read them;
 - a `CLIPTokenizer` from the repo's hand-written offline BPE (`lorarar.tiny.tokenizer_files`) with the
   world's words merged into whole tokens (16 tokens per prompt);
-- a DDPM scheduler config (1000 steps, cosine schedule, epsilon prediction).
+- a DDPM scheduler config (1000 steps, cosine schedule, v prediction: at equal steps an epsilon model still
+  draws noise where a v model draws the caption's colour as one compact shape).
 
 The base is trained on *generic* shapes in flat colours with captions ("a red circle"): none of the
 world's subjects and none of its styles, so a content LoRA has to teach it its subject and a style LoRA
@@ -56,7 +57,7 @@ def scheduler_config() -> dict:
         "_class_name": "DDPMScheduler",
         "num_train_timesteps": 1000,
         "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "epsilon",
+        "prediction_type": "v_prediction",  # learns the caption's colour and shape far sooner than epsilon
         "clip_sample": True,
     }
 
