@@ -12,7 +12,7 @@ ifneq ($(strip $(CUDACXX)),)
 export CUDACXX
 endif
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint mutation clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
+
+# Every hand-written mutant of tools/mutants.py on a scratch copy (C++ ones rebuild the extension there);
+# prints killed/survived and the score (README, "Testing"). MUTATION_ARGS=--python-only or --fast to cut it.
+MUTATION_ARGS ?=
+mutation: $(STAMP)
+	$(PY) tools/mutate.py $(MUTATION_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lorarar_kernels python_api tests bench tools
