@@ -12,7 +12,7 @@ ifneq ($(strip $(CUDACXX)),)
 export CUDACXX
 endif
 
-.PHONY: setup demo test bench bench-report lint clean
+.PHONY: setup demo test bench bench-report lint mutation clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
@@ -37,6 +37,12 @@ bench: $(STAMP)
 BENCH_REPORT_ARGS ?=
 bench-report: $(STAMP)
 	$(PY) bench/report.py $(BENCH_REPORT_ARGS)
+
+# Every hand-written mutant of tools/mutants.py on a scratch copy (C++ ones rebuild the extension there);
+# prints killed/survived and the score (README, "Testing"). MUTATION_ARGS=--python-only or --fast to cut it.
+MUTATION_ARGS ?=
+mutation: $(STAMP)
+	$(PY) tools/mutate.py $(MUTATION_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lorarar_kernels python_api tests bench tools

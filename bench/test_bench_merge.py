@@ -109,8 +109,15 @@ def targets(wl):
     return get
 
 
+def timed(benchmark) -> bool:
+    """Whether the benchmark measured (with ``--benchmark-disable`` it ran once, as a test: no stats)."""
+    return getattr(benchmark, "stats", None) is not None
+
+
 def annotate(benchmark, wl, rate: BestRate, **extra) -> None:
     """GFLOP/s and the ratio to the floor (``wl.flops()`` at the best GEMM rate seen) of the median."""
+    if not timed(benchmark):
+        return
     median = benchmark.stats.stats.median
     flops = wl.flops()
     best = rate.now()
@@ -227,6 +234,8 @@ def test_gemm_floor(benchmark, wl, rate):
     """The fp32 ``torch.mm`` whose rate defines the CPU floor (update FLOPs / rate)."""
     gemm_seconds(GEMM_N)  # warm
     benchmark.pedantic(gemm_seconds, args=(GEMM_N,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    if not timed(benchmark):
+        return
     median = benchmark.stats.stats.median
     rate.best = max(rate.best, 2 * GEMM_N**3 / benchmark.stats.stats.min)
     benchmark.extra_info.update(

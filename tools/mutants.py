@@ -1,0 +1,398 @@
+"""The hand-written mutants of `tools/mutate.py`: deliberate bugs in the engine, the integration's swap code
+and the CPU kernels, each a text substitution that must match its file exactly once.
+
+A mutant is `Mutant(id, file, ((old, new), ...), tests, fast=..., accepted=...)` (a substitution may be
+``(other file, old, new)``; ``every=True`` replaces every match instead of exactly one): ``tests`` are the pytest
+targets that should fail on it; ``fast`` puts it in the reduced set the default suite runs
+(tests/test_mutation.py); ``accepted`` is the reason a survivor is equivalent or accepted (it then does not
+count against the score). Ids say which promise breaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str
+    subs: tuple[tuple[str, str], ...]
+    tests: tuple[str, ...]
+    fast: bool = False
+    accepted: str = ""
+    every: bool = False
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        """``[(file, old, new)]``."""
+        return [(self.file, *sub) if len(sub) == 2 else tuple(sub) for sub in self.subs]
+
+    @property
+    def native(self) -> bool:
+        return any(f.startswith("csrc/") for f, _, _ in self.edits())
+
+
+ORACLE = ("tests/test_oracle.py",)
+ENGINE = ("tests/test_oracle.py", "tests/test_merge.py", "tests/test_merge_state.py", "tests/test_rule.py")
+TIES = ("tests/test_ops_ties.py", "tests/test_ops_native.py")
+NATIVE = ("tests/test_ops_ties.py", "tests/test_ops_native.py", "tests/test_ops_native_sources.py",
+          "tests/test_ops_pack.py", "tests/test_oracle.py")  # fmt: skip
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ---- the six survivors of issue 16, and the weak spots it names
+    Mutant(
+        "style-only-layers-dropped",
+        "lorarar_kernels/rule.py",
+        (
+            (
+                "names = list(c_layers) + [n for n in s_layers if n not in c_layers]",
+                "names = list(c_layers) or list(s_layers)",
+            ),
+        ),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "restore-keeps-generation",
+        "lorarar_kernels/merge.py",
+        (
+            (
+                "            self.current = None\n            self.generation += 1",
+                "            self.current = None",
+            ),
+        ),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "hyper-parts-hard-coded",
+        "lorarar_kernels/rule.py",
+        (
+            (
+                "    parts = resolve_parts(hypernet, hyper_parts)\n",
+                "    parts = ('to_q', 'to_out.0') if hypernet is not None else ()\n",
+            ),
+        ),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "weight-dtype-unchecked",
+        "lorarar_kernels/merge.py",
+        (("    if w.dtype not in WEIGHT_DTYPES:", "    if False:"),),
+        ORACLE,  # check_job refuses fp64 too, but with another message: the test names the layer and dtype
+    ),
+    Mutant(
+        "weight-dtype-unchecked-everywhere",
+        "lorarar_kernels/merge.py",
+        (
+            ("    if w.dtype not in WEIGHT_DTYPES:", "    if False:"),
+            ("lorarar_kernels/ops/validate.py", "    if dst.dtype not in WEIGHT_DTYPES:", "    if False:"),
+        ),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "weight-contiguity-unchecked",
+        "lorarar_kernels/merge.py",
+        (("    if not w.is_contiguous():", "    if False:"),),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "demo-verify-trusts-itself",
+        "python_api/lorarar/demo.py",
+        (
+            ("return all(torch.equal(original[k], now[k]) for k in original)", "return True"),
+            ('step("restore", swapper.reset,', 'step("restore", lambda: None,'),
+        ),
+        ("tests/test_cli.py::test_demo_writes_images_and_table",),
+    ),  # ~1 min: full run only
+    Mutant(
+        "w1-halves-swapped",
+        "lorarar_kernels/hypernet.py",
+        (
+            (
+                "w1 = inp.weight.float()[:, side * width : (side + 1) * width]",
+                "w1 = inp.weight.float()[:, (1 - side) * width : (2 - side) * width]",
+            ),
+        ),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "lora-scale-dropped-from-p",
+        "lorarar_kernels/hypernet.py",
+        (("p = (w1 @ up).mul_(layer.scale)", "p = w1 @ up"),),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "relu-removed",
+        "lorarar_kernels/hypernet.py",
+        (
+            (
+                "h_t = torch.addmm(inp.bias.float(), down.T, p_t).relu_()",
+                "h_t = torch.addmm(inp.bias.float(), down.T, p_t)",
+            ),
+        ),
+        ORACLE,
+        fast=True,
+    ),
+    Mutant(
+        "b1-dropped",
+        "lorarar_kernels/hypernet.py",
+        (("h_t = torch.addmm(inp.bias.float(), down.T, p_t)", "h_t = torch.mm(down.T, p_t)"),),
+        ORACLE,
+    ),
+    Mutant(
+        "old-only-layers-not-restored",
+        "lorarar_kernels/merge.py",
+        (("_restore_layer(self.layers.pop(name))", "self.layers.pop(name)"),),
+        ORACLE,
+        fast=True,
+    ),
+    # ---- swap state
+    Mutant(
+        "commit-ignores-generation",
+        "lorarar_kernels/merge.py",
+        (
+            (
+                "            if self.generation != swap._generation:\n                raise StaleSwapError(\n"
+                '                    "this prepared swap is stale: the target was merged, restored or prepared again since"',
+                "            if False:\n                raise StaleSwapError(\n"
+                '                    "this prepared swap is stale: the target was merged, restored or prepared again since"',
+            ),
+        ),
+        ENGINE,
+    ),
+    Mutant(
+        "lease-keeps-generation",
+        "lorarar_kernels/merge.py",
+        (
+            (
+                "        self.generation += 1\n        self.workspaces[slot].leased_at",
+                "        self.workspaces[slot].leased_at",
+            ),
+        ),
+        ENGINE,
+    ),
+    Mutant(
+        "lease-same-slot",
+        "lorarar_kernels/merge.py",
+        (("slot = 1 if self.current is not None and self.current._slot == 0 else 0", "slot = 0"),),
+        ENGINE,
+    ),
+    Mutant(
+        "snapshot-not-taken",
+        "lorarar_kernels/merge.py",
+        (("layer.snapshot.copy_(layer.param, non_blocking=True)\n", "pass\n"),),
+        ENGINE,
+    ),
+    Mutant(
+        "restore-skips-last-layer",
+        "lorarar_kernels/merge.py",
+        (
+            (
+                "                for layer in self.layers.values():\n                    _restore_layer(layer)",
+                "                for layer in list(self.layers.values())[:-1]:\n                    _restore_layer(layer)",
+            ),
+        ),
+        ENGINE,
+    ),
+    Mutant(
+        "untouched-not-checked",
+        "lorarar_kernels/merge.py",
+        (("            if tensor_stamp(p) != layer.stamp:", "            if False:"),),
+        ("tests/test_merge_errors.py", "tests/test_merge_in_place.py"),
+    ),
+    Mutant(
+        "host-mode-not-reloaded",
+        "lorarar_kernels/merge.py",
+        (("                        layer.param.copy_(layer.snapshot, non_blocking=True)\n", ""),),
+        ENGINE,
+    ),
+    Mutant(
+        "replaced-parameter-accepted",
+        "lorarar_kernels/merge.py",
+        (("    if known is not None and known.param is not w:", "    if False:"),),
+        ("tests/test_merge_errors.py", "tests/test_merge_in_place.py"),
+    ),
+    Mutant(
+        "several-devices-accepted",
+        "lorarar_kernels/merge.py",
+        (("        if len(devices) > 1:", "        if False:"),),
+        ORACLE,
+    ),
+    # ---- the rule and the materialiser
+    Mutant(
+        "sum-layers-take-hypernet",
+        "lorarar_kernels/rule.py",
+        (('    if name == p or name.endswith("." + p):', "    if True:"),),
+        ENGINE,
+    ),
+    Mutant(
+        "given-coefficients-ignored",
+        "lorarar_kernels/materialise.py",
+        (("            if r.given is not None:", "            if False:"),),
+        ENGINE + ("tests/test_plan.py",),
+    ),
+    Mutant(
+        "given-m-s-dropped",
+        "lorarar_kernels/materialise.py",
+        (
+            (
+                "torch.stack([r.given[0].to(device), r.given[1].to(device)])",
+                "torch.stack([r.given[0].to(device), r.given[0].to(device)])",
+            ),
+        ),
+        ENGINE + ("tests/test_plan.py",),
+    ),
+    Mutant(
+        "split-is-style-rank",
+        "lorarar_kernels/materialise.py",
+        (("r.content.rank if r.content is not None else 0", "r.ref.rank"),),
+        ENGINE,
+    ),
+    Mutant(
+        "non-finite-unchecked",
+        "lorarar_kernels/materialise.py",
+        (("    if bad:\n        r = layers[min(bad)]", "    if False:\n        r = layers[min(bad)]"),),
+        ("tests/test_plan.py", "tests/test_merge_errors.py"),
+    ),
+    Mutant(
+        "coefficients-not-float32",
+        "lorarar_kernels/rule.py",
+        (("out.append(m.detach().to(dtype=torch.float32))", "out.append(m.detach())"),),
+        ENGINE + ("tests/test_plan.py",),
+    ),
+    # ---- packing and the reference backend
+    Mutant(
+        "pack-scale-dropped",
+        "lorarar_kernels/ops/__init__.py",
+        (("            torch.mul(self.up, self.scale, out=up)", "            up.copy_(self.up)"),),
+        ENGINE + ("tests/test_plan.py",),
+    ),
+    Mutant(
+        "reference-col-scale-rows-swapped",
+        "lorarar_kernels/ops/__init__.py",
+        (
+            (
+                "    if job.col_scale is None:\n        return job.down",
+                "    if job.col_scale is None:\n        return job.down\n"
+                "    job = ApplyJob(job.name, job.dst, job.src, job.up, job.down, job.col_scale.flip(0), job.split)",
+            ),
+        ),
+        ENGINE,
+    ),
+    # ---- the CPU kernels (C++; rebuilt in the scratch copy)
+    Mutant(
+        "cpp-bf16-ties-away",
+        "csrc/cpu_convert.h",
+        (("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "(u + 0x8000u) >> 16"),),
+        TIES[:1],
+        fast=True,
+    ),
+    Mutant(
+        "cpp-bf16-truncates",
+        "csrc/cpu_convert.h",
+        (("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "u >> 16"),),
+        TIES,
+    ),
+    Mutant(
+        "cpp-half-ties-away",
+        "csrc/cpu_convert.h",
+        (("if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;", "if (rest >= 0x1000u) ++h;"),),
+        TIES,
+    ),
+    Mutant(
+        "cpp-half-truncates",
+        "csrc/cpu_convert.h",
+        (("if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;", ""),),
+        TIES,
+    ),
+    Mutant(
+        "cpp-half-vector-truncates",
+        "csrc/cpu_apply.cpp",
+        (
+            (
+                "const __m128i a = _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);",
+                "const __m128i a = _mm256_cvtps_ph(lo, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);",
+            ),
+        ),
+        TIES,
+    ),
+    Mutant(
+        "cpp-col-scale-wrong-row",
+        "csrc/cpu_apply.cpp",
+        (
+            (
+                "scale + (k < job.split ? 0 : job.ld_col_scale) + c0",
+                "scale + (k <= job.split ? 0 : job.ld_col_scale) + c0",
+            ),
+        ),
+        NATIVE,
+    ),
+    Mutant(
+        "cpp-col-scale-ignored",
+        "csrc/cpu_apply.cpp",
+        (
+            (
+                "          for (int j = 0; j < NR; ++j) out[j] = drow[t + j] * srow[t + j];",
+                "          for (int j = 0; j < NR; ++j) out[j] = drow[t + j];",
+            ),
+        ),
+        NATIVE,
+    ),
+    Mutant(
+        "cpp-edge-col-scale-ignored",
+        "csrc/cpu_apply.cpp",
+        (
+            (
+                "out[j] = j < n ? (srow ? drow[t + j] * srow[t + j] : drow[t + j]) : 0.0f;",
+                "out[j] = j < n ? drow[t + j] : 0.0f;",
+            ),
+        ),
+        NATIVE,
+    ),
+    Mutant(
+        "cpp-last-rank-term-dropped",
+        "csrc/cpu_apply.cpp",
+        (
+            (
+                "  for (int64_t k = 0; k < K; ++k) {\n    const __m256 b0",
+                "  for (int64_t k = 0; k + 1 < K; ++k) {\n    const __m256 b0",
+            ),
+        ),
+        NATIVE,
+    ),
+    Mutant(
+        "cpp-src-not-added",
+        "csrc/cpu_apply.cpp",
+        (
+            (
+                "store16<DT>(dst + ((r + i) * job.ld_dst + c) * es, _mm256_add_ps(lo, acc[2 * i]),",
+                "store16<DT>(dst + ((r + i) * job.ld_dst + c) * es, _mm256_add_ps(hi, acc[2 * i]),",
+            ),
+        ),
+        NATIVE,
+    ),
+    Mutant(
+        "cpp-pack-scale-dropped",
+        "csrc/cpu_pack.cpp",
+        (("    if constexpr (SCALED) v *= scale;\n", "\n"),),
+        NATIVE,
+        every=True,
+    ),
+    Mutant(
+        "cpp-pack-finite-unchecked",
+        "csrc/cpu_pack.cpp",
+        (
+            (
+                "      bad |= convert_row_any<true>(job.dtype_up, src, dst, job.rank, scale);",
+                "      convert_row_any<true>(job.dtype_up, src, dst, job.rank, scale);",
+            ),
+        ),
+        ("tests/test_ops_pack.py", "tests/test_plan.py", "tests/test_merge_errors.py"),
+    ),
+)
