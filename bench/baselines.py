@@ -8,7 +8,7 @@
   adapter (`lk.merged_adapter`). Only the fuse is timed.
 - Floors: CPU ``FLOPs / measured fp32 GEMM rate`` (the update is compute-bound there); GPU
   ``bytes that must move / measured copy bandwidth`` (memory-bound).
-- ZipLoRA: not built yet; `ZIPLORA` is a placeholder row, never a number.
+- ZipLoRA: optimises against a diffusion model, so it is timed by `bench/report.py` (section 4, the toy world), not here; `ZIPLORA` is the row that says so.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import lorarar_kernels as lk
 from lorarar_kernels.hypernet import dense_coefficients
 from lorarar_kernels.plan import part_of
 
-ZIPLORA = "ziplora: not implemented yet"
+ZIPLORA = "ziplora: an optimisation against a model, not a pass over these shapes: `make bench-report`, section 4 (toy world)"
 HYPER_PARTS = ("to_q", "to_out.0")
 
 
