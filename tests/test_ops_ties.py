@@ -13,7 +13,7 @@ import torch
 from engine_helpers import DTYPES
 
 from lorarar_kernels import dispatch
-from lorarar_kernels.ops import ApplyJob, FactorSource
+from lorarar_kernels.ops import ApplyJob, FactorSource, cpu_isa
 
 BACKENDS = [b for b in ("torch", "cpp", "triton") if dispatch.backends("cpu").get(b) is None]
 INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -64,6 +64,25 @@ def test_backend_rounds_ties_to_even(backend, dtype):
             f"{bad[0].tolist()}: src {src[tuple(bad[0])].item()!r} + {update[tuple(bad[0])].item()!r} -> "
             f"{dst[tuple(bad[0])].item()!r}, want {want[tuple(bad[0])].item()!r}"
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", cpu_isa.PATHS)
+def test_every_cpu_path_rounds_ties_to_even(path, dtype, monkeypatch):
+    """Every ISA path of the `cpp` kernel, not only the one `auto` takes here, rounds ties to even."""
+    if dispatch.backends("cpu").get("cpp") is not None:
+        pytest.skip("the cpp backend is not built here")
+    why = cpu_isa.available()[path]
+    if why is not None:
+        pytest.skip(f"{path}: {why}")
+    monkeypatch.setenv(cpu_isa.ENV, path)
+    src, update, want, _ = tie_case(dtype)
+    impl = dispatch.get("cpp", torch.device("cpu"))
+    for sources in (False, True):
+        dst = torch.full_like(src, float("nan"))
+        impl.apply([_job("cpp", src, update, dst, sources)])
+        bad = int((dst.view(INT[dtype]) != want.view(INT[dtype])).sum())
+        assert bad == 0, f"path {path} {dtype} sources={sources}: {bad} of {src.numel()} ties misrounded"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

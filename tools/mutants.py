@@ -226,6 +226,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "lorarar_kernels/merge.py",
         (("        if len(devices) > 1:", "        if False:"),),
         ORACLE,
+        accepted="on a CPU-only machine the only second device is meta, which the meta-weight check refuses "
+        "before this one; it is caught only where a GPU gives a second real device",
     ),
     # ---- the rule and the materialiser
     Mutant(
@@ -291,8 +293,16 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- the CPU kernels (C++; rebuilt in the scratch copy)
     Mutant(
         "cpp-bf16-ties-away",
-        "csrc/cpu_convert.h",
+        "csrc/cpu_convert.h",  # the scalar conversion: the portable path, which runs on every x86-64 CPU
         (("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "(u + 0x8000u) >> 16"),),
+        TIES[:1],
+        fast=True,
+    ),
+    Mutant(
+        "cpp-avx512-bf16-ties-away",
+        # the vector bf16 write-back of the AVX-512 and AMX paths (the one bf16 weights take on AVX-512 CPUs)
+        "csrc/cpu_avx512_io.h",
+        (("_mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))", "_mm512_set1_epi32(0x8000)"),),
         TIES[:1],
         fast=True,
     ),
