@@ -48,6 +48,17 @@ class Injector:
         return self._local
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """An exception injected at some lines of the engine leaves grad mode off (seen: later tests that train
+    failed with "does not require grad"), as a real interrupt at such a line would, e.g. one landing
+    between a `torch.no_grad()` block's __enter__ and its body; the weights are still checked by each
+    test, and the next test starts from the process's own grad mode."""
+    before = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(before)
+
+
 def _equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
 
