@@ -9,7 +9,7 @@ Candidates, one forward each per round (order rotated), the same inputs, all on 
 - **authors' approach**: the original weights plus a forward hook on every LoRA layer that, inside every
   forward, forms the dense deltas ``dW_c = s_c B_c A_c`` and ``dW_s``, runs the hypernetwork on their columns
   (``to_q``/``to_out.0``; plain sum for ``to_k``/``to_v``), merges ``dW = dW_c m_c + dW_s m_s`` and adds
-  ``x dW^T`` to the layer's output, as the authors' inference code does (DESIGN.md section 1; fp32 here);
+  ``x dW^T`` to the layer's output, as the authors' inference code does (docs/design.md section 1; fp32 here);
 - **PEFT adapters, unfused** (tiny model only; a second pipeline): both LoRAs loaded by diffusers'
   ``load_lora_weights`` + ``set_adapters`` and left unfused, what every step costs after a diffusers hotswap.
 
