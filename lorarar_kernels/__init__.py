@@ -19,7 +19,8 @@ from .errors import (
 )
 from .hypernet import Hypernet
 from .lora import LoRA, LoRALayer
-from .merge import Merge, PreparedSwap, current, merge, merged_adapter, prepare, restore, target_lock
+from .merge import Merge, PreparedSwap, current, merge, merged_adapter, prepare, restore
+from .target_state import target_lock
 
 
 def compiled_with_cuda() -> bool:

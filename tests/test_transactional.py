@@ -16,7 +16,7 @@ from engine_models import AttentionStack, attention_shapes
 
 import lorarar_kernels as lk
 
-STATE_OF = sys.modules["lorarar_kernels.merge"]._state
+STATE_OF = sys.modules["lorarar_kernels.target_state"].state_of
 
 ENGINE = str(Path(lk.__file__).parent)
 SHAPES = attention_shapes((("down_blocks.0", 24, 1, 1),), context=20)[:4]

@@ -54,7 +54,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "restore-keeps-generation",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (  # the end of TargetState.restore (not the broken-target branch)
             (
                 "            self.layers, self.current, self.writing = {}, None, None\n            self.generation += 1",
@@ -150,7 +150,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "old-only-layers-not-restored",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (("_restore_layer(old_layers[name])", "old_layers[name]"),),  # TargetState.commit, swap._old_only
         ORACLE,
         fast=True,
@@ -158,7 +158,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- swap state
     Mutant(
         "commit-ignores-generation",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (
             (
                 "            if self.generation != swap._generation:\n                raise StaleSwapError(\n"
@@ -171,7 +171,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "lease-keeps-generation",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (
             (
                 "        self.generation += 1\n        self.workspaces[slot].leased_at",
@@ -182,19 +182,19 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "lease-same-slot",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (("slot = 1 if self.current is not None and self.current._slot == 0 else 0", "slot = 0"),),
         ENGINE,
     ),
     Mutant(
         "snapshot-not-taken",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (("layer.snapshot.copy_(layer.param, non_blocking=True)\n", "pass\n"),),
         ENGINE,
     ),
     Mutant(
         "restore-skips-last-layer",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (
             (  # TargetState.restore
                 "                    for layer in writing.values():\n                        _restore_layer(layer)",
@@ -205,13 +205,13 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "untouched-not-checked",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (("            if tensor_stamp(p) != layer.stamp:", "            if False:"),),
         ("tests/test_merge_errors.py", "tests/test_merge_in_place.py"),
     ),
     Mutant(
         "host-mode-not-reloaded",
-        "lorarar_kernels/merge.py",
+        "lorarar_kernels/target_state.py",
         (("                        layer.param.copy_(layer.snapshot, non_blocking=True)\n", ""),),
         ENGINE,
     ),
