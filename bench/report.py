@@ -334,6 +334,18 @@ def main(argv=None) -> int:
     log("merge vs ZipLoRA")
     zl_lines, _ = ziplora_section(args.quick)
     lines += ["## 4. Hypernetwork merge vs ZipLoRA's optimisation", "", *zl_lines, ""]
+    if args.sdxl:
+        import ziplora_sdxl
+
+        gc.collect()
+        zs_args = ["--steps", "1" if args.quick else "2", "--merges", "3"]
+        log("SDXL architecture ZipLoRA: bench/ziplora_sdxl.py " + " ".join(zs_args))
+        zs = ziplora_sdxl.main(zs_args)
+        lines += ["### SDXL UNet architecture (random weights, steps extrapolated)", "",
+                  f"`python bench/ziplora_sdxl.py {' '.join(zs_args)}`.", "", *zs["lines"], ""]  # fmt: skip
+    else:
+        lines += ["The SDXL-architecture ZipLoRA row (a few steps, extrapolated to 100) is opt-in: "
+                  "`python bench/report.py --sdxl` or `python bench/ziplora_sdxl.py`.", ""]  # fmt: skip
     import torch
 
     gpu = (

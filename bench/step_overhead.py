@@ -40,7 +40,8 @@ from tqdm import tqdm
 import lorarar_kernels as lk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_swap import build_pipe, linears, quiet_diffusers, sdxl_unet, spread  # noqa: E402
+from pipeline_models import build_pipe, linears, quiet_diffusers, sdxl_unet  # noqa: E402
+from pipeline_swap import spread  # noqa: E402
 
 from lorarar_kernels.hypernet import dense_coefficients  # noqa: E402
 from lorarar_kernels.plan import part_of  # noqa: E402

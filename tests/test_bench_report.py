@@ -52,7 +52,7 @@ def test_pipeline_swap_checks_times_and_reports_drift():
 
 def test_pipeline_swap_check_catches_a_wrong_merge(tmp_path):
     import lorarar
-    from pipeline_swap import build_pipe, linears, make_pairs, reference, tolerance, worst_error
+    from pipeline_models import build_pipe, linears, make_pairs, reference, tolerance, worst_error
 
     pipe = build_pipe(False, torch.float32)
     w0 = {n: lin.weight.detach().clone() for n, lin in linears(pipe.unet).items()}
