@@ -20,7 +20,7 @@ from torch import nn
 from . import dispatch
 from .errors import LoraRarError, StaleSwapError, TargetModifiedError
 from .factors import LayerFactors, Workspace, tensor_stamp
-from .foreign_state import checksum, fused_adapters, moves_weights
+from .foreign_state import checksum, fused_adapters, moves_weights, offloads_to_meta
 from .ops import ApplyJob, reference
 
 
@@ -106,8 +106,14 @@ class TargetState:
         for name, layer in self.layers.items():
             p = layer.param
             if layer.module is not None and getattr(layer.module, "weight", None) is not p:
+                hook = offloads_to_meta(modules.get(name, layer.module))
+                why = (
+                    f" by accelerate's {hook} (sequential / disk offload, enabled after the merge)"
+                    if hook
+                    else ""
+                )
                 raise TargetModifiedError(
-                    f"layer {name!r}: its weight Parameter was replaced since the engine merged into it, so "
+                    f"layer {name!r}: its weight Parameter was replaced{why} since the engine merged into it, so "
                     "the engine can neither restore nor update it; rebuild or reload the model, then merge again"
                 )
             fused = fused_adapters(modules.get(name, layer.module))
