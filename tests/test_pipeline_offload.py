@@ -166,3 +166,19 @@ def test_verify_catches_a_write_no_version_counter_sees():
     with pytest.raises(lk.LoraRarError, match="without verify=True"):
         lk.merge(pipe.unet, c, s, verify=True)
     lk.restore(pipe.unet)
+
+
+def test_a_swap_prepared_before_the_hooks_moved_the_weights_is_stale_and_the_swapper_prepares_again():
+    pipe = tiny.build_tiny_pipeline(0)
+    plain = tiny.build_tiny_pipeline(0)
+    (c, s), (c2, s2) = _pairs(pipe.unet)
+    pipe.enable_model_cpu_offload(device="cpu")
+    swapper = attach(pipe)
+    swapper.swap(c, s)
+    prepared = lk.prepare(pipe.unet, c2, s2)
+    _gen(pipe)  # the hooks give the weights new storage: the prepared jobs point at the old one
+    with pytest.raises(lk.StaleSwapError, match="moved to new storage"):
+        prepared.apply()
+    lk.merge(plain.unet, c2, s2)
+    swapper.swap(c2, s2)
+    assert _bits_equal(_weights(pipe), _weights(plain))
