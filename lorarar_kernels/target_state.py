@@ -35,6 +35,7 @@ class TouchedLayer:
     module: nn.Module | None = None  # the module whose `weight` is `param` (a replaced Parameter is refused)
     fused: tuple[str, ...] = ()  # PEFT adapters fused into the weight when the snapshot was taken
     checksum: int | None = None  # foreign_state.checksum after the last write made with verify=True
+    form: tuple = ()  # (dtype, shape) after the engine's last write: an accepted storage move keeps them
 
 
 class TargetState:
@@ -120,7 +121,8 @@ class TargetState:
             if fused != layer.fused:
                 raise _fused_changed(name, layer.fused, fused)
             version, address = tensor_stamp(p)
-            if version != layer.stamp[0] or (address != layer.stamp[1] and not movable):
+            moved = address != layer.stamp[1] and (not movable or _form(p) != layer.form)
+            if version != layer.stamp[0] or moved:
                 raise TargetModifiedError(
                     f"layer {name!r}: weights changed outside lorarar since its last merge "
                     f"(version {layer.stamp[0]} -> {version}, storage moved: {address != layer.stamp[1]}); "
@@ -223,7 +225,14 @@ class TargetState:
             old = writing[name]
             total = checksum(old.param) if swap._verify else None
             layers[name] = TouchedLayer(
-                old.param, old.snapshot, tensor_stamp(old.param), f, old.module, old.fused, total
+                old.param,
+                old.snapshot,
+                tensor_stamp(old.param),
+                f,
+                old.module,
+                old.fused,
+                total,
+                _form(old.param),
             )
         merged = swap.handle({"prepare_s": swap.prepare_s, "apply_s": time.perf_counter() - t0})
         self.layers = layers
@@ -314,6 +323,10 @@ def state_of(target: nn.Module) -> TargetState:
 def target_lock(target: nn.Module) -> threading.RLock:
     """The lock every merge, swap and restore of ``target`` holds; hold it to keep weights still."""
     return state_of(target).lock
+
+
+def _form(w: torch.Tensor) -> tuple:
+    return (w.dtype, tuple(w.shape))
 
 
 def _fused_changed(name: str, before: tuple[str, ...], now: tuple[str, ...]) -> TargetModifiedError:

@@ -182,3 +182,16 @@ def test_a_swap_prepared_before_the_hooks_moved_the_weights_is_stale_and_the_swa
     lk.merge(plain.unet, c2, s2)
     swapper.swap(c2, s2)
     assert _bits_equal(_weights(pipe), _weights(plain))
+
+
+def test_under_model_offload_a_move_that_converts_the_weights_is_still_refused():
+    pipe = tiny.build_tiny_pipeline(0)
+    (c, s), (c2, s2) = _pairs(pipe.unet)
+    pipe.enable_model_cpu_offload(device="cpu")
+    swapper = attach(pipe)
+    swapper.swap(c, s)
+    pipe.unet.to(torch.bfloat16)  # new storage like the hooks' moves, but other values
+    before = _weights(pipe)
+    with pytest.raises(lk.TargetModifiedError, match="storage moved: True"):
+        swapper.swap(c2, s2)
+    assert _bits_equal(_weights(pipe), before)

@@ -208,7 +208,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "lorarar_kernels/target_state.py",
         (
             (
-                "            if version != layer.stamp[0] or (address != layer.stamp[1] and not movable):",
+                "            if version != layer.stamp[0] or moved:",
                 "            if False:",
             ),
         ),
