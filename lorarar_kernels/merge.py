@@ -219,7 +219,8 @@ def _check_arguments(hypernet, backend, coefficients, hyper_parts) -> None:
 def _check_same_device(name: str, layer: TouchedLayer, keep: str) -> None:
     """LoraRarError if the weight moved to another device than the engine's records of it (offloading)."""
     w = layer.param
-    kept = layer.snapshot if keep == "device" else layer.applied.up if keep == "none" else None
+    applied = layer.applied.up if keep == "none" and layer.applied is not None else None
+    kept = layer.snapshot if keep == "device" else applied
     if kept is not None and kept.device != w.device:
         raise LoraRarError(
             f"layer {name!r}: the weight is on {w.device} but lorarar's snapshot of it is on {kept.device} (the "
