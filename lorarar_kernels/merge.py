@@ -6,7 +6,7 @@ Swap semantics (docs/design.md section 4): the result of any merge equals a fres
 weights; layers touched only by the previous pair are restored; `restore` puts every original bit back.
 Every change of a target's state happens in `target_state.TargetState` (lease, commit, restore).
 May import: `dispatch`, `errors`, `factors`, `hypernet`, `lora`, `materialise`, `ops`, `plan`, `rule`,
-`target_state`.
+`foreign_state`, `target_state`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 from . import dispatch
 from .errors import LayerMismatchError, LoraRarError, StaleSwapError, TargetModifiedError
 from .factors import LayerFactors
+from .foreign_state import fused_adapters, offloads_to_meta
 from .hypernet import Hypernet
 from .lora import LoRA
 from .materialise import materialise
@@ -93,11 +94,11 @@ class Merge:
         target = self._target()
         return target is not None and state_of(target).current is self
 
-    def restore(self) -> None:
+    def restore(self, *, verify: bool = False) -> None:
         """Put the original weights of every layer the engine touched on this target back."""
         target = self._target()
         if target is not None:
-            restore(target)
+            restore(target, verify=verify)
 
     def _overtaken(self) -> bool:
         target = self._target()  # a target that is gone cannot lease the workspace again
@@ -140,12 +141,26 @@ def _check_target(name: str, out_f: int, in_f: int, modules, state: TargetState,
     if module is None:
         hint = [n for n in modules if n.endswith(name.rsplit(".", 2)[-1])][:3]
         raise LayerMismatchError(f"layer {name!r} is not a module of the target (similar: {hint})")
+    hook = offloads_to_meta(module)
+    if hook is not None:
+        raise LayerMismatchError(
+            f"layer {name!r}: accelerate's {hook} offloads this layer's weights (sequential CPU offload or disk "
+            "offload, e.g. pipe.enable_sequential_cpu_offload()): they live on the meta device between forwards "
+            "and each forward loads a copy, so a merge written into them would be lost. Use "
+            "pipe.enable_model_cpu_offload() (supported) or no offloading (pipe.remove_all_hooks())"
+        )
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         raise LayerMismatchError(f"layer {name!r}: module {type(module).__name__} has no weight tensor")
     if w.is_meta or w.layout != torch.strided:
-        kind = "on the meta device (not loaded)" if w.is_meta else f"{w.layout} (not dense)"
-        raise LayerMismatchError(f"layer {name!r}: weight is {kind}; load the model's weights densely first")
+        kind = (
+            "on the meta device (not loaded, or offloaded by a hook that keeps weights on meta between forwards)"
+            if w.is_meta
+            else f"{w.layout} (not dense)"
+        )
+        raise LayerMismatchError(
+            f"layer {name!r}: weight is {kind}; load the model's weights densely first (no sequential offload)"
+        )
     if w.is_inference():
         raise LayerMismatchError(
             f"layer {name!r}: weight is an inference tensor (the model was built or loaded under "
@@ -201,6 +216,19 @@ def _check_arguments(hypernet, backend, coefficients, hyper_parts) -> None:
         )
 
 
+def _check_same_device(name: str, layer: TouchedLayer, keep: str) -> None:
+    """LoraRarError if the weight moved to another device than the engine's records of it (offloading)."""
+    w = layer.param
+    applied = layer.applied.up if keep == "none" and layer.applied is not None else None
+    kept = layer.snapshot if keep == "device" else applied
+    if kept is not None and kept.device != w.device:
+        raise LoraRarError(
+            f"layer {name!r}: the weight is on {w.device} but lorarar's snapshot of it is on {kept.device} (the "
+            "model was moved, e.g. by offloading, since the first merge); swap while the model sits where it was "
+            "first merged (with enable_model_cpu_offload: between generations), or reset() and merge again"
+        )
+
+
 def _refuse_tied(weights: dict[str, tuple[nn.Module, torch.Tensor]]) -> None:
     """LayerMismatchError if two touched layers share one weight (tied weights would take one delta only)."""
     seen: dict[int, str] = {}
@@ -222,8 +250,12 @@ class PreparedSwap:
     refused) once the target was merged, restored or prepared again.
     """
 
-    def __init__(self, root, state, keep, plan, weights, chosen, content, style, t0, lease, recipe) -> None:
-        self._root, self._state, self._keep_original = root, state, keep
+    def __init__(
+        self, root, state, keep, plan, weights, chosen, content, style, t0, lease, recipe, verify=False
+    ) -> None:
+        self._root, self._state, self._keep_original, self._verify = root, state, keep, verify
+        # where each weight's storage was: an offloading hook that moves it before apply makes the swap stale
+        self._addresses = {name: (w, w.data_ptr()) for name, (_, w) in weights.items() if name in plan}
         self._plan, self.content, self.style = plan, content, style
         self._slot, self._generation = lease
         self._recipe, self._chosen = recipe, chosen
@@ -239,7 +271,9 @@ class PreparedSwap:
                     snap = torch.empty_like(w)
                 elif keep == "host":
                     snap = torch.empty(w.shape, dtype=w.dtype, pin_memory=w.is_cuda)
-                layer = self._new[name] = TouchedLayer(w, snap, module=module)
+                layer = self._new[name] = TouchedLayer(w, snap, module=module, fused=fused_adapters(module))
+            else:
+                _check_same_device(name, layer, keep)
             src = layer.snapshot if keep == "device" else w
             minus = layer.applied if keep == "none" else None
             job = apply_job(name, w, src, f, chosen[(w.device, w.dtype)][0], minus)
@@ -280,6 +314,7 @@ def prepare(
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     keep_original: str | None = None,
+    verify: bool = False,
 ) -> PreparedSwap:
     """Everything of `merge` but the pass over the weights: read and validate, coefficients, factors,
     snapshot buffers, backend plans (may synchronise). ``prepare(...).apply()`` is ``merge(...)``."""
@@ -324,7 +359,9 @@ def prepare(
         plan = materialise(
             rule, hypernet, device=device, workspace=state.workspaces[lease[0]], reads_lora_factors=reads
         )
-        return PreparedSwap(root, state, keep, plan, weights, chosen, content, style, t0, lease, recipe)
+        return PreparedSwap(
+            root, state, keep, plan, weights, chosen, content, style, t0, lease, recipe, verify=bool(verify)
+        )
 
 
 def merge(
@@ -337,6 +374,7 @@ def merge(
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     keep_original: str | None = None,
+    verify: bool = False,
 ) -> Merge:
     """Write ``W = W_original + dW_merged`` into ``target``'s weights in place; a hot swap if merged before.
 
@@ -349,6 +387,10 @@ def merge(
     (default), "host", or "none" (swap/restore by subtracting the old delta in one rounding: not
     bit-exact; after k swaps the error is below ``(k + 1) / 2`` ulp of the largest intermediate weight
     plus the fp32 accumulation error of each step, tested in tests/test_merge.py).
+    verify: also check, just before writing, that every touched weight is bit for bit what the engine last
+    wrote (a checksum recorded by the last write, which must itself have been made with verify=True): catches
+    writes no version counter sees (``.data``, raw pointers); costs one extra read of every touched weight
+    before the pass and one after it.
     Everything is validated before the first weight is written; errors are `LoraRarError`s.
     """
     state = state_of(target)
@@ -362,13 +404,15 @@ def merge(
             coefficients=coefficients,
             hyper_parts=hyper_parts,
             keep_original=keep_original,
+            verify=verify,
         ).apply()
 
 
-def restore(target: nn.Module) -> None:
+def restore(target: nn.Module, *, verify: bool = False) -> None:
     """Put back the original weights of every layer merged into ``target`` and free the snapshot; afterwards
-    `current` is None (also after a merge that touched no UNet layer)."""
-    state_of(target).restore()
+    `current` is None (also after a merge that touched no UNet layer). verify: as in `merge` (checked before
+    the weights are put back)."""
+    state_of(target).restore(verify=bool(verify))
 
 
 def current(target: nn.Module) -> Merge | None:

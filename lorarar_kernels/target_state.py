@@ -4,7 +4,7 @@
 prepared swaps and handles; this module runs their pass over the weights as a transaction: the records of
 the state before a swap stay whole until it completes, and any failure rolls the weights back from the
 snapshots before it propagates.
-May import: `dispatch`, `errors`, `factors`, `ops`.
+May import: `dispatch`, `errors`, `factors`, `foreign_state`, `ops`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 from . import dispatch
 from .errors import LoraRarError, StaleSwapError, TargetModifiedError
 from .factors import LayerFactors, Workspace, tensor_stamp
+from .foreign_state import checksum, fused_adapters, moves_weights, offloads_to_meta
 from .ops import ApplyJob, reference
 
 
@@ -32,6 +33,9 @@ class TouchedLayer:
     stamp: tuple[int, int] = (0, 0)  # tensor_stamp(param) after the engine's last write
     applied: LayerFactors | None = None  # the delta currently in the weights
     module: nn.Module | None = None  # the module whose `weight` is `param` (a replaced Parameter is refused)
+    fused: tuple[str, ...] = ()  # PEFT adapters fused into the weight when the snapshot was taken
+    checksum: int | None = None  # foreign_state.checksum after the last write made with verify=True
+    form: tuple = ()  # (dtype, shape) after the engine's last write: an accepted storage move keeps them
 
 
 class TargetState:
@@ -64,6 +68,7 @@ class TargetState:
             None  # layers a pass in progress (or one that failed) wrote
         )
         self.broken: str | None = None
+        self.root: weakref.ref | None = None  # the target (state_of sets it), to look its modules up by name
 
     @property
     def keep_original(self) -> str | None:
@@ -78,8 +83,14 @@ class TargetState:
             )
         return self.keep_original or keep_original or "device"
 
-    def check_untouched(self) -> None:
-        """TargetModifiedError unless every touched weight is as the engine left it."""
+    def check_untouched(self, verify: bool = False) -> None:
+        """TargetModifiedError unless every touched weight is as the engine left it.
+
+        Seen: a replaced Parameter, an in-place write (version), new storage (address) unless an accelerate
+        model-offload hook on the target moves it (`foreign_state.moves_weights`: new storage, same values and
+        version), and PEFT adapters fused or unfused since the snapshot (`foreign_state.fused_adapters`).
+        ``verify``: also compare each weight's `foreign_state.checksum` with the one of the last write (one
+        read of every touched weight), which catches writes no counter sees (``.data``, raw pointers)."""
         if self.broken is not None:
             raise TargetModifiedError(
                 self.broken + "; call lk.restore(target), then reload the model's weights"
@@ -88,19 +99,49 @@ class TargetState:
             raise TargetModifiedError(
                 "an interrupted swap or restore of this target could not be rolled back; call lk.restore(target)"
             )
+        if not self.layers:
+            return
+        root = self.root() if self.root is not None else None
+        modules = {} if root is None else {n.replace("_orig_mod.", ""): m for n, m in root.named_modules()}
+        movable = root is not None and moves_weights(root)
         for name, layer in self.layers.items():
             p = layer.param
             if layer.module is not None and getattr(layer.module, "weight", None) is not p:
+                hook = offloads_to_meta(modules.get(name, layer.module))
+                why = (
+                    f" by accelerate's {hook} (sequential / disk offload, enabled after the merge)"
+                    if hook
+                    else ""
+                )
                 raise TargetModifiedError(
-                    f"layer {name!r}: its weight Parameter was replaced since the engine merged into it, so "
+                    f"layer {name!r}: its weight Parameter was replaced{why} since the engine merged into it, so "
                     "the engine can neither restore nor update it; rebuild or reload the model, then merge again"
                 )
-            if tensor_stamp(p) != layer.stamp:
+            fused = fused_adapters(modules.get(name, layer.module))
+            if fused != layer.fused:
+                raise _fused_changed(name, layer.fused, fused)
+            version, address = tensor_stamp(p)
+            moved = address != layer.stamp[1] and (not movable or _form(p) != layer.form)
+            if version != layer.stamp[0] or moved:
                 raise TargetModifiedError(
                     f"layer {name!r}: weights changed outside lorarar since its last merge "
-                    f"(version {layer.stamp[0]} -> {p._version}, storage moved: {p.data_ptr() != layer.stamp[1]}); "
+                    f"(version {layer.stamp[0]} -> {version}, storage moved: {address != layer.stamp[1]}); "
                     "refusing to overwrite them. Rebuild or reload the model, then merge again"
                 )
+        if verify:
+            unknown = [n for n, layer in self.layers.items() if layer.checksum is None]
+            if unknown:
+                raise LoraRarError(
+                    f"verify=True: layer {unknown[0]!r} was last written without verify=True, so there is no "
+                    "checksum to compare with; pass verify=True to every merge of this target (or restore first)"
+                )
+            for name, layer in self.layers.items():
+                if checksum(layer.param) != layer.checksum:
+                    raise TargetModifiedError(
+                        f"layer {name!r}: verify=True: the weights are not what lorarar last wrote (their "
+                        "checksum changed; something wrote them in a way no version counter sees, e.g. through "
+                        "`.data`); refusing to overwrite them. Rebuild or reload the model, then merge again"
+                    )
 
     def lease(self) -> tuple[int, int]:
         """``(slot, generation)``: the workspace the current pair's factors are not in, leased now. Every
@@ -134,48 +175,65 @@ class TargetState:
                     f"this prepared swap is stale: a LoRA's factors of layer {changed[0]!r} were modified "
                     "after it was prepared (prepare again)"
                 )
-            self.check_untouched()
+            self.check_untouched(verify=swap._verify)
+            moved = [n for n, (w, address) in swap._addresses.items() if w.data_ptr() != address]
+            if moved:
+                raise StaleSwapError(
+                    f"this prepared swap is stale: the weight of layer {moved[0]!r} moved to new storage after it "
+                    "was prepared (an offloading hook moved the model); prepare again"
+                )
             old_layers, old_current = self.layers, self.current
-            with torch.no_grad():
-                for layer in swap._new.values():  # writes only the swap's own buffers: nothing to undo
-                    if layer.snapshot is not None:
-                        layer.snapshot.copy_(layer.param, non_blocking=True)
-                writing = {**old_layers, **swap._new}
-                passed = False
-                try:
-                    self.writing = writing
-                    for name in swap._old_only:  # touched by the old pair only
-                        _restore_layer(old_layers[name])
-                    if swap._keep_original == "host":
-                        for name in swap._plan:
-                            layer = writing[name]
-                            layer.param.copy_(layer.snapshot, non_blocking=True)
-                    for run in swap._runs:
-                        run()
-                    passed = True
-                    return self._finish(swap, writing, t0)
-                except BaseException:
-                    if self.current is not None and self.current._lease == swap._generation:
-                        self.writing, self.generation = None, swap._generation + 1
-                        raise  # the swap is complete; only its last bookkeeping was interrupted
-                    if swap._keep_original != "none":
-                        self._roll_back(writing, old_layers, old_current)
-                    elif passed:
-                        self._finish(swap, writing, t0)  # the weights hold the new pair: record it
-                    else:
-                        self.broken = (
-                            "a keep_original='none' swap was interrupted during its pass over the weights, which "
-                            "are now partly the old pair's and partly the new one's (there is no snapshot to roll "
-                            "back from)"
-                        )
-                    raise
+            # No grad-mode switch anywhere in a write: every write goes through a detached alias (same storage,
+            # same version counter), so an interrupt cannot leave the caller's grad mode changed.
+            for layer in swap._new.values():  # writes only the swap's own buffers: nothing to undo
+                if layer.snapshot is not None:
+                    layer.snapshot.copy_(layer.param.detach(), non_blocking=True)
+            writing = {**old_layers, **swap._new}
+            passed = False
+            try:
+                self.writing = writing
+                for name in swap._old_only:  # touched by the old pair only
+                    _restore_layer(old_layers[name])
+                if swap._keep_original == "host":
+                    for name in swap._plan:
+                        layer = writing[name]
+                        layer.param.detach().copy_(layer.snapshot, non_blocking=True)
+                for run in swap._runs:
+                    run()
+                passed = True
+                return self._finish(swap, writing, t0)
+            except BaseException:
+                if self.current is not None and self.current._lease == swap._generation:
+                    self.writing, self.generation = None, swap._generation + 1
+                    raise  # the swap is complete; only its last bookkeeping was interrupted
+                if swap._keep_original != "none":
+                    self._roll_back(writing, old_layers, old_current)
+                elif passed:
+                    self._finish(swap, writing, t0)  # the weights hold the new pair: record it
+                else:
+                    self.broken = (
+                        "a keep_original='none' swap was interrupted during its pass over the weights, which "
+                        "are now partly the old pair's and partly the new one's (there is no snapshot to roll "
+                        "back from)"
+                    )
+                raise
 
     def _finish(self, swap, writing: dict[str, TouchedLayer], t0: float):
         """The records of a completed pass; replaces `layers` and `current` (the old ones stay whole)."""
         layers = {}
         for name, f in swap._plan.items():
             old = writing[name]
-            layers[name] = TouchedLayer(old.param, old.snapshot, tensor_stamp(old.param), f, old.module)
+            total = checksum(old.param) if swap._verify else None
+            layers[name] = TouchedLayer(
+                old.param,
+                old.snapshot,
+                tensor_stamp(old.param),
+                f,
+                old.module,
+                old.fused,
+                total,
+                _form(old.param),
+            )
         merged = swap.handle({"prepare_s": swap.prepare_s, "apply_s": time.perf_counter() - t0})
         self.layers = layers
         self.writing = None
@@ -189,13 +247,13 @@ class TargetState:
         weights. Retried if interrupted itself; if it still fails, `writing` stays set and `restore` works."""
         for attempt in range(3):
             try:
-                with torch.no_grad():
-                    for layer in writing.values():
-                        layer.param.copy_(layer.snapshot)
-                    reapply = old is not None and old.factors_valid
-                    if reapply:
-                        for run in _reapply_runs(old, old_layers):
-                            run()
+                for layer in writing.values():
+                    layer.param.detach().copy_(layer.snapshot)
+                where = {(t.param.device, t.param.dtype) for t in old_layers.values()}  # its backends
+                reapply = old is not None and old.factors_valid and where <= set(old._chosen)
+                if reapply:
+                    for run in _reapply_runs(old, old_layers):
+                        run()
                 layers = old_layers if reapply else {}
                 for layer in layers.values():
                     layer.stamp = tensor_stamp(layer.param)
@@ -207,8 +265,9 @@ class TargetState:
                 if attempt == 2:
                     raise
 
-    def restore(self) -> None:
-        """Put back the original weights of every touched layer, free the snapshots, forget the merge."""
+    def restore(self, verify: bool = False) -> None:
+        """Put back the original weights of every touched layer, free the snapshots, forget the merge
+        (``verify``: see `check_untouched`)."""
         with self.lock, self.work_lock:
             if self.broken is not None:
                 why, self.broken = self.broken, None
@@ -222,19 +281,16 @@ class TargetState:
             if writing is None:
                 if not self.layers and self.current is None:
                     return
-                self.check_untouched()
+                self.check_untouched(verify=verify)
                 writing = self.layers
-            with torch.no_grad():
-                try:
-                    self.writing = writing
-                    for layer in writing.values():
-                        _restore_layer(layer)
-                except BaseException:
-                    if self.current is not None and self.current._keep_original == "none":
-                        self.broken = (
-                            "a keep_original='none' restore was interrupted (it subtracts the deltas)"
-                        )
-                    raise
+            try:
+                self.writing = writing
+                for layer in writing.values():
+                    _restore_layer(layer)
+            except BaseException:
+                if self.current is not None and self.current._keep_original == "none":
+                    self.broken = "a keep_original='none' restore was interrupted (it subtracts the deltas)"
+                raise
             self.layers, self.current, self.writing = {}, None, None
             self.generation += 1
 
@@ -260,6 +316,7 @@ def state_of(target: nn.Module) -> TargetState:
             st = _STATES.get(root)
             if st is None:
                 st = _STATES[root] = TargetState()
+                st.root = weakref.ref(root)
     return st
 
 
@@ -268,8 +325,24 @@ def target_lock(target: nn.Module) -> threading.RLock:
     return state_of(target).lock
 
 
+def _form(w: torch.Tensor) -> tuple:
+    return (w.dtype, tuple(w.shape))
+
+
+def _fused_changed(name: str, before: tuple[str, ...], now: tuple[str, ...]) -> TargetModifiedError:
+    """The error for a layer whose PEFT-fused adapters changed since lorarar took its snapshot."""
+    how = "pipe.unfuse_lora()" if len(now) > len(before) else "pipe.fuse_lora()"
+    return TargetModifiedError(
+        f"layer {name!r}: diffusers/PEFT adapters fused into this weight changed from {list(before)} to "
+        f"{list(now)} since lorarar merged into it (fuse_lora / unfuse_lora write through `.data`); lorarar "
+        f"would drop or double that delta. Return to {list(before)} first ({how}), then swap or reset; "
+        "fuse or unfuse diffusers' LoRAs only while no lorarar pair is merged (before the first swap or after "
+        "reset), where lorarar takes the fused weights as the base it restores to"
+    )
+
+
 def _restore_layer(layer: TouchedLayer) -> None:
-    w = layer.param
+    w = layer.param.detach()
     if layer.snapshot is not None:
         w.copy_(layer.snapshot)
     elif layer.applied is not None:
@@ -282,7 +355,7 @@ def apply_job(
     name: str, w: torch.Tensor, src: torch.Tensor, f: LayerFactors, backend: str, minus=None
 ) -> ApplyJob:
     """The ApplyJob writing ``src + f``'s delta (``- minus``'s, one rounding) into weight ``w``."""
-    w2 = w.view(w.shape[0], -1)
+    w2, src = w.detach().view(w.shape[0], -1), src.detach()
     scale = None if f.col_scale is None else f.col_scale.detach()
     if f.packed is None and backend == "cpp" and minus is None:  # read where the LoRAs keep them
         return ApplyJob(name, w2, src.view(w2.shape), None, None, scale, f.split, f.sources)

@@ -49,14 +49,24 @@ class Injector:
 
 
 @pytest.fixture(autouse=True)
-def _grad_mode_restored():
-    """An exception injected at some lines of the engine leaves grad mode off (seen: later tests that train
-    failed with "does not require grad"), as a real interrupt at such a line would, e.g. one landing
-    between a `torch.no_grad()` block's __enter__ and its body; the weights are still checked by each
-    test, and the next test starts from the process's own grad mode."""
-    before = torch.is_grad_enabled()
+def _grad_mode_kept():
+    """Every injected failure leaves the caller's grad mode as it was (the engine writes through detached
+    aliases and never switches grad mode; an interrupt landing in a `torch.no_grad()` block's exit used to
+    leave it off). Checked after every injection in `_apply` / `_restore`, and here once more at the end."""
+    assert torch.is_grad_enabled()
     yield
-    torch.set_grad_enabled(before)
+    assert torch.is_grad_enabled(), "an injected failure left grad mode off"
+
+
+def _apply(swap, k, exc):
+    """``swap.apply()`` with ``exc`` injected at the k-th engine line; the caller's grad mode is kept."""
+    before = torch.is_grad_enabled()
+    try:
+        with Injector(k, exc):
+            swap.apply()
+    except type(exc):
+        pass
+    assert torch.is_grad_enabled() == before, f"injection {k}: grad mode changed"
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -97,16 +107,16 @@ def test_a_swap_interrupted_anywhere_leaves_the_old_or_the_new_state(backend, ke
     with Injector(0, None) as count:
         swap.apply()
     assert count.n > 20, count.n  # the tracer sees the engine's frames
+    with torch.no_grad():  # and a caller's no_grad is kept too
+        target = _start(backend, keep, dtype)
+        _apply(lk.prepare(target, B_CONTENT, B_STYLE, backend=backend), count.n // 2, KeyboardInterrupt())
+        assert not torch.is_grad_enabled()
     outcomes = {"old": 0, "new": 0, "broken": 0}
     for k in range(1, count.n + 2):
         exc = EXCEPTIONS[k % len(EXCEPTIONS)]
         target = _start(backend, keep, dtype)
         swap = lk.prepare(target, B_CONTENT, B_STYLE, backend=backend)
-        try:
-            with Injector(k, exc):
-                swap.apply()
-        except type(exc):
-            pass
+        _apply(swap, k, exc)
         now, cur = weights(target), lk.current(target)
         state = STATE_OF(target)
         if keep == "none" and state.broken is not None:
@@ -147,6 +157,7 @@ def test_a_restore_interrupted_anywhere_can_be_finished_bit_exactly(backend, kee
             with Injector(k, KeyboardInterrupt()):
                 lk.restore(target)
         except KeyboardInterrupt:
+            assert torch.is_grad_enabled(), f"injection {k}: grad mode left off"
             if STATE_OF(target).writing is not None:  # possibly half restored: no merge on top of it
                 with pytest.raises(lk.TargetModifiedError, match="restore"):
                     lk.merge(target, B_CONTENT, None)

@@ -189,7 +189,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "snapshot-not-taken",
         "lorarar_kernels/target_state.py",
-        (("layer.snapshot.copy_(layer.param, non_blocking=True)\n", "pass\n"),),
+        (("layer.snapshot.copy_(layer.param.detach(), non_blocking=True)\n", "pass\n"),),
         ENGINE,
     ),
     Mutant(
@@ -197,8 +197,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "lorarar_kernels/target_state.py",
         (
             (  # TargetState.restore
-                "                    for layer in writing.values():\n                        _restore_layer(layer)",
-                "                    for layer in list(writing.values())[:-1]:\n                        _restore_layer(layer)",
+                "                for layer in writing.values():\n                    _restore_layer(layer)",
+                "                for layer in list(writing.values())[:-1]:\n                    _restore_layer(layer)",
             ),
         ),
         ENGINE,
@@ -206,13 +206,18 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "untouched-not-checked",
         "lorarar_kernels/target_state.py",
-        (("            if tensor_stamp(p) != layer.stamp:", "            if False:"),),
+        (
+            (
+                "            if version != layer.stamp[0] or moved:",
+                "            if False:",
+            ),
+        ),
         ("tests/test_merge_errors.py", "tests/test_merge_in_place.py"),
     ),
     Mutant(
         "host-mode-not-reloaded",
         "lorarar_kernels/target_state.py",
-        (("                        layer.param.copy_(layer.snapshot, non_blocking=True)\n", ""),),
+        (("                    layer.param.detach().copy_(layer.snapshot, non_blocking=True)\n", ""),),
         ENGINE,
     ),
     Mutant(

@@ -55,8 +55,9 @@ class Swapper:
         *,
         backend: str = "auto",
         keep_original: str = "device",
+        verify: bool = False,
     ) -> None:
-        _unet(pipe)
+        _refuse_meta_offload(_unet(pipe))
         if hypernet is not None and not isinstance(hypernet, lk.Hypernet):
             raise lk.LoraRarError(
                 f"hypernet must be a lorarar_kernels.Hypernet or None, got {type(hypernet).__name__}"
@@ -65,6 +66,7 @@ class Swapper:
         self.hypernet = hypernet
         self.backend = backend
         self.keep_original = keep_original
+        self.verify = verify  # every swap and reset checks the weights are what lorarar last wrote
 
     @property
     def unet(self) -> nn.Module:
@@ -117,6 +119,7 @@ class Swapper:
                 backend=self.backend,
                 coefficients=coefficients,
                 keep_original=self.keep_original,
+                verify=self.verify,
             )
             with self.lock:
                 try:
@@ -127,7 +130,7 @@ class Swapper:
     def reset(self) -> None:
         """Put the UNet's original weights back, bit for bit (waits for a generation in flight)."""
         with self.lock:
-            lk.restore(self.unet)
+            lk.restore(self.unet, verify=self.verify)
 
     @contextmanager
     def hold(self) -> Iterator[Any]:
@@ -158,14 +161,32 @@ def attach(
     *,
     backend: str = "auto",
     keep_original: str = "device",
+    verify: bool = False,
 ) -> Swapper:
     """A `Swapper` for ``pipe`` (any diffusers pipeline with a ``.unet``; the UNet may be compiled).
 
     hypernet: the LoRA.rar hypernetwork (None: plain-sum merges); backend: "auto" or a name from
     ``lk.backends()``; keep_original: where the original weights are kept ("device", "host" or "none",
-    see ``lk.merge``). Nothing is written until the first `Swapper.swap`.
+    see ``lk.merge``); verify: every swap and reset first checks that the UNet's touched weights are bit for
+    bit what lorarar last wrote (``lk.merge(..., verify=True)``: one extra read of them per swap). Nothing is
+    written until the first `Swapper.swap`.
+
+    Offloading: ``pipe.enable_model_cpu_offload()`` is supported (its hooks move the UNet between devices;
+    swaps, resets and generations mix in any order, the weights are merged where they are). Sequential or
+    disk offload (weights on the meta device between forwards) is refused here, before anything is written.
     """
-    return Swapper(pipe, hypernet, backend=backend, keep_original=keep_original)
+    return Swapper(pipe, hypernet, backend=backend, keep_original=keep_original, verify=verify)
+
+
+def _refuse_meta_offload(unet: nn.Module) -> None:
+    """LoraRarError if the UNet's weights are on the meta device (sequential / disk offload, or not loaded)."""
+    for name, p in getattr(unet, "_orig_mod", unet).named_parameters():
+        if p.is_meta:
+            raise lk.LoraRarError(
+                f"the UNet's weight {name!r} is on the meta device: sequential CPU offload or disk offload "
+                "(pipe.enable_sequential_cpu_offload()) keeps weights there between forwards, so lorarar cannot "
+                "merge into them. Use pipe.enable_model_cpu_offload() (supported) or no offloading"
+            )
 
 
 def unet_state(pipe: Any) -> dict[str, torch.Tensor]:
