@@ -22,6 +22,7 @@ from torch import nn
 from . import dispatch
 from .errors import LayerMismatchError, LoraRarError, StaleSwapError, TargetModifiedError
 from .factors import LayerFactors
+from .fused_projections import fused_blocks, is_block
 from .hypernet import Hypernet
 from .lora import LoRA
 from .materialise import materialise
@@ -54,7 +55,8 @@ class Merge:
     ) -> None:
         self._target = weakref.ref(target)
         self._recipe = recipe or {}  # hypernet, coefficients, hyper_parts: to rebuild the plan on export
-        self._plan: dict[str, LayerFactors] = plan
+        self._plan: dict[str, LayerFactors] = plan  # with the fused row blocks (`fused_projections`)
+        self._named = {n: f for n, f in plan.items() if not is_block(n)}  # the LoRAs' layers only
         self._keep_original = keep_original
         self._chosen = (
             chosen or {}
@@ -69,7 +71,7 @@ class Merge:
     def plan(self) -> dict[str, LayerFactors]:
         """``name -> LayerFactors`` of this merge; StaleSwapError once a later swap reused their buffer."""
         if not self._overtaken():
-            return self._plan
+            return self._named
         raise StaleSwapError(
             "Merge.plan: a later swap reused this merge's factor buffer; use layers, coefficients or "
             "export() (which rebuilds the factors)"
@@ -77,14 +79,15 @@ class Merge:
 
     @property
     def layers(self) -> list[str]:
-        return list(self._plan)
+        """The LoRAs' layer names merged (fused row blocks written beside them are not listed)."""
+        return list(self._named)
 
     @property
     def coefficients(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``name -> (m_c, m_s)`` for the layers merged with hypernetwork coefficients."""
         return {
             n: (f.col_scale[0].detach(), f.col_scale[1].detach())
-            for n, f in self._plan.items()
+            for n, f in self._named.items()
             if f.mode == "hypernet"
         }
 
@@ -116,10 +119,10 @@ class Merge:
         """The merged pair as one LoRA of rank r_c + r_s per layer, scale 1 (diffusers-loadable)."""
         if not self.factors_valid:  # the factors' buffer went to a later swap: rebuild them
             return merged_adapter(self.content, self.style, dtype=dtype, **self._recipe)
-        return LoRA({n: f.as_lora_layer(dtype) for n, f in self._plan.items()}, source="merged adapter")
+        return LoRA({n: f.as_lora_layer(dtype) for n, f in self._named.items()}, source="merged adapter")
 
     def __repr__(self) -> str:
-        return f"Merge({len(self._plan)} layers, backend={self.backend!r}, current={self.is_current})"
+        return f"Merge({len(self.layers)} layers, backend={self.backend!r}, current={self.is_current})"
 
 
 def _as_lora(x, unet_config) -> LoRA | None:
@@ -256,7 +259,7 @@ class PreparedSwap:
             raise StaleSwapError(
                 "this prepared swap is stale: the target was merged, restored or prepared again"
             )
-        return self._plan
+        return {n: f for n, f in self._plan.items() if not is_block(n)}  # without the fused row blocks
 
     def apply(self) -> Merge:
         """Write the pair into the weights (see the class docstring); returns the `Merge` handle."""
@@ -305,6 +308,8 @@ def prepare(
                 except LayerMismatchError as exc:
                     raise type(exc)(f"{lora.source}: {exc}") from None
         _refuse_tied(weights)
+        blocks = fused_blocks(weights, modules, state.layers)  # fused q/k/v row blocks take the same deltas
+        weights.update({block: mw for block, (_, mw) in blocks.items()})
         state.check_untouched()
         devices = {w.device for _, w in weights.values()}
         if len(devices) > 1:
@@ -324,6 +329,7 @@ def prepare(
         plan = materialise(
             rule, hypernet, device=device, workspace=state.workspaces[lease[0]], reads_lora_factors=reads
         )
+        plan.update({block: plan[name] for block, (name, _) in blocks.items()})
         return PreparedSwap(root, state, keep, plan, weights, chosen, content, style, t0, lease, recipe)
 
 
