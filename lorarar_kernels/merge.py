@@ -5,8 +5,8 @@ then *apply* (one pass over the touched weights through a backend; nothing can f
 Swap semantics (docs/design.md section 4): the result of any merge equals a fresh merge onto the original
 weights; layers touched only by the previous pair are restored; `restore` puts every original bit back.
 Every change of a target's state happens in `target_state.TargetState` (lease, commit, restore).
-May import: `dispatch`, `errors`, `factors`, `hypernet`, `lora`, `materialise`, `ops`, `plan`, `rule`,
-`target_state`.
+May import: `arguments`, `dispatch`, `errors`, `factors`, `fused_projections`, `hypernet`, `lora`,
+`materialise`, `ops`, `plan`, `rule`, `target_state`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from . import dispatch
+from .arguments import check_arguments as _check_arguments
+from .arguments import check_lora, hypernet_argument, scaled, strengths
 from .errors import LayerMismatchError, LoraRarError, StaleSwapError, TargetModifiedError
 from .factors import LayerFactors
 from .fused_projections import fused_blocks, is_block
@@ -90,6 +92,12 @@ class Merge:
             for n, f in self._named.items()
             if f.mode == "hypernet"
         }
+
+    @property
+    def recipe(self) -> dict:
+        """``{hypernet, coefficients, hyper_parts}`` this merge used: ``merge(target, m.content, m.style,
+        **m.recipe)`` merges the same pair again (bit for bit with the same backend)."""
+        return dict(self._recipe)
 
     @property
     def is_current(self) -> bool:
@@ -177,33 +185,6 @@ def _check_target(name: str, out_f: int, in_f: int, modules, state: TargetState,
     return module, w
 
 
-def _check_arguments(hypernet, backend, coefficients, hyper_parts) -> None:
-    """LoraRarError for arguments of the wrong kind (cheap, before anything is read)."""
-    if hypernet is not None and not isinstance(hypernet, Hypernet):
-        raise LoraRarError(
-            f"hypernet must be a lk.Hypernet or None, got {type(hypernet).__name__}; load a file with "
-            "lk.Hypernet.load(path)"
-        )
-    if not isinstance(backend, str):
-        raise LoraRarError(f"backend must be a string such as 'auto' or 'cpp', got {type(backend).__name__}")
-    if coefficients is not None and not isinstance(coefficients, Mapping):
-        raise LoraRarError(
-            f"coefficients must be a mapping {{layer name: (m_c, m_s)}}, got {type(coefficients).__name__}"
-        )
-    if hyper_parts is not None and not isinstance(hyper_parts, (str, bytes)):
-        if not isinstance(hyper_parts, Sequence | set | frozenset) or not all(
-            isinstance(p, str) for p in hyper_parts
-        ):
-            raise LoraRarError(
-                f"hyper_parts must be None or a sequence of part names, got {hyper_parts!r}"[:200]
-            )
-    if isinstance(hyper_parts, (str, bytes)):
-        raise LoraRarError(
-            f"hyper_parts must be a sequence of part names such as ({hyper_parts!r},), not the string "
-            f"{hyper_parts!r}"
-        )
-
-
 def _refuse_tied(weights: dict[str, tuple[nn.Module, torch.Tensor]]) -> None:
     """LayerMismatchError if two touched layers share one weight (tied weights would take one delta only)."""
     seen: dict[int, str] = {}
@@ -275,14 +256,15 @@ class PreparedSwap:
 
 def prepare(
     target: nn.Module,
-    content: LoRA | str | os.PathLike | None,
-    style: LoRA | str | os.PathLike | None,
-    hypernet: Hypernet | None = None,
+    content: LoRA | str | os.PathLike | Mapping | None,
+    style: LoRA | str | os.PathLike | Mapping | None = None,
+    hypernet: Hypernet | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     keep_original: str | None = None,
+    weights: Sequence[float] | float | None = None,
 ) -> PreparedSwap:
     """Everything of `merge` but the pass over the weights: read and validate, coefficients, factors,
     snapshot buffers, backend plans (may synchronise). ``prepare(...).apply()`` is ``merge(...)``."""
@@ -290,12 +272,16 @@ def prepare(
     state = state_of(root)
     if keep_original is not None and keep_original not in KEEP_MODES:
         raise LoraRarError(f"keep_original must be one of {KEEP_MODES}, got {keep_original!r}")
+    content, style = check_lora("content", content), check_lora("style", style)
+    strength = strengths(weights, content, style)
+    hypernet = hypernet_argument(hypernet)
     _check_arguments(hypernet, backend, coefficients, hyper_parts)
     with state.work_lock:  # not `lock`: preparing the next pair may overlap a generation in flight
         t0 = time.perf_counter()
         keep = state.keep_mode(keep_original)
         unet_config = getattr(root, "config", None)
         content, style = _as_lora(content, unet_config), _as_lora(style, unet_config)
+        content, style = scaled(content, strength[0]), scaled(style, strength[1])
         modules = _modules(root)
         weights: dict[str, tuple[nn.Module, torch.Tensor]] = {}
         # Names and shapes first (cheap, clear errors), then factors and coefficients on the weights' device.
@@ -335,19 +321,23 @@ def prepare(
 
 def merge(
     target: nn.Module,
-    content: LoRA | str | os.PathLike | None,
-    style: LoRA | str | os.PathLike | None,
-    hypernet: Hypernet | None = None,
+    content: LoRA | str | os.PathLike | Mapping | None,
+    style: LoRA | str | os.PathLike | Mapping | None = None,
+    hypernet: Hypernet | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     keep_original: str | None = None,
+    weights: Sequence[float] | float | None = None,
 ) -> Merge:
     """Write ``W = W_original + dW_merged`` into ``target``'s weights in place; a hot swap if merged before.
 
-    target: an ``nn.Module`` (UNet, possibly ``torch.compile``d); content/style: `LoRA`s or paths (one may be
-    None); hypernet: coefficients for the layers of its parts present in both (None: plain sum everywhere);
+    target: an ``nn.Module`` (UNet, possibly ``torch.compile``d); content/style: `LoRA`s, paths (files or
+    directories) or state dicts (one may be None; ``merge(unet, lora)`` merges one LoRA); hypernet: a
+    `Hypernet` or its path, coefficients for the layers of its parts present in both (None: plain sum);
+    weights: one strength per LoRA, ``(w_content, w_style)`` (or one number for one LoRA), multiplying
+    each LoRA's scale (the merge of a LoRA whose alpha is w times as large, also for the hypernetwork);
     hyper_parts: which of the hypernetwork's parts it merges (None: all of `Hypernet.parts`, the parts it
     was trained for; a part outside them is a LayerMismatchError);
     coefficients: ``{name: (m_c [in], m_s [in])}`` overriding any layer; backend: "auto" or a name from
@@ -368,6 +358,7 @@ def merge(
             coefficients=coefficients,
             hyper_parts=hyper_parts,
             keep_original=keep_original,
+            weights=weights,
         ).apply()
 
 
@@ -383,17 +374,24 @@ def current(target: nn.Module) -> Merge | None:
 
 
 def merged_adapter(
-    content: LoRA | str | os.PathLike | None,
-    style: LoRA | str | os.PathLike | None,
-    hypernet: Hypernet | None = None,
+    content: LoRA | str | os.PathLike | Mapping | None,
+    style: LoRA | str | os.PathLike | Mapping | None = None,
+    hypernet: Hypernet | str | os.PathLike | None = None,
     *,
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     unet_config: Mapping | None = None,
     dtype: torch.dtype = torch.float32,
+    weights: Sequence[float] | float | None = None,
 ) -> LoRA:
-    """The merged pair as a rank-(r_c + r_s) LoRA without touching any model (what `Merge.export` gives)."""
+    """The merged pair as a rank-(r_c + r_s) LoRA without touching any model (what `Merge.export` gives);
+    arguments as `merge`'s."""
+    content, style = check_lora("content", content), check_lora("style", style)
+    strength = strengths(weights, content, style)
+    hypernet = hypernet_argument(hypernet)
+    _check_arguments(hypernet, "auto", coefficients, hyper_parts)
     content, style = _as_lora(content, unet_config), _as_lora(style, unet_config)
+    content, style = scaled(content, strength[0]), scaled(style, strength[1])
     with torch.no_grad():
         plan = plan_pair(content, style, hypernet, coefficients=coefficients, hyper_parts=hyper_parts)
     return LoRA({n: f.as_lora_layer(dtype) for n, f in plan.items()}, source="merged adapter")
