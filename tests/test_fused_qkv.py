@@ -150,3 +150,55 @@ def test_interrupted_fused_swap_rolls_back():
         torch.set_grad_enabled(grad)
     lk.restore(pipe.unet)
     assert _bits_equal(unet_state(pipe), original)
+
+
+def _sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+            pooled_projection_dim=8, out_channels=4,
+        )  # fmt: skip
+    return model.eval()
+
+
+def test_added_projections_of_a_joint_transformer():
+    """SD3's joint attention fuses ``add_q/k/v_proj`` into ``to_added_qkv``: their deltas go there too."""
+    plain, fused = _sd3_transformer(), _sd3_transformer()
+    fused.fuse_qkv_projections()
+    parts = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+    g = torch.Generator().manual_seed(4)
+    layers = {
+        n: lk.LoRALayer(
+            torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g) * 0.1
+        )
+        for n, m in plain.named_modules()
+        if n.endswith(parts) and isinstance(m, torch.nn.Linear)
+    }
+    lora = lk.LoRA(layers)
+    original = _state_of(fused)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+        pooled_projections=torch.randn(1, 8, generator=g),
+        timestep=torch.tensor([10]),
+    )
+    with torch.no_grad():
+        before = fused(**inputs).sample
+        lk.merge(plain, lora)
+        lk.merge(fused, lora)
+        got, want = fused(**inputs).sample, plain(**inputs).sample
+    assert (got - before).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    blocks = {n for n, _ in fused.named_modules() if n.endswith("to_added_qkv")}
+    assert blocks and all(f"{b}[add_k_proj]" in sys.modules["lorarar_kernels.target_state"].state_of(fused).layers
+                          for b in blocks)  # fmt: skip
+    lk.restore(fused)
+    assert _bits_equal(_state_of(fused), original)
+
+
+def _state_of(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
