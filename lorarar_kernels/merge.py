@@ -5,8 +5,8 @@ then *apply* (one pass over the touched weights through a backend; nothing can f
 Swap semantics (docs/design.md section 4): the result of any merge equals a fresh merge onto the original
 weights; layers touched only by the previous pair are restored; `restore` puts every original bit back.
 Every change of a target's state happens in `target_state.TargetState` (lease, commit, restore).
-May import: `dispatch`, `errors`, `factors`, `hypernet`, `lora`, `materialise`, `ops`, `plan`, `rule`,
-`foreign_state`, `target_state`.
+May import: `arguments`, `dispatch`, `errors`, `factors`, `foreign_state`, `fused_projections`, `hypernet`,
+`lora`, `materialise`, `ops`, `plan`, `rule`, `target_state`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 from . import dispatch
+from .arguments import check_arguments as _check_arguments
+from .arguments import check_lora, hypernet_argument, scaled, strengths
 from .errors import LayerMismatchError, LoraRarError, StaleSwapError, TargetModifiedError
 from .factors import LayerFactors
 from .foreign_state import fused_adapters, offloads_to_meta
+from .fused_projections import fused_blocks, is_block
 from .hypernet import Hypernet
 from .lora import LoRA
 from .materialise import materialise
@@ -55,7 +58,8 @@ class Merge:
     ) -> None:
         self._target = weakref.ref(target)
         self._recipe = recipe or {}  # hypernet, coefficients, hyper_parts: to rebuild the plan on export
-        self._plan: dict[str, LayerFactors] = plan
+        self._plan: dict[str, LayerFactors] = plan  # with the fused row blocks (`fused_projections`)
+        self._named = {n: f for n, f in plan.items() if not is_block(n)}  # the LoRAs' layers only
         self._keep_original = keep_original
         self._chosen = (
             chosen or {}
@@ -70,7 +74,7 @@ class Merge:
     def plan(self) -> dict[str, LayerFactors]:
         """``name -> LayerFactors`` of this merge; StaleSwapError once a later swap reused their buffer."""
         if not self._overtaken():
-            return self._plan
+            return self._named
         raise StaleSwapError(
             "Merge.plan: a later swap reused this merge's factor buffer; use layers, coefficients or "
             "export() (which rebuilds the factors)"
@@ -78,16 +82,23 @@ class Merge:
 
     @property
     def layers(self) -> list[str]:
-        return list(self._plan)
+        """The LoRAs' layer names merged (fused row blocks written beside them are not listed)."""
+        return list(self._named)
 
     @property
     def coefficients(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``name -> (m_c, m_s)`` for the layers merged with hypernetwork coefficients."""
         return {
             n: (f.col_scale[0].detach(), f.col_scale[1].detach())
-            for n, f in self._plan.items()
+            for n, f in self._named.items()
             if f.mode == "hypernet"
         }
+
+    @property
+    def recipe(self) -> dict:
+        """``{hypernet, coefficients, hyper_parts}`` this merge used: ``merge(target, m.content, m.style,
+        **m.recipe)`` merges the same pair again (bit for bit with the same backend)."""
+        return dict(self._recipe)
 
     @property
     def is_current(self) -> bool:
@@ -117,10 +128,10 @@ class Merge:
         """The merged pair as one LoRA of rank r_c + r_s per layer, scale 1 (diffusers-loadable)."""
         if not self.factors_valid:  # the factors' buffer went to a later swap: rebuild them
             return merged_adapter(self.content, self.style, dtype=dtype, **self._recipe)
-        return LoRA({n: f.as_lora_layer(dtype) for n, f in self._plan.items()}, source="merged adapter")
+        return LoRA({n: f.as_lora_layer(dtype) for n, f in self._named.items()}, source="merged adapter")
 
     def __repr__(self) -> str:
-        return f"Merge({len(self._plan)} layers, backend={self.backend!r}, current={self.is_current})"
+        return f"Merge({len(self.layers)} layers, backend={self.backend!r}, current={self.is_current})"
 
 
 def _as_lora(x, unet_config) -> LoRA | None:
@@ -187,33 +198,6 @@ def _check_target(name: str, out_f: int, in_f: int, modules, state: TargetState,
     if known is not None and known.param is not w:
         raise TargetModifiedError(f"layer {name!r}: its weight Parameter was replaced since the last merge")
     return module, w
-
-
-def _check_arguments(hypernet, backend, coefficients, hyper_parts) -> None:
-    """LoraRarError for arguments of the wrong kind (cheap, before anything is read)."""
-    if hypernet is not None and not isinstance(hypernet, Hypernet):
-        raise LoraRarError(
-            f"hypernet must be a lk.Hypernet or None, got {type(hypernet).__name__}; load a file with "
-            "lk.Hypernet.load(path)"
-        )
-    if not isinstance(backend, str):
-        raise LoraRarError(f"backend must be a string such as 'auto' or 'cpp', got {type(backend).__name__}")
-    if coefficients is not None and not isinstance(coefficients, Mapping):
-        raise LoraRarError(
-            f"coefficients must be a mapping {{layer name: (m_c, m_s)}}, got {type(coefficients).__name__}"
-        )
-    if hyper_parts is not None and not isinstance(hyper_parts, (str, bytes)):
-        if not isinstance(hyper_parts, Sequence | set | frozenset) or not all(
-            isinstance(p, str) for p in hyper_parts
-        ):
-            raise LoraRarError(
-                f"hyper_parts must be None or a sequence of part names, got {hyper_parts!r}"[:200]
-            )
-    if isinstance(hyper_parts, (str, bytes)):
-        raise LoraRarError(
-            f"hyper_parts must be a sequence of part names such as ({hyper_parts!r},), not the string "
-            f"{hyper_parts!r}"
-        )
 
 
 def _check_same_device(name: str, layer: TouchedLayer, keep: str) -> None:
@@ -290,7 +274,7 @@ class PreparedSwap:
             raise StaleSwapError(
                 "this prepared swap is stale: the target was merged, restored or prepared again"
             )
-        return self._plan
+        return {n: f for n, f in self._plan.items() if not is_block(n)}  # without the fused row blocks
 
     def apply(self) -> Merge:
         """Write the pair into the weights (see the class docstring); returns the `Merge` handle."""
@@ -306,14 +290,15 @@ class PreparedSwap:
 
 def prepare(
     target: nn.Module,
-    content: LoRA | str | os.PathLike | None,
-    style: LoRA | str | os.PathLike | None,
-    hypernet: Hypernet | None = None,
+    content: LoRA | str | os.PathLike | Mapping | None,
+    style: LoRA | str | os.PathLike | Mapping | None = None,
+    hypernet: Hypernet | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     keep_original: str | None = None,
+    weights: Sequence[float] | float | None = None,
     verify: bool = False,
 ) -> PreparedSwap:
     """Everything of `merge` but the pass over the weights: read and validate, coefficients, factors,
@@ -322,33 +307,39 @@ def prepare(
     state = state_of(root)
     if keep_original is not None and keep_original not in KEEP_MODES:
         raise LoraRarError(f"keep_original must be one of {KEEP_MODES}, got {keep_original!r}")
+    content, style = check_lora("content", content), check_lora("style", style)
+    strength = strengths(weights, content, style)
+    hypernet = hypernet_argument(hypernet)
     _check_arguments(hypernet, backend, coefficients, hyper_parts)
     with state.work_lock:  # not `lock`: preparing the next pair may overlap a generation in flight
         t0 = time.perf_counter()
         keep = state.keep_mode(keep_original)
         unet_config = getattr(root, "config", None)
         content, style = _as_lora(content, unet_config), _as_lora(style, unet_config)
+        content, style = scaled(content, strength[0]), scaled(style, strength[1])
         modules = _modules(root)
-        weights: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+        targets: dict[str, tuple[nn.Module, torch.Tensor]] = {}  # layer -> (module, weight)
         # Names and shapes first (cheap, clear errors), then factors and coefficients on the weights' device.
         for lora in (content, style):
             for name, layer in (lora.unet_layers() if lora is not None else {}).items():
                 try:
-                    weights[name] = _check_target(
+                    targets[name] = _check_target(
                         name, layer.out_features, layer.in_features, modules, state, layer.down.shape[2:]
                     )
                 except LayerMismatchError as exc:
                     raise type(exc)(f"{lora.source}: {exc}") from None
-        _refuse_tied(weights)
+        _refuse_tied(targets)
+        blocks = fused_blocks(targets, modules, state.layers)  # fused q/k/v row blocks take the same deltas
+        targets.update({block: mw for block, (_, mw) in blocks.items()})
         state.check_untouched()
-        devices = {w.device for _, w in weights.values()}
+        devices = {w.device for _, w in targets.values()}
         if len(devices) > 1:
             raise LoraRarError(f"touched weights span several devices; not supported ({devices})")
         device = devices.pop() if devices else torch.device("cpu")
         parts = hyper_parts if hyper_parts is None or isinstance(hyper_parts, str) else tuple(hyper_parts)
         recipe = {"hypernet": hypernet, "coefficients": coefficients, "hyper_parts": parts}
         chosen = {}
-        for _, w in weights.values():
+        for _, w in targets.values():
             if (w.device, w.dtype) not in chosen:
                 chosen[(w.device, w.dtype)] = dispatch.choose(backend, w.device, w.dtype)
         rule = merge_rule(content, style, hypernet, coefficients=coefficients, hyper_parts=parts)
@@ -359,27 +350,32 @@ def prepare(
         plan = materialise(
             rule, hypernet, device=device, workspace=state.workspaces[lease[0]], reads_lora_factors=reads
         )
+        plan.update({block: plan[name] for block, (name, _) in blocks.items()})
         return PreparedSwap(
-            root, state, keep, plan, weights, chosen, content, style, t0, lease, recipe, verify=bool(verify)
+            root, state, keep, plan, targets, chosen, content, style, t0, lease, recipe, verify=bool(verify)
         )
 
 
 def merge(
     target: nn.Module,
-    content: LoRA | str | os.PathLike | None,
-    style: LoRA | str | os.PathLike | None,
-    hypernet: Hypernet | None = None,
+    content: LoRA | str | os.PathLike | Mapping | None,
+    style: LoRA | str | os.PathLike | Mapping | None = None,
+    hypernet: Hypernet | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     keep_original: str | None = None,
+    weights: Sequence[float] | float | None = None,
     verify: bool = False,
 ) -> Merge:
     """Write ``W = W_original + dW_merged`` into ``target``'s weights in place; a hot swap if merged before.
 
-    target: an ``nn.Module`` (UNet, possibly ``torch.compile``d); content/style: `LoRA`s or paths (one may be
-    None); hypernet: coefficients for the layers of its parts present in both (None: plain sum everywhere);
+    target: an ``nn.Module`` (UNet, possibly ``torch.compile``d); content/style: `LoRA`s, paths (files or
+    directories) or state dicts (one may be None; ``merge(unet, lora)`` merges one LoRA); hypernet: a
+    `Hypernet` or its path, coefficients for the layers of its parts present in both (None: plain sum);
+    weights: one strength per LoRA, ``(w_content, w_style)`` (or one number for one LoRA), multiplying
+    each LoRA's scale (the merge of a LoRA whose alpha is w times as large, also for the hypernetwork);
     hyper_parts: which of the hypernetwork's parts it merges (None: all of `Hypernet.parts`, the parts it
     was trained for; a part outside them is a LayerMismatchError);
     coefficients: ``{name: (m_c [in], m_s [in])}`` overriding any layer; backend: "auto" or a name from
@@ -404,6 +400,7 @@ def merge(
             coefficients=coefficients,
             hyper_parts=hyper_parts,
             keep_original=keep_original,
+            weights=weights,
             verify=verify,
         ).apply()
 
@@ -421,17 +418,24 @@ def current(target: nn.Module) -> Merge | None:
 
 
 def merged_adapter(
-    content: LoRA | str | os.PathLike | None,
-    style: LoRA | str | os.PathLike | None,
-    hypernet: Hypernet | None = None,
+    content: LoRA | str | os.PathLike | Mapping | None,
+    style: LoRA | str | os.PathLike | Mapping | None = None,
+    hypernet: Hypernet | str | os.PathLike | None = None,
     *,
     coefficients: Mapping[str, tuple] | None = None,
     hyper_parts: Sequence[str] | None = None,
     unet_config: Mapping | None = None,
     dtype: torch.dtype = torch.float32,
+    weights: Sequence[float] | float | None = None,
 ) -> LoRA:
-    """The merged pair as a rank-(r_c + r_s) LoRA without touching any model (what `Merge.export` gives)."""
+    """The merged pair as a rank-(r_c + r_s) LoRA without touching any model (what `Merge.export` gives);
+    arguments as `merge`'s."""
+    content, style = check_lora("content", content), check_lora("style", style)
+    strength = strengths(weights, content, style)
+    hypernet = hypernet_argument(hypernet)
+    _check_arguments(hypernet, "auto", coefficients, hyper_parts)
     content, style = _as_lora(content, unet_config), _as_lora(style, unet_config)
+    content, style = scaled(content, strength[0]), scaled(style, strength[1])
     with torch.no_grad():
         plan = plan_pair(content, style, hypernet, coefficients=coefficients, hyper_parts=hyper_parts)
     return LoRA({n: f.as_lora_layer(dtype) for n, f in plan.items()}, source="merged adapter")

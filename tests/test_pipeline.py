@@ -176,8 +176,10 @@ def test_bad_input_is_refused_before_writing(tmp_path):
     (c1, s1), (c2, s2) = _pairs(pipe.unet, 2)
     with pytest.raises(lk.LoraRarError, match="unet"):
         attach(object())
-    with pytest.raises(lk.LoraRarError, match="Hypernet"):
+    with pytest.raises(lk.LoraRarError, match="hypernet.pth"):  # a path is read: this one is missing
         attach(pipe, hypernet="hypernet.pth")
+    with pytest.raises(lk.LoraRarError, match="Hypernet"):
+        attach(pipe, hypernet=3)
     swapper = attach(pipe, hyper)
     m1 = swapper.swap(c1, s1)
     merged = unet_state(pipe)

@@ -168,9 +168,12 @@ def test_wrong_argument_kinds_are_refused_before_anything_is_written(tmp_path):
     net = lk.Hypernet(widths=(16,), hidden=4)
     _untouched(target, lambda: lk.merge(target, c, None, backend=["cpp"]), "backend must be a string")
     _untouched(target, lambda: lk.merge(target, c, c, net, hyper_parts="to_q"), "not the string")
-    _untouched(target, lambda: lk.merge(target, c, None, str(tmp_path / "h.safetensors")), "lk.Hypernet")
+    _untouched(target, lambda: lk.merge(target, c, None, str(tmp_path / "h.safetensors")), "no such file")
+    _untouched(target, lambda: lk.merge(target, c, None, 3), "lk.Hypernet")
     _untouched(target, lambda: lk.merge(target, c, None, coefficients=[1, 2]), "coefficients must be")
-    _untouched(target, lambda: lk.merge(target, net, None), "expected a LoRA")
+    _untouched(
+        target, lambda: lk.merge(target, net, None), "content: got a Hypernet where a LoRA is expected"
+    )
 
 
 def test_tied_weights_are_refused():

@@ -31,7 +31,9 @@ commands:
   demo       the built-in demo on the shipped trained toy world: content only, style only, direct and
              LoRA.rar merges, hot swap, bit-exact restore, with timings and a coefficient heat map
 
-LoRA files: .safetensors (diffusers/PEFT, kohya) or .pth/.bin read with torch.load(weights_only=True).
+LoRA files: .safetensors (diffusers/PEFT, kohya) or .pth/.bin read with torch.load(weights_only=True), or a
+directory holding one (PEFT save_pretrained, diffusers save_lora_weights). One of --content/--style may
+be left out (that LoRA alone); --weights WC WS scales each LoRA's strength.
 Run `lorarar <command> --help` for the options of each command."""
 
 EPILOG = """\
@@ -64,6 +66,18 @@ def _existing_file(flag: str, value: str | None) -> Path | None:
     return p
 
 
+def _existing_lora(flag: str, value: str | None) -> Path | None:
+    """A LoRA file or a directory holding one (PEFT ``save_pretrained``, diffusers ``save_lora_weights``)."""
+    from lorarar_kernels import LoraFileError
+
+    if value is None:
+        return None
+    p = Path(value)
+    if not (p.is_file() or p.is_dir()):
+        raise LoraFileError(f"{flag} {value}: no such file or directory")
+    return p
+
+
 def _quiet_frameworks() -> None:
     """No hub access, and no framework chatter (e.g. optional-dependency notices) on the terminal."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,8 +100,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import lorarar_kernels as lk
     from lorarar_kernels.safeio import read_json
 
-    content = _existing_file("--content", args.content)
-    style = _existing_file("--style", args.style)
+    content = _existing_lora("--content", args.content)
+    style = _existing_lora("--style", args.style)
+    if content is None and style is None:
+        raise lk.LoraRarError("give --content and/or --style")
     hyper_path = _existing_file("--hypernet", args.hypernet)
     config_path = _existing_file("--unet-config", args.unet_config)
     unet_config = read_json(config_path) if config_path is not None else None
@@ -98,10 +114,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     hypernet = _load_hypernet(hyper_path)
     t0 = time.perf_counter()
-    c = lk.LoRA.load(content, unet_config=unet_config)
-    s = lk.LoRA.load(style, unet_config=unet_config)
+    c = lk.LoRA.load(content, unet_config=unet_config) if content is not None else None
+    s = lk.LoRA.load(style, unet_config=unet_config) if style is not None else None
     t1 = time.perf_counter()
-    adapter = lk.merged_adapter(c, s, hypernet, unet_config=unet_config, dtype=dtype)
+    adapter = lk.merged_adapter(c, s, hypernet, unet_config=unet_config, dtype=dtype, weights=args.weights)
     t2 = time.perf_counter()
     adapter.save(args.out, dtype=dtype)
     t3 = time.perf_counter()
@@ -131,8 +147,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not (model / "model_index.json").is_file():
         raise lk.LoraFileError(f"--model {model}: not a diffusers pipeline directory (no model_index.json)")
-    content = _existing_file("--content", args.content)
-    style = _existing_file("--style", args.style)
+    content = _existing_lora("--content", args.content)
+    style = _existing_lora("--style", args.style)
     if content is None and style is None:
         raise lk.LoraRarError("give --content and/or --style")
     from PIL import Image
@@ -160,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         hypernet.to(device)
     t1 = time.perf_counter()
     swapper = attach(pipe, hypernet, backend=args.backend)
-    m = swapper.swap(content, style)
+    m = swapper.swap(content, style, weights=args.weights)
     t2 = time.perf_counter()
     gen = torch.Generator(device).manual_seed(args.seed)
     kwargs = {"num_inference_steps": args.steps, "generator": gen}
@@ -216,9 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{merge,generate,demo}")
     sub.required = True
 
-    def pair_args(p: argparse.ArgumentParser, required: bool) -> None:
-        p.add_argument("--content", required=required, metavar="A", help="content (subject) LoRA file")
-        p.add_argument("--style", required=required, metavar="B", help="style LoRA file")
+    def pair_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--content", metavar="A", help="content (subject) LoRA: a file or a directory holding one"
+        )
+        p.add_argument("--style", metavar="B", help="style LoRA: a file or a directory holding one")
+        p.add_argument(
+            "--weights",
+            nargs=2,
+            type=float,
+            metavar=("WC", "WS"),
+            help="strengths of the content and style LoRAs, multiplying each one's scale (1 1)",
+        )
         p.add_argument(
             "--hypernet",
             metavar="H",
@@ -234,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "up = [s_c B_c | s_s B_s], down = [A_c diag(m_c); A_s diag(m_s)].\n"
         "No model is needed: layer shapes come from the LoRAs.",
     )
-    pair_args(p, required=True)
+    pair_args(p)
     p.add_argument("--out", required=True, metavar="M", help="output .safetensors file")
     p.add_argument(
         "--unet-config",
@@ -256,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, metavar="DIR", help="diffusers pipeline directory (model_index.json)"
     )
-    pair_args(p, required=False)
+    pair_args(p)
     p.add_argument("--prompt", required=True, help="text prompt")
     p.add_argument("--negative-prompt", help="negative prompt")
     p.add_argument("--out", required=True, metavar="IMG", help="output image (.png, .jpg)")

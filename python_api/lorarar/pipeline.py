@@ -20,7 +20,7 @@ thread itself (e.g. from a step callback) does take effect mid-generation.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,8 +28,11 @@ import torch
 from torch import nn
 
 import lorarar_kernels as lk
+from lorarar_kernels.arguments import check_lora, hypernet_argument, strengths
 
-LoRALike = lk.LoRA | str | os.PathLike | None
+from .pipeline_targets import TargetSwap, apply_all, split_lora, swap_progress
+
+LoRALike = lk.LoRA | str | os.PathLike | Mapping | None
 
 
 def _unet(pipe: Any) -> nn.Module:
@@ -45,27 +48,27 @@ def _unet(pipe: Any) -> nn.Module:
 class Swapper:
     """Merges (content, style) pairs into ``pipe.unet`` in place and orders swaps against generations.
 
-    Create it with `attach`. ``hypernet=None`` merges by plain sum (a direct merge).
+    Create it with `attach`. ``hypernet=None`` merges by plain sum (a direct merge). With
+    ``text_encoders=True`` a LoRA's text-encoder layers are merged (plain sum) into the pipeline's
+    ``text_encoder``/``text_encoder_2`` in the same all-or-nothing swap.
     """
 
     def __init__(
         self,
         pipe: Any,
-        hypernet: lk.Hypernet | None = None,
+        hypernet: lk.Hypernet | str | os.PathLike | None = None,
         *,
         backend: str = "auto",
         keep_original: str = "device",
+        text_encoders: bool = True,
         verify: bool = False,
     ) -> None:
         _refuse_meta_offload(_unet(pipe))
-        if hypernet is not None and not isinstance(hypernet, lk.Hypernet):
-            raise lk.LoraRarError(
-                f"hypernet must be a lorarar_kernels.Hypernet or None, got {type(hypernet).__name__}"
-            )
         self.pipe = pipe
-        self.hypernet = hypernet
+        self.hypernet = hypernet_argument(hypernet)
         self.backend = backend
         self.keep_original = keep_original
+        self.text_encoders = bool(text_encoders)
         self.verify = verify  # every swap and reset checks the weights are what lorarar last wrote
 
     @property
@@ -84,53 +87,90 @@ class Swapper:
         ``.timings``, ``.coefficients``), or None when the weights are the original ones."""
         return lk.current(self.unet)
 
-    def load(self, lora: LoRALike) -> lk.LoRA | None:
-        """``lora`` as an `lk.LoRA`: paths are read with the UNet's config (kohya/SGM names mapped)."""
+    @property
+    def text_encoder_merges(self) -> dict[str, lk.Merge]:
+        """``{component name: lk.Merge}`` of the text encoders holding a LoRA's layers now."""
+        found = {}
+        for name in _COMPONENTS:
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, nn.Module) and lk.current(module) is not None:
+                found[name] = lk.current(module)
+        return found
+
+    def load(self, lora: LoRALike, argument: str = "lora") -> lk.LoRA | None:
+        """``lora`` as an `lk.LoRA`: paths (files, directories) and state dicts are read with the UNet's
+        config (kohya/SGM names mapped); LoraRarError naming ``argument`` for anything else."""
+        lora = check_lora(argument, lora)
         if lora is None or isinstance(lora, lk.LoRA):
             return lora
-        if isinstance(lora, (str, os.PathLike)):
-            return lk.LoRA.load(lora, unet_config=getattr(self.unet, "config", None))
-        raise lk.LoraRarError(f"expected an lk.LoRA, a path or None, got {type(lora).__name__}")
+        return lk.LoRA.load(lora, unet_config=getattr(self.unet, "config", None))
 
     def swap(
         self,
         content: LoRALike,
-        style: LoRALike,
+        style: LoRALike = None,
         *,
         coefficients: Mapping[str, tuple] | None = None,
+        weights: Sequence[float] | float | None = None,
+        progress: bool | Callable[[int, int], None] = False,
     ) -> lk.Merge:
-        """Merge ``(content, style)`` into the UNet, replacing whatever pair is merged now.
+        """Merge ``(content, style)`` into the UNet (and their text-encoder layers into the text encoders),
+        replacing whatever pair is merged now.
 
-        content, style: `lk.LoRA`s or paths (one may be None: that LoRA alone); coefficients:
-        ``{layer: (m_c [in], m_s [in])}`` overriding the hypernetwork for those layers. Files are read
-        and the swap prepared (coefficients, factors) before the lock is taken; only the pass over the weights
-        waits for a generation in flight. Bad input raises an
-        `lk.LoraRarError` before any weight is written. Returns the `lk.Merge` handle.
+        content, style: `lk.LoRA`s, paths (files or directories) or state dicts (one may be None:
+        ``swap(lora)`` merges one LoRA); coefficients: ``{layer: (m_c [in], m_s [in])}`` overriding the
+        hypernetwork for those layers; weights: one strength per LoRA (see ``lk.merge``); progress: True
+        for a progress bar (tqdm) over the layers prepared and written, or a callable ``(done, total)``.
+        Files are read and the swap prepared (coefficients, factors) before the lock is taken; only the
+        pass over the weights waits for a generation in flight. Bad input raises an `lk.LoraRarError`
+        before any weight is written, and a failure in any model's pass puts every model back as it was.
+        Returns the UNet's `lk.Merge` handle.
         """
-        content, style = self.load(content), self.load(style)
-        while True:
-            # Prepared without the lock, so coefficients and factors are computed while a generation runs;
-            # only the pass over the weights waits for it.
-            prepared = lk.prepare(
-                self.unet,
-                content,
-                style,
-                self.hypernet,
-                backend=self.backend,
-                coefficients=coefficients,
-                keep_original=self.keep_original,
-                verify=self.verify,
-            )
-            with self.lock:
-                try:
-                    return prepared.apply()
-                except lk.StaleSwapError:  # another swap or reset landed in between: prepare again
-                    continue
+        content, style = self.load(content, "content"), self.load(style, "style")
+        strength = strengths(weights, content, style)
+        with swap_progress(progress) as report:
+            while True:
+                # Prepared without the lock, so coefficients and factors are computed while a generation
+                # runs; only the passes over the weights wait for it.
+                swaps = self._prepare_all(content, style, coefficients, strength, report)
+                with self.lock:
+                    try:
+                        return apply_all(swaps, report)
+                    except lk.StaleSwapError:  # another swap or reset landed in between: prepare again
+                        continue
+
+    def _prepare_all(self, content, style, coefficients, strength, report) -> list[TargetSwap]:
+        """The prepared swap of the UNet, then of every text encoder the pair (or the current one) touches."""
+        report.restart()
+        unet_part = {}
+        te_parts: dict[str, list] = {}
+        for i, lora in enumerate((content, style)):
+            if self.text_encoders:
+                unet_part[i], te = split_lora(lora, self.pipe)
+                for name, part in te.items():
+                    te_parts.setdefault(name, [None, None])[i] = part
+            else:
+                unet_part[i] = lora
+        unet = self.unet
+        swaps = [
+            TargetSwap.prepare("unet", unet, unet_part[0], unet_part[1], self, coefficients, strength, report)
+        ]
+        for name in (*_COMPONENTS,) if self.text_encoders else ():
+            module = getattr(self.pipe, name, None)
+            c, s = te_parts.get(name, (None, None))
+            if isinstance(module, nn.Module) and (c is not None or s is not None or lk.current(module)):
+                swaps.append(TargetSwap.prepare(name, module, c, s, self, None, strength, report))
+        return swaps
 
     def reset(self) -> None:
-        """Put the UNet's original weights back, bit for bit (waits for a generation in flight)."""
+        """Put the original weights of the UNet and the text encoders back, bit for bit (waits for a
+        generation in flight)."""
         with self.lock:
             lk.restore(self.unet, verify=self.verify)
+            for name in _COMPONENTS:
+                module = getattr(self.pipe, name, None)
+                if isinstance(module, nn.Module):
+                    lk.restore(module, verify=self.verify)
 
     @contextmanager
     def hold(self) -> Iterator[Any]:
@@ -151,31 +191,38 @@ class Swapper:
         return f"Swapper({type(self.pipe).__name__}, {pair}, backend={self.backend!r})"
 
 
+_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
 def _source(lora: lk.LoRA | None) -> str:
     return "-" if lora is None else lora.source
 
 
 def attach(
     pipe: Any,
-    hypernet: lk.Hypernet | None = None,
+    hypernet: lk.Hypernet | str | os.PathLike | None = None,
     *,
     backend: str = "auto",
     keep_original: str = "device",
+    text_encoders: bool = True,
     verify: bool = False,
 ) -> Swapper:
     """A `Swapper` for ``pipe`` (any diffusers pipeline with a ``.unet``; the UNet may be compiled).
 
-    hypernet: the LoRA.rar hypernetwork (None: plain-sum merges); backend: "auto" or a name from
-    ``lk.backends()``; keep_original: where the original weights are kept ("device", "host" or "none",
-    see ``lk.merge``); verify: every swap and reset first checks that the UNet's touched weights are bit for
-    bit what lorarar last wrote (``lk.merge(..., verify=True)``: one extra read of them per swap). Nothing is
-    written until the first `Swapper.swap`.
+    hypernet: the LoRA.rar hypernetwork or its path (None: plain-sum merges); backend: "auto" or a name
+    from ``lk.backends()``; keep_original: where the original weights are kept ("device", "host" or
+    "none", see ``lk.merge``); text_encoders: merge the LoRAs' text-encoder layers (plain sum) into the
+    pipeline's text encoders (False: they stay on the LoRA, with a warning); verify: every swap and reset
+    first checks that the touched weights are bit for bit what lorarar last wrote (``lk.merge(...,
+    verify=True)``: one extra read of them per swap). Nothing is written until the first `Swapper.swap`.
 
     Offloading: ``pipe.enable_model_cpu_offload()`` is supported (its hooks move the UNet between devices;
     swaps, resets and generations mix in any order, the weights are merged where they are). Sequential or
     disk offload (weights on the meta device between forwards) is refused here, before anything is written.
     """
-    return Swapper(pipe, hypernet, backend=backend, keep_original=keep_original, verify=verify)
+    return Swapper(
+        pipe, hypernet, backend=backend, keep_original=keep_original, text_encoders=text_encoders, verify=verify
+    )
 
 
 def _refuse_meta_offload(unet: nn.Module) -> None:
