@@ -170,7 +170,10 @@ def hypernet_coefficients(
     out = {}
     c_layers, s_layers = content.unet_layers(), style.unet_layers()
     dev = device if device is not None else hypernet.output[1].weight.device
-    for name in c_layers.keys() & s_layers.keys():
+    # In name order: the layers' coefficients all feed the same input layers, whose gradients are summed in
+    # the order the graph was built. A set's order (or a loaded file's: `safetensors.torch.load` returns
+    # its keys in a different order on every call) made resumed and repeated runs differ in the last bits.
+    for name in sorted(c_layers.keys() & s_layers.keys()):
         if any(name.endswith("." + p) or name == p for p in hypernet.parts):
             c, s = c_layers[name].to(dev), s_layers[name].to(dev)
             out[name] = hypernet.coefficients(c, s)

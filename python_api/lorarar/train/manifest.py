@@ -46,7 +46,9 @@ class Entry:
     image_paths: list[Path] = field(default_factory=list)
 
     def load_lora(self) -> lk.LoRA:
-        return lk.LoRA.load(self.lora_path)
+        lora = lk.LoRA.load(self.lora_path)
+        # layers in name order: the loader's order changes from one load to the next (see lowrank.py)
+        return lk.LoRA(dict(sorted(lora.items())), source=lora.source)
 
     def load_images(self, size: int) -> torch.Tensor:
         """The reference images ``[n, 3, size, size]`` in [-1, 1] (RGB, resized with bicubic filtering)."""
