@@ -43,7 +43,9 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     except OSError as exc:
         raise LoraFileError(f"{p}: cannot be read ({exc})") from None
     try:
-        tensors = load(data)  # copies out of `data`: the tensors own their memory
+        # copies out of `data` (the tensors own their memory); `load` returns the keys in a new order per call,
+        # so sort them: a LoRA's layers come out in one order, whatever run or process read the file
+        tensors = dict(sorted(load(data).items()))
         metadata = _safetensors_metadata(data)
     except Exception as exc:  # safetensors raises several types for truncated/garbage headers
         raise LoraFileError(f"{p}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
