@@ -1,4 +1,4 @@
-"""Hot-swapping (content, style) LoRA pairs in any diffusers pipeline that has a ``.unet``.
+"""Hot-swapping (content, style) LoRA pairs in any diffusers pipeline with a ``.unet`` or a ``.transformer``.
 
     swapper = lorarar.attach(pipe, lk.Hypernet.load("hypernet.pth"))
     swapper.swap("dog.safetensors", "watercolour.safetensors")   # merged into pipe.unet's weights
@@ -6,7 +6,8 @@
     swapper.swap("dog.safetensors", "oil.safetensors")           # hot swap: one pass over the weights
     swapper.reset()                                              # the original weights, bit for bit
 
-Works with SD 1.x, SDXL and KOALA-style UNets, and with a ``torch.compile``d UNet (the engine looks
+Works with SD 1.x, SDXL and KOALA-style UNets, Flux and SD3 transformers (the denoiser: ``pipe.unet`` or
+``pipe.transformer``; "UNet" below means either), and with a ``torch.compile``d denoiser (the engine looks
 through ``_orig_mod``; weights are written in place, so nothing recompiles).
 
 Concurrency: a swap and a generation never overlap. Both hold `lorarar_kernels.target_lock(unet)`, the
@@ -32,14 +33,26 @@ import lorarar_kernels as lk
 LoRALike = lk.LoRA | str | os.PathLike | None
 
 
+# The attributes a diffusers pipeline keeps its denoiser under, in the order they are looked for: UNet
+# pipelines (SD 1.x, SDXL, KOALA) have ``.unet``; diffusion-transformer pipelines (Flux, SD3) ``.transformer``.
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
+def denoiser_name(pipe: Any) -> str:
+    """``"unet"`` or ``"transformer"``: the attribute holding ``pipe``'s denoiser, which is also the component
+    prefix diffusers' ``load_lora_weights`` expects on its LoRA keys. LoraRarError when there is none."""
+    for name in DENOISER_ATTRIBUTES:
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            return name
+    raise lk.LoraRarError(
+        f"{type(pipe).__name__} has neither a `.unet` nor a `.transformer` module; lorarar merges into the "
+        "denoiser of UNet pipelines (SD 1.x, SDXL, KOALA) and diffusion-transformer pipelines (Flux, SD3)"
+    )
+
+
 def _unet(pipe: Any) -> nn.Module:
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise lk.LoraRarError(
-            f"{type(pipe).__name__} has no `.unet` module; lorarar merges into UNet-based pipelines "
-            "(SD 1.x, SDXL, KOALA)"
-        )
-    return unet
+    """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``, see `denoiser_name`)."""
+    return getattr(pipe, denoiser_name(pipe))
 
 
 class Swapper:
@@ -68,8 +81,11 @@ class Swapper:
 
     @property
     def unet(self) -> nn.Module:
-        """``pipe.unet`` as it is now (it may have been wrapped by ``torch.compile`` since `attach`)."""
+        """The denoiser as it is now, ``pipe.unet`` or ``pipe.transformer`` (it may have been wrapped by
+        ``torch.compile`` since `attach`)."""
         return _unet(self.pipe)
+
+    denoiser = unet
 
     @property
     def lock(self):
@@ -83,11 +99,13 @@ class Swapper:
         return lk.current(self.unet)
 
     def load(self, lora: LoRALike) -> lk.LoRA | None:
-        """``lora`` as an `lk.LoRA`: paths are read with the UNet's config (kohya/SGM names mapped)."""
+        """``lora`` as an `lk.LoRA`: paths are read with a UNet's config (kohya/SGM names mapped); a
+        transformer's config is not a UNet config, so transformer LoRAs are read by their keys alone."""
         if lora is None or isinstance(lora, lk.LoRA):
             return lora
         if isinstance(lora, (str, os.PathLike)):
-            return lk.LoRA.load(lora, unet_config=getattr(self.unet, "config", None))
+            config = getattr(self.unet, "config", None) if denoiser_name(self.pipe) == "unet" else None
+            return lk.LoRA.load(lora, unet_config=config)
         raise lk.LoraRarError(f"expected an lk.LoRA, a path or None, got {type(lora).__name__}")
 
     def swap(
@@ -159,7 +177,8 @@ def attach(
     backend: str = "auto",
     keep_original: str = "device",
 ) -> Swapper:
-    """A `Swapper` for ``pipe`` (any diffusers pipeline with a ``.unet``; the UNet may be compiled).
+    """A `Swapper` for ``pipe`` (any diffusers pipeline with a ``.unet`` or a ``.transformer``; it may be
+    compiled).
 
     hypernet: the LoRA.rar hypernetwork (None: plain-sum merges); backend: "auto" or a name from
     ``lk.backends()``; keep_original: where the original weights are kept ("device", "host" or "none",
@@ -169,6 +188,6 @@ def attach(
 
 
 def unet_state(pipe: Any) -> dict[str, torch.Tensor]:
-    """A detached copy of the UNet's parameters and buffers (for bit-exact restore checks)."""
+    """A detached copy of the denoiser's parameters and buffers (for bit-exact restore checks)."""
     unet = getattr(_unet(pipe), "_orig_mod", _unet(pipe))
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
