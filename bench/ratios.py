@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from baselines import PeftFuse, coefficient_forms, cpu_floor_seconds, dense_merge, weights_of
-from lorarar.shapes import AttentionStack
+from lorarar.shapes import ARCH_SHAPES, AttentionStack
 from ratios_table import COLD, RESULTS, Candidate, default_png, replot, table, write_csv, write_png
 from tqdm import tqdm
 from workload import (
@@ -47,6 +47,11 @@ from lorarar_kernels.ops import ApplyJob, cpu_isa
 from lorarar_kernels.ops import reference as torch_backend
 
 CANDIDATES = ("swap", "dense", "peft", "coefficients")
+ARCH_LABEL = {
+    "sdxl": "SDXL attention",
+    "flux": "Flux.1-dev attention",
+    "flux-mlp": "Flux.1-dev attention + MLP",
+}
 MAX_CHECKED_LAYERS = 56  # the correctness check looks at every k-th layer, at most this many
 
 
@@ -55,7 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument(
-        "--fraction", type=int, default=10, help="every k-th SDXL attention layer (1: all 560; default 10)"
+        "--arch",
+        choices=sorted(ARCH_SHAPES),
+        default="sdxl",
+        help="layer shapes: sdxl (560 attention layers), flux (Flux.1-dev's 304 attention layers) or\n"
+        "flux-mlp (Flux.1-dev's 418 attention and MLP layers); default sdxl",
+    )
+    p.add_argument(
+        "--fraction", type=int, default=10, help="every k-th layer of --arch (1: all of them; default 10)"
     )
     p.add_argument("--dtypes", default="fp32,fp16,bf16", help="weight dtypes of the swap and PEFT rows")
     p.add_argument(
@@ -241,11 +253,12 @@ def measure(args, wl: Workload, cands: list[Candidate]) -> tuple[list[float], li
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.replot:
-        return replot(Path(args.csv), args.png, args.fraction)
-    wl = make_workload(args.fraction, hypernet=args.hypernet)
+        return replot(Path(args.csv), args.png, args.fraction, args.arch)
+    wl = make_workload(args.fraction, hypernet=args.hypernet, arch=args.arch)
     meta = machine_info()
     meta.update(
         {
+            "arch": args.arch,
             "fraction": args.fraction,
             "layers": len(wl.shapes),
             "rank": f"{wl.rank}+{wl.rank}",
@@ -260,7 +273,7 @@ def main(argv=None) -> int:
     )
     print(f"# cpp kernel path: {meta['cpu_path']} (paths here: {cpu_isa.available()})")
     print(
-        f"# {len(wl.shapes)} SDXL attention layers (fraction {args.fraction}), "
+        f"# {len(wl.shapes)} {ARCH_LABEL[args.arch]} layers (fraction {args.fraction}), "
         f"{wl.weights() / 1e6:.1f} M weights, "
         f"rank {wl.rank}+{wl.rank}, update {wl.flops() / 1e9:.1f} GFLOP, hypernet {wl.hypernet_source}, "
         f"{args.rounds} interleaved rounds"
@@ -280,7 +293,7 @@ def main(argv=None) -> int:
     print(text)
     if args.csv:
         write_csv(Path(args.csv), rows, meta)
-    png = default_png(args.fraction) if args.png is None else args.png
+    png = default_png(args.fraction, args.arch) if args.png is None else args.png
     if png:
         write_png(
             Path(png),

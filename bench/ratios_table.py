@@ -220,14 +220,21 @@ def write_png(path: Path, rows: list[dict], title: str) -> None:
     plt.close(fig)
 
 
-def default_png(fraction: int) -> str:
+def default_png(fraction: int, arch: str = "sdxl") -> str:
+    if arch != "sdxl":
+        return str(RESULTS / f"cpu_ratios_{arch}_fraction{fraction}.png")
     return str(RESULTS / ("cpu_ratios.png" if fraction == 10 else f"cpu_ratios_fraction{fraction}.png"))
 
 
-def replot(csv_path: Path, png: str | None, fraction: int) -> int:
-    """Redraw the chart of the last run at ``fraction`` recorded in ``csv_path``."""
+def replot(csv_path: Path, png: str | None, fraction: int, arch: str = "sdxl") -> int:
+    """Redraw the chart of the last run at ``fraction`` on ``arch`` recorded in ``csv_path`` (rows written
+    before the ``arch`` column existed are SDXL's)."""
     with csv_path.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["fraction"] == str(fraction)]
+        rows = [
+            r
+            for r in csv.DictReader(fh)
+            if r["fraction"] == str(fraction) and (r.get("arch") or "sdxl") == arch
+        ]
     if not rows:
         print(f"{csv_path}: no rows at fraction {fraction}", file=sys.stderr)
         return 1
@@ -238,7 +245,7 @@ def replot(csv_path: Path, png: str | None, fraction: int) -> int:
                 r[k] = float(v)
     meta = last[0]
     fraction = int(meta["fraction"])
-    path = png or default_png(fraction)
+    path = png or default_png(fraction, arch)
     title = f"{meta['machine']}, {meta['layers']} layers, rank {meta['rank']}, {meta['rounds']} rounds"
     title += f", {meta['commit']}"
     write_png(Path(path), last, title)
