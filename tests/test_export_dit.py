@@ -46,6 +46,25 @@ def test_export_loads_in_diffusers_and_fuses_to_the_same_weights(tmp_path, kind)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6 * max(a.abs().max().item(), 1.0), msg=n)
 
 
+@needs_component_writer
+def test_swapper_export_writes_the_pipelines_component(tmp_path):
+    from lorarar import attach
+
+    pipe = tiny_dit.build_tiny_dit_pipeline(0, kind="flux")
+    swapper = attach(pipe, tiny_dit.default_hypernet(pipe.transformer))
+    with pytest.raises(lk.LoraRarError, match="nothing is merged"):
+        swapper.export(tmp_path / "none.safetensors")
+    swapper.swap(*(tiny_dit.random_transformer_lora(pipe.transformer, r, seed=r) for r in (2, 3)))
+    swapper.export(tmp_path / "pair.safetensors")
+    merged = {n: pipe.transformer.get_submodule(n).weight.detach().clone() for n in swapper.current.layers}
+    fresh = tiny_dit.build_tiny_dit_pipeline(0, kind="flux")
+    fresh.load_lora_weights(str(tmp_path), weight_name="pair.safetensors", adapter_name="pair")
+    fresh.fuse_lora(lora_scale=1.0, components=["transformer"])
+    for n, w in merged.items():
+        got = fresh.transformer.get_submodule(n).weight.detach()
+        torch.testing.assert_close(got, w, rtol=0, atol=1e-6 * max(w.abs().max().item(), 1.0), msg=n)
+
+
 def test_unet_component_is_written_as_before(tmp_path):
     from lorarar.tiny import build_tiny_pipeline, demo_loras
 

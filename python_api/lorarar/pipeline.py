@@ -147,6 +147,16 @@ class Swapper:
         with self.lock:
             lk.restore(self.unet)
 
+    def export(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> None:
+        """Write the pair merged now as one LoRA file (`lk.Merge.export`) under the component prefix this
+        pipeline's ``load_lora_weights`` reads (``unet.`` or ``transformer.``, `denoiser_name`)."""
+        from .export import save_adapter
+
+        current = self.current
+        if current is None:
+            raise lk.LoraRarError(f"{path}: nothing is merged (swap a pair first)")
+        save_adapter(current.export(dtype), path, component=denoiser_name(self.pipe), dtype=dtype)
+
     @contextmanager
     def hold(self) -> Iterator[Any]:
         """``with swapper.hold() as pipe:`` keeps the merged pair in place while the block runs."""
