@@ -14,7 +14,9 @@ def _flux_dev_linears():
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(guidance_embeds=True)  # the defaults are Flux.1's; dev has guidance
-    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {
+        n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
 
 
 def test_flux_shapes_are_the_real_model_layers():
