@@ -1,7 +1,9 @@
-"""The benchmark workload: SDXL attention-layer shapes, random rank-64 LoRA pairs, the official hypernet.
+"""The benchmark workload: SDXL attention-layer shapes, random rank-64 LoRA pairs, the official hypernet;
+or (``arch="flux"``, ``"flux-mlp"``) Flux.1-dev's attention (and MLP) layers with a seeded random
+hypernetwork of Flux's width and default parts.
 
 Shared by `test_bench_merge.py`, `ratios.py` and `gpu_check.py`. No diffusers: the target is
-`lorarar.shapes.AttentionStack` (the real SDXL layer names and shapes, random weights).
+`lorarar.shapes.AttentionStack` (the real layer names and shapes, random weights).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from lorarar.shapes import sdxl_attention_shapes
+from lorarar.shapes import ARCH_SHAPES, FLUX_WIDTH
 
 import lorarar_kernels as lk
+from lorarar_kernels.hypernet import FLUX_PARTS
 
 REPO = Path(__file__).resolve().parents[1]
 # The authors' checkpoint lives beside the repository (../shared/reference/), never inside it.
@@ -43,9 +46,17 @@ def random_lora(shapes, rank: int, seed: int, *, device="cpu", amp: float = AMP,
     return lk.LoRA(layers, source=name or f"random-lora-{seed}")
 
 
-def load_hypernet(path: str | os.PathLike | None = None, *, device="cpu", allow_random: bool = True):
+def load_hypernet(
+    path: str | os.PathLike | None = None, *, device="cpu", allow_random: bool = True, arch: str = "sdxl"
+):
     """``(Hypernet, where from)``: ``path``, else the official SDXL checkpoint, else (if allowed) a seeded
-    random one of the same architecture (same cost; only the coefficient values differ)."""
+    random one of the same architecture (same cost; only the coefficient values differ). For Flux
+    (``arch`` "flux", "flux-mlp"): ``path`` or a seeded random one of width 3072 on Flux's default parts
+    (no trained Flux hypernetwork exists)."""
+    if arch.startswith("flux") and not path:
+        torch.manual_seed(0)
+        net = lk.Hypernet(widths=(FLUX_WIDTH,), hidden=128, parts=FLUX_PARTS)
+        return net.to(device), "random (Flux width and parts)"
     p = Path(path) if path else OFFICIAL_HYPERNET
     if p.is_file():
         return lk.Hypernet.load(p, map_location=device), p.name
@@ -65,6 +76,7 @@ class Workload:
     hypernet: lk.Hypernet
     hypernet_source: str
     rank: int
+    arch: str = "sdxl"
 
     @property
     def update_rank(self) -> int:
@@ -90,16 +102,26 @@ class Workload:
 
 
 def make_workload(
-    fraction: int = 10, *, rank: int = RANK, hypernet=None, device="cpu", allow_random_hypernet: bool = True
+    fraction: int = 10,
+    *,
+    rank: int = RANK,
+    hypernet=None,
+    device="cpu",
+    allow_random_hypernet: bool = True,
+    arch: str = "sdxl",
 ) -> Workload:
-    shapes = sdxl_attention_shapes(fraction)
+    """Every ``fraction``-th layer of ``arch``'s table (`lorarar.shapes.ARCH_SHAPES`), two pairs of rank
+    ``rank`` and the hypernetwork (`load_hypernet`)."""
+    if arch not in ARCH_SHAPES:
+        raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCH_SHAPES)}")
+    shapes = ARCH_SHAPES[arch](fraction)
     pairs = [
         (random_lora(shapes, rank, 10 + 2 * k, device=device, name=f"content{k}"),
          random_lora(shapes, rank, 11 + 2 * k, device=device, name=f"style{k}"))
         for k in range(2)
     ]  # fmt: skip
-    net, source = load_hypernet(hypernet, device=device, allow_random=allow_random_hypernet)
-    return Workload(fraction, shapes, pairs, net, source, rank)
+    net, source = load_hypernet(hypernet, device=device, allow_random=allow_random_hypernet, arch=arch)
+    return Workload(fraction, shapes, pairs, net, source, rank, arch)
 
 
 def gemm_seconds(n: int = 2048, repeats: int = 1, _cache: dict = {}) -> float:  # noqa: B006

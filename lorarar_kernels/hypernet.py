@@ -31,6 +31,14 @@ HYPERNET_FORMAT = "lorarar-hypernet/1"
 # The parts of the authors' networks (their attention query and output projections): the one default of
 # `Hypernet.parts`, used for a network built without parts and a file without them in its metadata.
 DEFAULT_PARTS = ("to_q", "to_out.0")
+# The same choice for diffusion transformers (docs/design.md section 1, "Transformers"): each stream's query
+# and output projection. Flux: the double-stream blocks' image side (`to_q`, `to_out.0`) and text side
+# (`add_q_proj`, `to_add_out`), the single-stream blocks' query (`to_q`) and output (`proj_out`, which reads
+# the attention and the MLP side by side); the pattern keeps the model's final `proj_out` (a different
+# width) out. SD3: its joint blocks' two streams. Every other layer (k, v, MLPs, norms) takes the plain sum.
+FLUX_PARTS = ("to_q", "to_out.0", "add_q_proj", "to_add_out", "single_transformer_blocks.*.proj_out")
+SD3_PARTS = ("to_q", "to_out.0", "add_q_proj", "to_add_out")
+ARCHITECTURE_PARTS = {"unet": DEFAULT_PARTS, "flux": FLUX_PARTS, "sd3": SD3_PARTS}
 
 # id(up factor) -> (weakref to it, {side: (weakref to the input layer's weight, stamp, P)}). Keyed by id
 # (tensors compare elementwise, so they cannot be dict keys); an entry is dropped when its LoRA dies.
@@ -49,8 +57,9 @@ class Hypernet(nn.Module):
     """Per-column merge coefficients for a (content, style) LoRA pair.
 
     widths: the layer widths (``out_features``) it has an input layer for; hidden: its hidden size;
-    parts: the module-name endings whose coefficients it predicts (the others are merged by plain sum); the
-    merge obeys them (`lk.merge`'s ``hyper_parts=None``).
+    parts: the module-name endings whose coefficients it predicts (the others are merged by plain sum; a
+    ``*`` stands for one name component, see `rule.part_of`); the merge obeys them (`lk.merge`'s
+    ``hyper_parts=None``). Defaults per architecture: `ARCHITECTURE_PARTS` (UNet, Flux, SD3).
     State-dict keys follow the authors' checkpoints: ``input_1`` ... ``input_k``, ``output.1``.
     """
 

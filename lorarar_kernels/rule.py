@@ -15,6 +15,8 @@ May import: `errors`, `hypernet`, `lora`.
 
 from __future__ import annotations
 
+import functools
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,11 +57,24 @@ class PairRule:
 
 
 def part_of(name: str, parts: Sequence[str]) -> str | None:
-    """The entry of ``parts`` that ``name`` ends with (``...attn1.to_out.0`` -> ``to_out.0``), else None."""
+    """The entry of ``parts`` that ``name`` ends with (``...attn1.to_out.0`` -> ``to_out.0``), else None.
+
+    Endings are whole name components; a ``*`` in a part stands for one component
+    (``single_transformer_blocks.*.proj_out`` takes ``single_transformer_blocks.3.proj_out``, not the
+    top-level ``proj_out``).
+    """
     for p in parts:
-        if name == p or name.endswith("." + p):
+        if "*" in p:
+            if _pattern(p).fullmatch(name):
+                return p
+        elif name == p or name.endswith("." + p):
             return p
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern(part: str) -> re.Pattern:
+    return re.compile(r"(?:.*\.)?" + r"[^.]+".join(re.escape(piece) for piece in part.split("*")))
 
 
 def resolve_parts(hypernet: Hypernet | None, hyper_parts: Sequence[str] | None) -> tuple[str, ...]:

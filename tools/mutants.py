@@ -238,7 +238,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sum-layers-take-hypernet",
         "lorarar_kernels/rule.py",
-        (('    if name == p or name.endswith("." + p):', "    if True:"),),
+        (('        elif name == p or name.endswith("." + p):', "        elif True:"),),
         ENGINE,
     ),
     Mutant(

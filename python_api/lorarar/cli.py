@@ -100,6 +100,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import lorarar_kernels as lk
     from lorarar_kernels.safeio import read_json
 
+    from .export import save_adapter
+
     content = _existing_lora("--content", args.content)
     style = _existing_lora("--style", args.style)
     if content is None and style is None:
@@ -119,7 +121,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     adapter = lk.merged_adapter(c, s, hypernet, unet_config=unet_config, dtype=dtype, weights=args.weights)
     t2 = time.perf_counter()
-    adapter.save(args.out, dtype=dtype)
+    save_adapter(adapter, args.out, component=_adapter_component(args.component, c, s), dtype=dtype)
     t3 = time.perf_counter()
     ranks = sorted({layer.rank for layer in adapter.values()})
     print(f"content: {c!r}\nstyle:   {s!r}")
@@ -128,6 +130,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"(read {1e3 * (t1 - t0):.1f} ms, merge {1e3 * (t2 - t1):.1f} ms, write {1e3 * (t3 - t2):.1f} ms)"
     )
     return 0
+
+
+def _adapter_component(flag: str | None, *loras) -> str:
+    """The component prefix of the merged adapter's keys: ``--component``, else the inputs' own (a LoRA read
+    from ``transformer.`` keys reports ``component == "transformer"``), else ``unet``."""
+    if flag is not None:
+        return flag
+    found = {getattr(lora, "component", None) for lora in loras} - {None}
+    return found.pop() if len(found) == 1 else "unet"
 
 
 def _dtype_kwarg() -> str:
@@ -267,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the UNet's config.json, to map kohya/SGM layer names of non-SDXL UNets (default: SDXL layout)",
     )
     p.add_argument(
+        "--component",
+        choices=("unet", "transformer"),
+        help="prefix of the written keys: unet (SD 1.x, SDXL) or transformer (Flux, SD3), the one the "
+        "pipeline's load_lora_weights reads (default: the inputs' own, else unet)",
+    )
+    p.add_argument(
         "--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written factors (fp32)"
     )
     p.set_defaults(func=cmd_merge)
@@ -275,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         formatter_class=fmt,
         help="merge a pair into a local diffusers model and generate an image",
-        description="Load a diffusers pipeline directory offline (SD 1.x, SDXL, KOALA: anything with a\n"
-        ".unet), merge the pair into its UNet's weights in place, and generate one image.",
+        description="Load a diffusers pipeline directory offline (SD 1.x, SDXL, KOALA, Flux, SD3: anything\n"
+        "with a .unet or a .transformer), merge the pair into its denoiser's weights in place, and generate\n"
+        "one image.",
     )
     p.add_argument(
         "--model", required=True, metavar="DIR", help="diffusers pipeline directory (model_index.json)"

@@ -1,4 +1,4 @@
-"""Hot-swapping (content, style) LoRA pairs in any diffusers pipeline that has a ``.unet``.
+"""Hot-swapping (content, style) LoRA pairs in any diffusers pipeline with a ``.unet`` or a ``.transformer``.
 
     swapper = lorarar.attach(pipe, lk.Hypernet.load("hypernet.pth"))
     swapper.swap("dog.safetensors", "watercolour.safetensors")   # merged into pipe.unet's weights
@@ -6,7 +6,8 @@
     swapper.swap("dog.safetensors", "oil.safetensors")           # hot swap: one pass over the weights
     swapper.reset()                                              # the original weights, bit for bit
 
-Works with SD 1.x, SDXL and KOALA-style UNets, and with a ``torch.compile``d UNet (the engine looks
+Works with SD 1.x, SDXL and KOALA-style UNets, Flux and SD3 transformers (the denoiser: ``pipe.unet`` or
+``pipe.transformer``; "UNet" below means either), and with a ``torch.compile``d denoiser (the engine looks
 through ``_orig_mod``; weights are written in place, so nothing recompiles).
 
 Concurrency: a swap and a generation never overlap. Both hold `lorarar_kernels.target_lock(unet)`, the
@@ -35,14 +36,26 @@ from .pipeline_targets import TargetSwap, apply_all, split_lora, swap_progress
 LoRALike = lk.LoRA | str | os.PathLike | Mapping | None
 
 
+# The attributes a diffusers pipeline keeps its denoiser under, in the order they are looked for: UNet
+# pipelines (SD 1.x, SDXL, KOALA) have ``.unet``; diffusion-transformer pipelines (Flux, SD3) ``.transformer``.
+DENOISER_ATTRIBUTES = ("unet", "transformer")
+
+
+def denoiser_name(pipe: Any) -> str:
+    """``"unet"`` or ``"transformer"``: the attribute holding ``pipe``'s denoiser, which is also the component
+    prefix diffusers' ``load_lora_weights`` expects on its LoRA keys. LoraRarError when there is none."""
+    for name in DENOISER_ATTRIBUTES:
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            return name
+    raise lk.LoraRarError(
+        f"{type(pipe).__name__} has neither a `.unet` nor a `.transformer` module; lorarar merges into the "
+        "denoiser of UNet pipelines (SD 1.x, SDXL, KOALA) and diffusion-transformer pipelines (Flux, SD3)"
+    )
+
+
 def _unet(pipe: Any) -> nn.Module:
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise lk.LoraRarError(
-            f"{type(pipe).__name__} has no `.unet` module; lorarar merges into UNet-based pipelines "
-            "(SD 1.x, SDXL, KOALA)"
-        )
-    return unet
+    """The pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``, see `denoiser_name`)."""
+    return getattr(pipe, denoiser_name(pipe))
 
 
 class Swapper:
@@ -73,8 +86,11 @@ class Swapper:
 
     @property
     def unet(self) -> nn.Module:
-        """``pipe.unet`` as it is now (it may have been wrapped by ``torch.compile`` since `attach`)."""
+        """The denoiser as it is now, ``pipe.unet`` or ``pipe.transformer`` (it may have been wrapped by
+        ``torch.compile`` since `attach`)."""
         return _unet(self.pipe)
+
+    denoiser = unet
 
     @property
     def lock(self):
@@ -98,12 +114,14 @@ class Swapper:
         return found
 
     def load(self, lora: LoRALike, argument: str = "lora") -> lk.LoRA | None:
-        """``lora`` as an `lk.LoRA`: paths (files, directories) and state dicts are read with the UNet's
-        config (kohya/SGM names mapped); LoraRarError naming ``argument`` for anything else."""
+        """``lora`` as an `lk.LoRA`: paths (files, directories) and state dicts are read with a UNet's
+        config (kohya/SGM names mapped; a transformer's LoRAs by their keys alone); LoraRarError naming
+        ``argument`` for anything else."""
         lora = check_lora(argument, lora)
         if lora is None or isinstance(lora, lk.LoRA):
             return lora
-        return lk.LoRA.load(lora, unet_config=getattr(self.unet, "config", None))
+        config = getattr(self.unet, "config", None) if denoiser_name(self.pipe) == "unet" else None
+        return lk.LoRA.load(lora, unet_config=config)
 
     def swap(
         self,
@@ -172,6 +190,16 @@ class Swapper:
                 if isinstance(module, nn.Module):
                     lk.restore(module, verify=self.verify)
 
+    def export(self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> None:
+        """Write the pair merged now as one LoRA file (`lk.Merge.export`) under the component prefix this
+        pipeline's ``load_lora_weights`` reads (``unet.`` or ``transformer.``, `denoiser_name`)."""
+        from .export import save_adapter
+
+        current = self.current
+        if current is None:
+            raise lk.LoraRarError(f"{path}: nothing is merged (swap a pair first)")
+        save_adapter(current.export(dtype), path, component=denoiser_name(self.pipe), dtype=dtype)
+
     @contextmanager
     def hold(self) -> Iterator[Any]:
         """``with swapper.hold() as pipe:`` keeps the merged pair in place while the block runs."""
@@ -207,7 +235,8 @@ def attach(
     text_encoders: bool = True,
     verify: bool = False,
 ) -> Swapper:
-    """A `Swapper` for ``pipe`` (any diffusers pipeline with a ``.unet``; the UNet may be compiled).
+    """A `Swapper` for ``pipe`` (any diffusers pipeline with a ``.unet`` or a ``.transformer``; it may be
+    compiled).
 
     hypernet: the LoRA.rar hypernetwork or its path (None: plain-sum merges); backend: "auto" or a name
     from ``lk.backends()``; keep_original: where the original weights are kept ("device", "host" or
@@ -237,6 +266,6 @@ def _refuse_meta_offload(unet: nn.Module) -> None:
 
 
 def unet_state(pipe: Any) -> dict[str, torch.Tensor]:
-    """A detached copy of the UNet's parameters and buffers (for bit-exact restore checks)."""
+    """A detached copy of the denoiser's parameters and buffers (for bit-exact restore checks)."""
     unet = getattr(_unet(pipe), "_orig_mod", _unet(pipe))
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
