@@ -120,8 +120,8 @@ def peft_case(tmp: Path, model_name: str, writer: str, *, rslora=False, patterns
       ``adapter_config.json``).
     """
     diffusers = _quiet()
-    from peft import get_peft_model
     from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 

@@ -5,10 +5,9 @@ full grid is printed by ``tools/lora_formats_table.py``)."""
 
 from __future__ import annotations
 
+import formats_oracles as fo
 import pytest
 from formats_helpers import _diffusers
-
-import formats_oracles as fo
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 TOL = 1e-5  # fp32 weights of order 1, differently ordered fp32 products
