@@ -148,3 +148,31 @@ def test_merge_takes_a_state_dict_a_directory_and_a_lora(tmp_path):
         handle.restore()
     with pytest.raises(LoraRarError, match="state dict"):
         lk.merge(tiny_flux(), 42, None)
+
+
+def test_kohya_flux_fused_layers_split_by_rows():
+    """linear1 -> to_q / to_k / to_v / proj_mlp (rows d, d, d, 4d), the same down; final_layer's adaLN
+    modulation -> norm_out.linear with its (shift, scale) halves swapped; rows that do not split refused."""
+    g = torch.Generator().manual_seed(1)
+    d, r = 16, 3
+    down, up = torch.randn(r, d, generator=g), torch.randn(7 * d, r, generator=g)
+    mod_down, mod_up = torch.randn(r, d, generator=g), torch.randn(2 * d, r, generator=g)
+    lora = lk.LoRA.load({
+        "lora_unet_single_blocks_1_linear1.lora_down.weight": down, "lora_unet_single_blocks_1_linear1.lora_up.weight": up,
+        "lora_unet_single_blocks_1_linear1.alpha": torch.tensor(6.0),
+        "lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": mod_down,
+        "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": mod_up,
+    })  # fmt: skip
+    assert lora.component == "transformer"
+    b = "single_transformer_blocks.1."
+    rows = {"attn.to_q": up[:d], "attn.to_k": up[d : 2 * d], "attn.to_v": up[2 * d : 3 * d], "proj_mlp": up[3 * d :]}
+    for part, want in rows.items():
+        layer = lora[b + part]
+        assert torch.equal(layer.down, down) and torch.equal(layer.up, want) and layer.scale == 2.0, part
+    assert torch.equal(lora["norm_out.linear"].up, torch.cat([mod_up[d:], mod_up[:d]]))
+    with pytest.raises(LoraFileError, match="lora_unet_single_blocks_1_linear1.*do not split"):
+        lk.LoRA.load({"lora_unet_single_blocks_1_linear1.lora_down.weight": down,
+                      "lora_unet_single_blocks_1_linear1.lora_up.weight": up[:-1]})  # fmt: skip
+    with pytest.raises(LoraFileError, match="double_blocks_0_img_attn_bogus"):
+        lk.LoRA.load({"lora_unet_double_blocks_0_img_attn_bogus.lora_down.weight": down,
+                      "lora_unet_double_blocks_0_img_attn_bogus.lora_up.weight": up})  # fmt: skip
