@@ -137,9 +137,9 @@ class Merge:
 def _as_lora(x, unet_config) -> LoRA | None:
     if x is None or isinstance(x, LoRA):
         return x
-    if isinstance(x, (str, os.PathLike)):
+    if isinstance(x, (str, os.PathLike, Mapping)):  # a file, a directory holding one, a state dict
         return LoRA.load(x, unet_config=unet_config)
-    raise LoraRarError(f"expected a LoRA, a path or None, got {type(x).__name__}")
+    raise LoraRarError(f"expected a LoRA, a path, a state dict or None, got {type(x).__name__}")
 
 
 def _modules(root: nn.Module) -> dict[str, nn.Module]:

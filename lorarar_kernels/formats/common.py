@@ -12,29 +12,36 @@ import torch
 from ..errors import LoraFileError, LoraRarError
 from ..lora_layer import COMPONENT_PREFIXES, LoRALayer
 
-# Wrappers around a module path that say nothing about it: PEFT's PeftModel, diffusers' pipeline
-# component prefix (scripts that save ``pipe.unet`` inside another wrapper repeat it), torch.compile.
-WRAPPER_PREFIXES = ("base_model.model.", "unet.", "_orig_mod.")
+# Wrappers around a module path that say nothing about it: PEFT's PeftModel, torch.compile.
+WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.")
+# Pipeline component prefixes of the denoiser (diffusers' ``unet.`` / ``transformer.``). Readers keep one
+# as a tag on the name (``transformer.single_transformer_blocks.0.attn.to_q``); `formats.read_lora` strips
+# it and records the LoRA's component.
+DENOISER_PREFIXES = ("unet.", "transformer.")
+TEXT_ENCODERS = tuple(p[:-1] for p in COMPONENT_PREFIXES)
 
 
 def module_name(raw: str) -> str:
-    """A key's module path in our naming: wrappers stripped; UNet unprefixed; text encoders keep theirs."""
-    name = raw
+    """A key's module path in our naming: wrappers stripped; the innermost denoiser prefix kept as a tag
+    (``unet.unet.x`` -> ``unet.x``, ``unet.transformer.x`` -> ``transformer.x``); text encoders keep theirs."""
+    name, tag = raw, ""
     while True:
-        for p in WRAPPER_PREFIXES:
+        for p in WRAPPER_PREFIXES + DENOISER_PREFIXES:
             if name.startswith(p):
                 name = name[len(p) :]
+                tag = p if p in DENOISER_PREFIXES else tag
                 break
         else:
-            return name
+            return tag + name
 
 
-def component_of(name: str) -> tuple[str, str]:
-    """``("text_encoder", "text_model....q_proj")`` or ``("unet", name)``."""
-    for p in COMPONENT_PREFIXES:
+def component_of(name: str) -> tuple[str | None, str]:
+    """``("text_encoder", "text_model....q_proj")``, ``("transformer", name)``, or ``(None, name)`` for a
+    denoiser name without a tag."""
+    for p in COMPONENT_PREFIXES + DENOISER_PREFIXES:
         if name.startswith(p):
             return p[:-1], name[len(p) :]
-    return "unet", name
+    return None, name
 
 
 def scalar(source: str, key: str, t: torch.Tensor) -> float:
@@ -90,3 +97,22 @@ def few(keys: Iterable[str], n: int = 5) -> str:
     keys = sorted(keys)
     shown = ", ".join(repr(k) for k in keys[:n])
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def split_fused(
+    source: str, spelled: str, layer: LoRALayer, split: str, targets: tuple[str, ...], row_blocks
+) -> dict[str, LoRALayer]:
+    """One layer per target module of a fused LoRA layer: the same down and scale, the up's row block
+    (``split == "swap"``: one target, the up's two row halves exchanged). ``row_blocks(split, rows)``
+    gives the blocks' row counts (`formats.flux_names.row_blocks`)."""
+    rows = layer.out_features
+    blocks = row_blocks(split, rows)
+    if blocks is None:
+        raise LoraFileError(
+            f"{source}: layer {spelled!r}: its up has {rows} rows, which do not split into "
+            f"{', '.join(targets)} ({split}); the file is not for a Flux model"
+        )
+    ups = torch.split(layer.up, blocks, dim=0)
+    if split == "swap":
+        return {targets[0]: LoRALayer(layer.down, torch.cat([ups[1], ups[0]]), layer.scale)}
+    return {t: LoRALayer(layer.down, u.contiguous(), layer.scale) for t, u in zip(targets, ups, strict=True)}

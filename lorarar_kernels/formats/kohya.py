@@ -4,8 +4,11 @@
 
 ``scale = alpha / rank``; an absent or zero alpha means ``alpha = rank`` (sd-scripts' ``networks/lora.py``).
 SDXL files name UNet modules after the SGM UNet (``input_blocks_4_1_...``): mapped with `sgm_names`.
+Flux files (sd-scripts' ``flux_train_network``) name the BFL model's modules (``lora_unet_double_blocks_0_
+img_attn_qkv``, ``lora_unet_single_blocks_0_linear1``): mapped, and fused layers split, with `flux_names`;
+their layers are the transformer's. ``lora_transformer_<diffusers name>`` keys are the transformer's too.
 Conv (LoCon) layers: down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``.
-May import: `errors`, `lora_layer`, `formats.common`, `formats.names`, `formats.sgm_names`.
+May import: `errors`, `lora_layer`, `formats.common`, `formats.names`, `formats.sgm_names`, `formats.flux_names`.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import torch
 
 from ..errors import LoraFileError
 from ..lora_layer import LoRALayer
-from .common import few, make_layer, pair_up, scalar
+from .common import few, make_layer, pair_up, scalar, split_fused
+from .flux_names import is_kohya_flux_name, kohya_flux_target, row_blocks
 from .names import dotted_name
 from .sgm_names import is_sgm_name, sgm_block_table, sgm_to_diffusers
 
 ROOTS = {
-    "lora_unet_": "",
+    "lora_unet_": "unet.",
+    "lora_transformer_": "transformer.",
     "lora_te_": "text_encoder.",
     "lora_te1_": "text_encoder.",
     "lora_te2_": "text_encoder_2.",
@@ -54,6 +59,7 @@ def read_kohya(
     used: set[str] = set()
     unmapped: list[str] = []
     table = None
+    fused: dict[str, tuple[str, tuple[str, ...]]] = {}  # Flux name -> (split kind, diffusers modules)
     for key, t in state.items():
         lora_name, _, suffix = key.partition(".")
         root = _root(lora_name)
@@ -65,7 +71,14 @@ def read_kohya(
         if suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
             continue  # left for the caller to report as unknown
         rest = lora_name[len(root) :]
-        if root == "lora_unet_" and is_sgm_name(rest):
+        if root == "lora_unet_" and is_kohya_flux_name(rest):
+            target = kohya_flux_target(rest)
+            if target is None:
+                unmapped.append(lora_name)
+                continue
+            name = "transformer.<flux>." + rest
+            fused[name] = target
+        elif root == "lora_unet_" and is_sgm_name(rest):
             if table is None:
                 table = sgm_block_table(unet_config)
             name = sgm_to_diffusers(rest, table)
@@ -83,8 +96,9 @@ def read_kohya(
             (downs if suffix == "lora_down.weight" else ups)[name] = t
     if unmapped:
         raise LoraFileError(
-            f"{source}: SGM block names with no counterpart in the UNet layout "
-            f"({'given unet_config' if unet_config is not None else 'SDXL base'}): {few(set(unmapped))}"
+            f"{source}: SGM or Flux block names with no counterpart in the model's layout "
+            f"({'given unet_config' if unet_config is not None else 'SDXL base'}; Flux's double and single "
+            f"blocks): {few(set(unmapped))}"
         )
     lonely_alpha = set(alphas) - set(downs) - set(ups)
     if lonely_alpha:
@@ -94,5 +108,13 @@ def read_kohya(
     for name, down, up in pair_up(source, downs, ups, describe=spelled.__getitem__):
         rank = int(down.shape[0])
         alpha = scalar(source, alphas[name], state[alphas[name]]) if name in alphas else 0.0
-        layers[name] = make_layer(source, spelled[name], down, up, alpha / rank if alpha != 0.0 else 1.0)
+        layer = make_layer(source, spelled[name], down, up, alpha / rank if alpha != 0.0 else 1.0)
+        if name not in fused:
+            layers[name] = layer
+            continue
+        split, targets = fused[name]
+        for target, part in split_fused(source, spelled[name], layer, split, targets, row_blocks).items():
+            if "transformer." + target in layers:
+                raise LoraFileError(f"{source}: two kohya Flux layers adapt {target!r} ({spelled[name]!r})")
+            layers["transformer." + target] = part
     return layers, used

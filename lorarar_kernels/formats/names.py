@@ -19,6 +19,10 @@ UNDERSCORE_SEGMENTS = frozenset(
         "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_in", "proj_out", "conv_in", "conv_out",
         "conv_norm_out", "conv_shortcut", "time_emb_proj", "time_embedding", "linear_1", "linear_2",
         "add_embedding", "class_embedding", "encoder_hid_proj", "time_proj",
+        # diffusers' Flux / SD3 transformers
+        "single_transformer_blocks", "ff_context", "norm1_context", "proj_mlp", "x_embedder", "context_embedder",
+        "time_text_embed", "guidance_embedder", "text_embedder", "timestep_embedder", "norm_out", "pos_embed",
+        "norm_added_q", "norm_added_k",
         # SGM / LDM UNet
         "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
         "skip_connection", "time_embed", "label_emb",
