@@ -3,6 +3,7 @@ the commands the README and the GPU lease rely on). Real processes, real workloa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -64,3 +65,25 @@ def test_coefficient_error_within_bound():
 def test_operand_order_times_both_forms():
     out = run("bench/operand_order.py", "--fraction", "70", "--repeats", "2")
     assert out.count("| P |") == 4 and out.count("| H |") == 4 and "not in cache" in out
+
+
+def test_bench_suite_passes_as_tests():
+    """`pytest bench/test_bench_merge.py --benchmark-disable`: every benchmark runs once as a test (each
+    checks its merge against the `torch` backend, itself checked against fp64) on 8 SDXL layers; none may
+    fail, and every swap on the CPU backends and every baseline must really run, not skip."""
+    pytest.importorskip("pytest_benchmark")
+    out = run(
+        "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "bench/test_bench_merge.py", "--benchmark-disable",
+    )  # fmt: skip
+    ran = set(re.findall(r"^PASSED bench/test_bench_merge\.py::(\S+)", out, re.M))
+    import lorarar_kernels as lk
+
+    dtypes = ("fp32", "fp16", "bf16")
+    backends = ["auto"] + [b for b, why in lk.backends("cpu").items() if why is None and b != "triton"]
+    expected = {f"test_swap[{d}-{b}]" for d in dtypes for b in backends}
+    expected |= {f"test_swap_new_loras[{d}]" for d in dtypes} | {"test_dense_path", "test_gemm_floor"}
+    expected |= {"test_coefficients[lowrank]", "test_coefficients[dense]"}
+    if importlib.util.find_spec("peft") is not None:
+        expected |= {f"test_peft_fuse[{d}]" for d in dtypes}
+    assert "cpp" in backends and expected <= ran, (sorted(expected - ran), out[-3000:])
+    assert not re.search(r"\b(failed|error)", out.splitlines()[-1]), out[-3000:]

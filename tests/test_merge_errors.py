@@ -138,3 +138,16 @@ def test_dtype_conversion_is_refused():
     module.float()
     with pytest.raises(lk.TargetModifiedError):
         lk.merge(module, rand_lora(SHAPES, 2, 5), None)
+
+
+def test_replaced_parameter_is_refused_at_merge():
+    """A merged layer whose Parameter object was replaced (e.g. a reload into a new Parameter): the next
+    merge refuses, names the layer, and changes no weight."""
+    module = setup_merged()
+    mod = module.get_submodule(Q)
+    mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+    before = weights(module)
+    with pytest.raises(lk.TargetModifiedError, match="Parameter was replaced") as err:
+        lk.merge(module, rand_lora(SHAPES, 2, 5), None)
+    assert Q in str(err.value)
+    assert all(torch.equal(before[n], p) for n, p in weights(module).items())

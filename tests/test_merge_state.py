@@ -58,7 +58,12 @@ def test_prepared_swap_plan_is_refused_once_stale():
 
 def test_restore_of_a_never_merged_target_changes_nothing():
     target = AttentionStack(SMALL, seed=1)
-    prepared = lk.prepare(target, rand_lora(SMALL, 2, 1), None)
+    before = {n: p.detach().clone() for n, p in target.named_parameters()}
+    lora = rand_lora(SMALL, 2, 1)
+    prepared = lk.prepare(target, lora, None)
     lk.restore(target)  # nothing merged: no transition, the prepared swap stays fresh
+    assert all(torch.equal(before[n], p) for n, p in target.named_parameters())
     prepared.apply()
-    assert lk.current(target) is not None
+    cur = lk.current(target)
+    assert cur is not None and cur.content is lora and cur.style is None
+    assert all(not torch.equal(before[n], p) for n, p in target.named_parameters())

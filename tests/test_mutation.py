@@ -13,17 +13,38 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from mutants import MUTANTS  # noqa: E402
+import mutate  # noqa: E402
+from mutants import MUTANTS, Mutant  # noqa: E402
 
 
-def test_mutant_list_is_well_formed():
-    ids = [m.id for m in MUTANTS]
-    assert len(ids) == len(set(ids))
-    for m in MUTANTS:
-        assert m.tests and all((ROOT / t.split("::")[0]).is_file() for t in m.tests), m.id
-        for f, old, new in m.edits():
-            text = (ROOT / f).read_text()
-            assert old != new and (text.count(old) == 1 or (m.every and text.count(old) > 1)), (m.id, f)
+def test_every_mutant_still_applies_exactly_once():
+    """`tools/mutate.py --check` on the working tree: a refactor that moves or rewrites a mutated line must
+    re-target its mutant, never retire it silently (the full run would stop at it; this finds it in seconds)."""
+    assert mutate.check(ROOT, MUTANTS) == []
+    assert all(m.tests for m in MUTANTS)
+    assert mutate.main(["--check"]) == 0
+
+
+def test_check_reports_a_mutant_that_no_longer_applies():
+    """The check itself can fail: text not in the file, text twice, a no-op edit, a missing file or test
+    target, a duplicate id are each reported by id."""
+    rule = "lorarar_kernels/rule.py"
+    twice = "import"  # surely more than once in rule.py
+    broken = (
+        Mutant("gone", rule, (("this text is in no file", "x"),), ("tests/test_rule.py",)),
+        Mutant("twice", rule, ((twice, "x"),), ("tests/test_rule.py",)),
+        Mutant("noop", rule, (("def ", "def "),), ("tests/test_rule.py",), every=True),
+        Mutant("no-file", "lorarar_kernels/no_such_file.py", (("a", "b"),), ("tests/test_rule.py",)),
+        Mutant("no-test", rule, (("def ", "def  "),), ("tests/test_no_such_file.py",), every=True),
+        MUTANTS[0],
+        MUTANTS[0],
+    )
+    lines = mutate.check(ROOT, broken)
+    for mid, what in [("gone", "0 times"), ("twice", "times (expected once)"), ("noop", "changes nothing"),
+                      ("no-file", "does not exist"), ("no-test", "test target"),
+                      (MUTANTS[0].id, "used twice")]:  # fmt: skip
+        assert any(line.startswith(f"{mid}: ") and what in line for line in lines), (mid, lines)
+    assert len(lines) == 6, lines
 
 
 def test_reduced_mutation_run_kills_every_mutant():

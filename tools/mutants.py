@@ -225,6 +225,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "lorarar_kernels/merge.py",
         (("    if known is not None and known.param is not w:", "    if False:"),),
         ("tests/test_merge_errors.py", "tests/test_merge_in_place.py"),
+        accepted="equivalent: TargetState.check_untouched refuses a replaced Parameter first, naming the layer "
+        "and changing nothing (tests/test_merge_errors.py::test_replaced_parameter_is_refused_at_merge passes "
+        "with and without this check); it is a second guard",
     ),
     Mutant(
         "several-devices-accepted",

@@ -5,6 +5,7 @@ repository, run the tests that should catch it, and report killed / survived and
     python tools/mutate.py --fast     # the reduced set the default suite runs (tests/test_mutation.py)
     python tools/mutate.py --only relu-removed,cpp-bf16-truncates   # some by id
     python tools/mutate.py --list
+    python tools/mutate.py --check    # does every mutant still apply exactly once? (seconds; in the suite)
 
 The working tree is never touched: the scratch copy holds the tracked and untracked (not ignored) files,
 and imports come from it (``PYTHONPATH``; the editable install's import hook is removed). Python mutants reuse the installed
@@ -109,20 +110,46 @@ def run_tests(scratch: Path, tests, timeout: float) -> tuple[bool, str]:
     return r.returncode == 0, tail[0]
 
 
+def mutated_texts(root: Path, mutant: Mutant) -> tuple[dict[str, str], list[str]]:
+    """(the mutated texts of the files ``mutant`` edits under ``root``, its problems): an edit whose text is
+    not found exactly once (``every``: at least once), or that changes nothing, is a problem."""
+    texts: dict[str, str] = {}
+    problems: list[str] = []
+    for f, old, new in mutant.edits():
+        if not (root / f).is_file():
+            problems.append(f"{f} does not exist")
+            continue
+        text = texts.get(f) or (root / f).read_text()
+        n = text.count(old)
+        if old == new:
+            problems.append(f"{f}: the edit changes nothing")
+        elif n == 0 or (n > 1 and not mutant.every):
+            expected = "at least once" if mutant.every else "once"
+            problems.append(f"{f} holds its text {n} times (expected {expected})")
+        else:
+            texts[f] = text.replace(old, new)
+    for t in mutant.tests:
+        if not (root / t.split("::")[0]).is_file():
+            problems.append(f"test target {t} does not exist")
+    return texts, problems
+
+
+def check(root: Path, mutants) -> list[str]:
+    """One line per mutant that no longer applies to ``root`` (empty: every one does)."""
+    bad = []
+    ids = [m.id for m in mutants]
+    bad += [f"{i}: the id is used twice" for i in sorted({i for i in ids if ids.count(i) > 1})]
+    for m in mutants:
+        bad += [f"{m.id}: {p}" for p in mutated_texts(root, m)[1]]
+    return bad
+
+
 def apply(scratch: Path, mutant: Mutant) -> dict[str, str]:
     """Write ``mutant`` into the scratch copy; returns the original texts to put back."""
-    originals: dict[str, str] = {}
-    texts: dict[str, str] = {}
-    for f, old, new in mutant.edits():
-        text = texts.get(f) or (scratch / f).read_text()
-        originals.setdefault(f, text)
-        n = text.count(old)
-        if n == 0 or (n > 1 and not mutant.every):
-            raise SystemExit(
-                f"mutate: mutant {mutant.id!r}: {f} holds its text {n} times (expected once); "
-                "update tools/mutants.py"
-            )
-        texts[f] = text.replace(old, new)
+    texts, problems = mutated_texts(scratch, mutant)
+    if problems:
+        raise SystemExit(f"mutate: mutant {mutant.id!r}: {'; '.join(problems)}; update tools/mutants.py")
+    originals = {f: (scratch / f).read_text() for f in texts}
     for f, text in texts.items():
         (scratch / f).write_text(text)
     return originals
@@ -135,6 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated mutant ids")
     ap.add_argument("--python-only", action="store_true", help="skip the C++ mutants (no rebuilds)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument(
+        "--check", action="store_true",
+        help="only check that every chosen mutant still applies exactly once to the working tree (seconds)",
+    )  # fmt: skip
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
     args = ap.parse_args(argv)
@@ -149,6 +180,12 @@ def main(argv=None) -> int:
         chosen = [m for m in chosen if m.fast]
     if args.python_only:
         chosen = [m for m in chosen if not m.native]
+    if args.check:
+        bad = check(ROOT, chosen)
+        for line in bad:
+            print(f"does not apply: {line}")
+        print(f"check: {len(chosen) - len({b.split(':')[0] for b in bad})}/{len(chosen)} mutants apply")
+        return 1 if bad else 0
     if args.list:
         for m in chosen:
             print(f"{m.id:40s} {'fast ' if m.fast else ''}{'C++ ' if m.native else ''}{m.file}")
