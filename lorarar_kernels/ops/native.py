@@ -6,7 +6,8 @@ Both compute, for every job (see `lorarar_kernels.ops`),
 
 - `cpp` (csrc/cpu_apply.cpp): fp32 FMA accumulation from zero over k = 0..R-1 in order, + fp32(src), one
   round-to-nearest-even on write-back; down * S is formed in fp32 while packing. Bits do not depend on the
-  thread count (torch.get_num_threads() threads, OpenMP).
+  thread count (torch.get_num_threads() threads, OpenMP). Every path tests what it writes for Inf/NaN
+  in registers on the write-back; `run()` raises `NonFiniteError` naming the first such layer.
 - `cuda` (csrc/cuda_apply.cu): one launch for all layers of a dtype (a device-side layer table built once
   per swap plan). fp16/bf16 weights: `up` and `down * S` (formed in fp32) are rounded to the weight's
   16-bit type (round-to-nearest-even) before the tensor-core MMA; fp32 accumulation, + fp32(src), one
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import LayerMismatchError, LoraRarError
+from ..errors import LayerMismatchError, LoraRarError, non_finite
 from . import ApplyJob, cpu_isa
 from .validate import check_job
 from .validate import rows_ok as _rows_ok
@@ -164,11 +165,14 @@ class CppPlan:
         if not self.jobs:
             return
         try:
-            _C.cpu_apply(
+            bad = _C.cpu_apply(
                 self.table.data_ptr(), len(self.jobs), torch.get_num_threads(), cpu_isa.code(self.path)
             )
         except ValueError as exc:
             raise _reraise(exc, [job.name for job in self.jobs]) from None
+        if bad >= 0:  # flagged on the write-back (csrc/cpu_blocking.h); every job was still written
+            job = self.jobs[bad]
+            raise non_finite(job.name, job.dst.dtype, "cpp")
 
 
 def can_pack(up: torch.Tensor, down: torch.Tensor) -> bool:
