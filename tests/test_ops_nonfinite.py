@@ -67,7 +67,9 @@ def job(name, shape, dtype, where, delta, *, in_place=False, sources=False, seed
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_a_result_that_rounds_to_inf_is_caught_and_the_largest_finite_one_is_not(backend, dtype, shape, monkeypatch):
+def test_a_result_that_rounds_to_inf_is_caught_and_the_largest_finite_one_is_not(
+    backend, dtype, shape, monkeypatch
+):
     rows, cols = shape
     _, finite_delta, inf_delta = LIMITS[dtype]
     for where in ((0, 0), (rows // 2, cols // 2), (rows - 1, cols - 1), (rows - 1, 0)):

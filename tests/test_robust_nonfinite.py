@@ -26,7 +26,9 @@ def _backend(path: str | None):
     if path is None:
         return pytest.param(("torch", None), id="torch")
     why = WHY or RUNS[path]
-    return pytest.param(("cpp", path), marks=pytest.mark.skipif(why is not None, reason=f"{path}: {why}"), id=path)
+    return pytest.param(
+        ("cpp", path), marks=pytest.mark.skipif(why is not None, reason=f"{path}: {why}"), id=path
+    )
 
 
 BACKENDS = [_backend(None), *(_backend(p) for p in cpu_isa.PATHS)]
@@ -78,7 +80,9 @@ def test_a_huge_scale_is_an_error_and_the_weights_are_the_state_before(backend, 
     assert _equal(weights(target), orig)
 
     # a hot swap from a good pair: the old pair stays, bit for bit, and restore() still gives the original
-    good = lk.merge(target, rand_lora(SHAPES, 2, 1), rand_lora(SHAPES[:2], 3, 2), backend=name, keep_original=keep)
+    good = lk.merge(
+        target, rand_lora(SHAPES, 2, 1), rand_lora(SHAPES[:2], 3, 2), backend=name, keep_original=keep
+    )
     old = weights(target)
     with pytest.raises(lk.NonFiniteError):
         lk.merge(target, huge_lora(dtype), rand_lora(SHAPES[:2], 3, 2), backend=name)
@@ -103,7 +107,9 @@ def test_with_keep_original_none_a_non_finite_pass_marks_the_target_broken(backe
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keep", ("device", "host"))
-def test_nan_written_through_data_after_the_finiteness_was_remembered_never_reaches_the_weights(backend, keep, use):
+def test_nan_written_through_data_after_the_finiteness_was_remembered_never_reaches_the_weights(
+    backend, keep, use
+):
     name = use(backend)
     content, style = rand_lora(SHAPES, 2, 1), rand_lora(SHAPES[:2], 3, 2)
     target = AttentionStack(SHAPES, dtype=torch.bfloat16, seed=5)
