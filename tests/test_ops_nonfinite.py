@@ -35,12 +35,29 @@ def _path(p: str):
     return pytest.param(p, marks=pytest.mark.skipif(why is not None, reason=f"{p}: {why}"), id=p)
 
 
-BACKENDS = ["torch", *(_path(p) for p in cpu_isa.PATHS)]
+def _triton():
+    try:
+        from lorarar_kernels.ops import triton_apply
+    except Exception as exc:  # Triton absent or broken
+        why = f"Triton cannot be imported ({exc})"
+    else:
+        why = triton_apply.unavailable(CPU)  # CPU tensors: the interpreter (conftest sets TRITON_INTERPRET)
+    return pytest.param(
+        "triton", marks=pytest.mark.skipif(why is not None, reason=f"triton: {why}"), id="triton"
+    )
+
+
+BACKENDS = ["torch", _triton(), *(_path(p) for p in cpu_isa.PATHS)]
 
 
 def run(backend: str, jobs, monkeypatch) -> None:
     if backend == "torch":
         reference.TORCH.plan(jobs).run()
+        return
+    if backend == "triton":
+        from lorarar_kernels.ops import triton_backend
+
+        triton_backend.TRITON.plan(jobs).run()
         return
     monkeypatch.setenv(cpu_isa.ENV, backend)
     native.CPP.plan(jobs).run()
@@ -72,9 +89,10 @@ def test_a_result_that_rounds_to_inf_is_caught_and_the_largest_finite_one_is_not
 ):
     rows, cols = shape
     _, finite_delta, inf_delta = LIMITS[dtype]
-    for where in ((0, 0), (rows // 2, cols // 2), (rows - 1, cols - 1), (rows - 1, 0)):
+    places = ((0, 0), (rows // 2, cols // 2), (rows - 1, cols - 1), (rows - 1, 0))
+    for where in places[::2] if backend == "triton" else places:  # the interpreter is slow
         for in_place in (False, True):
-            for sources in (False, True) if backend != "torch" else (False,):
+            for sources in (False, True) if backend not in ("torch", "triton") else (False,):
                 ok = job("ok", shape, dtype, where, finite_delta, in_place=in_place, sources=sources)
                 run(backend, [ok], monkeypatch)
                 assert torch.isfinite(ok.dst).all()

@@ -4,7 +4,7 @@ remembered them as finite, raises `NonFiniteError` from the kernel's write-back 
 back: with keep_original "device"/"host" the weights are the state before bit for bit (the original
 weights, or the old pair of a hot swap) and `restore()` is exact. With "none" there is no snapshot to roll
 back from: the target is marked broken and `restore()` says to reload the weights.
-Every CPU kernel path of `cpp` and the `torch` backend, fp16 and bf16 weights.
+Every CPU kernel path of `cpp`, the `torch` backend and `triton` (its interpreter here), fp16 and bf16.
 """
 
 from __future__ import annotations
@@ -22,6 +22,20 @@ WHY = native.CPP.unavailable(torch.device("cpu"))
 RUNS = cpu_isa.available()
 
 
+def _triton():
+    try:
+        from lorarar_kernels.ops import triton_apply
+    except Exception as exc:  # Triton absent or broken
+        why = f"Triton cannot be imported ({exc})"
+    else:
+        why = triton_apply.unavailable(
+            torch.device("cpu")
+        )  # the interpreter (conftest sets TRITON_INTERPRET)
+    return pytest.param(
+        ("triton", None), marks=pytest.mark.skipif(why is not None, reason=f"{why}"), id="triton"
+    )
+
+
 def _backend(path: str | None):
     if path is None:
         return pytest.param(("torch", None), id="torch")
@@ -31,7 +45,7 @@ def _backend(path: str | None):
     )
 
 
-BACKENDS = [_backend(None), *(_backend(p) for p in cpu_isa.PATHS)]
+BACKENDS = [_backend(None), _triton(), *(_backend(p) for p in cpu_isa.PATHS)]
 # per weight dtype, a LoRA scale whose delta (rank 4, factors in [1, 1 + 2^-10)) rounds to Inf there
 HUGE_SCALE = {torch.float16: 1e5, torch.bfloat16: 8.5e37}
 
