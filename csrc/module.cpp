@@ -354,18 +354,23 @@ PYBIND11_MODULE(_C, m) {
         "None when CUDA device `device` can run the compiled kernels, else why not.");
   m.def(
       "cuda_apply",
-      [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t dtype, int device, int64_t stream) {
+      [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t dtype, int device, int64_t stream,
+         int64_t first_bad) {
         require_cuda();
         if (dtype < 0 || dtype > 2) throw std::invalid_argument("bad dtype code");
         if (table == 0 || n_jobs < 1 || tiles < 1) throw std::invalid_argument("empty plan");
+        if (first_bad == 0) throw std::invalid_argument("null non-finite flag");
 #ifdef LORARAR_WITH_CUDA
-        lorarar::cuda_apply(table, n_jobs, tiles, dtype, device, stream);
+        lorarar::cuda_apply(table, n_jobs, tiles, dtype, device, stream, first_bad);
 #else
         (void)device, (void)stream;
 #endif
       },
       py::arg("table"), py::arg("n_jobs"), py::arg("total_tiles"), py::arg("dtype"), py::arg("device"),
-      py::arg("stream"), "Grouped apply of a plan_apply plan (device copy) on `stream`; no sync, no alloc.");
+      py::arg("stream"), py::arg("first_bad"),
+      "Grouped apply of a plan_apply plan (device copy) on `stream`; no sync, no alloc. `first_bad`: a "
+      "device int32 the caller sets to INT32_MAX; the kernel lowers it to the first job that wrote +-Inf "
+      "or NaN.");
   m.def(
       "cuda_coefficients",
       [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t hidden, int64_t b1, int64_t w2, int64_t b2,
