@@ -29,7 +29,9 @@ class StaleSwapError(LoraRarError):
 
 class NonFiniteError(LoraRarError):
     """A pass over the weights wrote +-Inf or NaN (after rounding to the weight's dtype), seen by the
-    kernel on its write-back. Raised by every backend's ``run()``; a swap's transaction rolls back.
+    kernel on its write-back. Raised by every backend's ``run()`` after the pass has written; a swap's
+    transaction then rolls back (keep_original "device"/"host": the state before, bit for bit; "none": no
+    snapshot, so the target is marked broken and ``restore()`` says to reload the weights).
     ``layer`` is the first such layer of the pass (None when the backend cannot say which)."""
 
     def __init__(self, message: str, layer: str | None = None) -> None:
@@ -44,6 +46,7 @@ def non_finite(layer: str | None, dtype: object, backend: str) -> NonFiniteError
         f"{where}: merging would write Inf or NaN into its {str(dtype).replace('torch.', '')} weights "
         f"({backend} backend): the delta overflows the weight's range, or a LoRA factor holds NaN/Inf "
         "(e.g. changed in place through .data after it was checked); lower the LoRA scale or coefficients, "
-        "or check the LoRA files. The swap was rolled back (keep_original 'device'/'host')",
+        "or check the LoRA files and the model's weights. A swap rolls back (keep_original 'device'/'host'); "
+        "with 'none' the weights must be reloaded",
         layer,
     )
