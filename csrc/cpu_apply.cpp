@@ -9,6 +9,9 @@
 //   avx512    cpu_apply_avx512.cpp    12 x 32 zmm tile, fp32 FMA                    same bits
 //   amx       cpu_apply_amx.cpp       bf16 weights on AMX tiles (operands rounded to bf16 once, fp32
 //                                     accumulation); fp32/fp16 weights take the avx512 code
+// Every path tests the values it writes for Inf/NaN on the write-back itself (cpu_blocking.h:
+// nonfinite_from), one flag per task, so the caller learns the first layer written non-finite without a
+// second pass; the pass still writes every task (the caller rolls the swap back).
 // The path comes from cpuid at run time (cpu_isa.cpp) or from the caller (LORARAR_CPU_PATH in Python).
 #include "cpu_apply.h"
 
@@ -59,7 +62,7 @@ CpuTaskFn task_fn(int path, int64_t dtype) {
 
 }  // namespace
 
-void cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads, int path) {
+int64_t cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads, int path) {
   if (path < 0) path = cpu_best_path();
   const std::string why = cpu_path_unsupported(path);
   if (!why.empty()) throw std::runtime_error(std::string("CPU path ") + cpu_path_name(path) + ": " + why);
@@ -77,6 +80,7 @@ void cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads, int path) {
   }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const int64_t scratch = scratch_floats(max_rank);
+  std::vector<uint8_t> task_bad(static_cast<size_t>(n_tasks), 0);  // each written by its task's thread
   bool failed = false;
 #ifndef _OPENMP
   (void)n_threads;
@@ -99,7 +103,7 @@ void cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads, int path) {
       if (ap == nullptr || bp == nullptr) continue;
       const Task& t = tasks[n];
       const Job& job = jobs[t.job];
-      task_fn(path, job.dtype)(job, t.r0, t.c0, ap, bp);
+      task_bad[n] = task_fn(path, job.dtype)(job, t.r0, t.c0, ap, bp) ? 1 : 0;
     }
 #ifdef LORARAR_HAVE_AMX
     if (amx) amx_thread_end();
@@ -109,6 +113,10 @@ void cpu_apply(const Job* jobs, int64_t n_jobs, int n_threads, int path) {
   }
   (void)amx;
   if (failed) throw std::bad_alloc();
+  for (int64_t n = 0; n < n_tasks; ++n) {  // tasks are in job order: the first flagged is the first job
+    if (task_bad[n]) return tasks[n].job;
+  }
+  return -1;
 }
 
 }  // namespace lorarar

@@ -87,28 +87,33 @@ void pack_up_rows(const Job& job, int64_t r0, int64_t k_pad, uint16_t* ap, float
   }
 }
 
-// dst rows [r, r + mr) x columns [c, c + nr) = round(src + acc), acc [32][32] fp32.
-void epilogue(const Job& job, int64_t r, int64_t c, int64_t mr, int64_t nr, const float* acc) {
+// dst rows [r, r + mr) x columns [c, c + nr) = round(src + acc), acc [32][32] fp32. Returns whether any
+// written value is non-finite.
+bool epilogue(const Job& job, int64_t r, int64_t c, int64_t mr, int64_t nr, const float* acc) {
   const char* src = reinterpret_cast<const char*>(job.src);
   char* dst = reinterpret_cast<char*>(job.dst);
   const __mmask16 m0 = mask_of(nr), m1 = mask_of(nr - 16);
+  __mmask16 bad = 0;
   if (nr == kCols && can_stream(job, 2)) {  // c is a multiple of 32: every row write is one whole line
     for (int64_t i = 0; i < mr; ++i) {
       const char* s = src + ((r + i) * job.ld_src + c) * 2;
       const __m512 lo = _mm512_add_ps(load_n<kBFloat16>(s, m0), _mm512_load_ps(acc + i * kCols));
       const __m512 hi = _mm512_add_ps(load_n<kBFloat16>(s + 32, m1), _mm512_load_ps(acc + i * kCols + 16));
+      bad |= nonfinite16<kBFloat16>(m0, lo) | nonfinite16<kBFloat16>(m1, hi);
       stream32<kBFloat16>(dst + ((r + i) * job.ld_dst + c) * 2, lo, hi);
     }
-    return;
+    return bad != 0;
   }
   for (int64_t i = 0; i < mr; ++i) {
     const char* s = src + ((r + i) * job.ld_src + c) * 2;
     char* d = dst + ((r + i) * job.ld_dst + c) * 2;
     const __m512 lo = _mm512_add_ps(load_n<kBFloat16>(s, m0), _mm512_load_ps(acc + i * kCols));
     const __m512 hi = _mm512_add_ps(load_n<kBFloat16>(s + 32, m1), _mm512_load_ps(acc + i * kCols + 16));
+    bad |= nonfinite16<kBFloat16>(m0, lo) | nonfinite16<kBFloat16>(m1, hi);
     store_n<kBFloat16>(d, lo, m0);
     store_n<kBFloat16>(d + 32, hi, m1);
   }
+  return bad != 0;
 }
 
 }  // namespace
@@ -127,7 +132,7 @@ void amx_thread_begin() {
 
 void amx_thread_end() { _tile_release(); }
 
-void cpu_task_amx(const Job& job, int64_t r_task, int64_t c_task, float* ap_f, float* bp_f) {
+bool cpu_task_amx(const Job& job, int64_t r_task, int64_t c_task, float* ap_f, float* bp_f) {
   const int64_t nc = lmin(block_cols(job.rank), job.cols - c_task);
   const int64_t nc_pad = round_up(nc, kCols);
   const int64_t k_pad = round_up(lmax(job.rank, 1), kKStep);
@@ -139,6 +144,7 @@ void cpu_task_amx(const Job& job, int64_t r_task, int64_t c_task, float* ap_f, f
   uint32_t* bp = reinterpret_cast<uint32_t*>(bp_f);
   pack_down_pairs(job, c_task, nc, nc_pad, k_pad, bp, scratch);
   alignas(64) float acc[kRows * kCols];
+  bool bad = false;
   const int64_t r_end = lmin(job.rows, r_task + kTaskRows);
   const int64_t a_stride = k_pad * 2, b_stride = nc_pad * 4;
   for (int64_t r0 = r_task; r0 < r_end; r0 += kRows) {
@@ -163,10 +169,11 @@ void cpu_task_amx(const Job& job, int64_t r_task, int64_t c_task, float* ap_f, f
       _tile_stored(1, acc + 16, kCols * 4);
       _tile_stored(2, acc + 16 * kCols, kCols * 4);
       _tile_stored(3, acc + 16 * kCols + 16, kCols * 4);
-      epilogue(job, r0, c_task + j, lmin(kRows, r_end - r0), lmin(kCols, nc - j), acc);
+      bad |= epilogue(job, r0, c_task + j, lmin(kRows, r_end - r0), lmin(kCols, nc - j), acc);
     }
   }
   _mm_sfence();  // the task's streaming stores are globally visible before the pass returns
+  return bad;
 }
 
 }  // namespace lorarar

@@ -57,6 +57,13 @@ inline void store16(char* p, __m256 lo, __m256 hi) {
   }
 }
 
+// All-ones lanes where round_DT(v) is non-finite (the test of cpu_blocking.h; |bits| fits a signed int).
+template <int DT>
+inline __m256i nonfinite8(__m256 v) {
+  const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
+  return _mm256_cmpgt_epi32(a, _mm256_set1_epi32(static_cast<int>(nonfinite_from<DT>() - 1)));
+}
+
 // acc[6][16] = sum_k a[k][i] * b[k][j], k ascending, from zero (12 ymm accumulators).
 inline void tile_6x16(int64_t K, const float* __restrict a, const float* __restrict b, __m256* acc) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
@@ -107,11 +114,11 @@ inline void prefetch_next(const Job& job, int64_t r, int64_t c) {
 struct Avx2Tile {
   static constexpr int MR = 6, NR = 16;
   template <int DT>
-  static void run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b);
+  static bool run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b);
 };
 
 template <int DT>
-void Avx2Tile::run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b) {
+bool Avx2Tile::run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b) {
   __m256 acc[2 * MR];
   prefetch_next<DT>(job, r, c);
   tile_6x16(job.rank, a, b, acc);
@@ -119,26 +126,29 @@ void Avx2Tile::run(const Job& job, int64_t r, int64_t c, int mr, int nr, const f
     constexpr int64_t es = DT == kFloat32 ? 4 : 2;
     const char* src = reinterpret_cast<const char*>(job.src);
     char* dst = reinterpret_cast<char*>(job.dst);
+    __m256i bad = _mm256_setzero_si256();
     for (int i = 0; i < MR; ++i) {
       __m256 lo, hi;
       load16<DT>(src + ((r + i) * job.ld_src + c) * es, lo, hi);
-      store16<DT>(dst + ((r + i) * job.ld_dst + c) * es, _mm256_add_ps(lo, acc[2 * i]),
-                  _mm256_add_ps(hi, acc[2 * i + 1]));
+      lo = _mm256_add_ps(lo, acc[2 * i]);
+      hi = _mm256_add_ps(hi, acc[2 * i + 1]);
+      bad = _mm256_or_si256(bad, _mm256_or_si256(nonfinite8<DT>(lo), nonfinite8<DT>(hi)));
+      store16<DT>(dst + ((r + i) * job.ld_dst + c) * es, lo, hi);
     }
-    return;
+    return !_mm256_testz_si256(bad, bad);
   }
   alignas(32) float tmp[MR * NR];
   for (int i = 0; i < MR; ++i) {
     _mm256_store_ps(tmp + i * NR, acc[2 * i]);
     _mm256_store_ps(tmp + i * NR + 8, acc[2 * i + 1]);
   }
-  epilogue_scalar<DT>(job, r, c, mr, nr, tmp, NR);
+  return epilogue_scalar<DT>(job, r, c, mr, nr, tmp, NR);
 }
 
 }  // namespace
 
-void cpu_task_avx2(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
-  run_task_any<Avx2Tile>(job, r0, c0, ap, bp);
+bool cpu_task_avx2(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
+  return run_task_any<Avx2Tile>(job, r0, c0, ap, bp);
 }
 
 }  // namespace lorarar

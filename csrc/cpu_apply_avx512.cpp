@@ -58,7 +58,7 @@ inline void prefetch_next(const Job& job, int64_t r, int64_t c) {
 struct Avx512Tile {
   static constexpr int MR = 12, NR = 32;  // = the namespace constants
   template <int DT>
-  static void run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b) {
+  static bool run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b) {
     constexpr int64_t es = DT == kFloat32 ? 4 : 2;
     __m512 acc[2 * MR];
     prefetch_next<DT>(job, r, c);
@@ -67,31 +67,36 @@ struct Avx512Tile {
     const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
     const char* src = reinterpret_cast<const char*>(job.src);
     char* dst = reinterpret_cast<char*>(job.dst);
+    __mmask16 bad = 0;  // lanes written non-finite (masked to the lanes written)
     if (nr == NR && can_stream(job, es)) {  // c is a multiple of NR: every row write is whole lines
       for (int i = 0; i < mr; ++i) {
         const char* s = src + ((r + i) * job.ld_src + c) * es;
         const __m512 lo = _mm512_add_ps(load_n<DT>(s, 0xFFFF), acc[2 * i]);
         const __m512 hi = _mm512_add_ps(load_n<DT>(s + 16 * es, 0xFFFF), acc[2 * i + 1]);
+        bad |= nonfinite16<DT>(0xFFFF, lo) | nonfinite16<DT>(0xFFFF, hi);
         stream32<DT>(dst + ((r + i) * job.ld_dst + c) * es, lo, hi);
       }
-      return;
+      return bad != 0;
     }
     for (int i = 0; i < mr; ++i) {
       const char* s = src + ((r + i) * job.ld_src + c) * es;
       char* d = dst + ((r + i) * job.ld_dst + c) * es;
       const __m512 lo = _mm512_add_ps(load_n<DT>(s, m0), acc[2 * i]);
       const __m512 hi = _mm512_add_ps(load_n<DT>(s + 16 * es, m1), acc[2 * i + 1]);
+      bad |= nonfinite16<DT>(m0, lo) | nonfinite16<DT>(m1, hi);
       store_n<DT>(d, lo, m0);
       store_n<DT>(d + 16 * es, hi, m1);
     }
+    return bad != 0;
   }
 };
 
 }  // namespace
 
-void cpu_task_avx512(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
-  run_task_any<Avx512Tile>(job, r0, c0, ap, bp);
+bool cpu_task_avx512(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
+  const bool bad = run_task_any<Avx512Tile>(job, r0, c0, ap, bp);
   _mm_sfence();  // the task's streaming stores are globally visible before the pass returns
+  return bad;
 }
 
 }  // namespace lorarar

@@ -12,7 +12,7 @@ namespace {
 struct PortableTile {
   static constexpr int MR = 6, NR = 16;
   template <int DT>
-  static void run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b) {
+  static bool run(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* a, const float* b) {
     float acc[MR * NR] = {};
     for (int64_t k = 0; k < job.rank; ++k, a += MR, b += NR) {
       for (int i = 0; i < MR; ++i) {
@@ -20,14 +20,14 @@ struct PortableTile {
         for (int j = 0; j < NR; ++j) acc[i * NR + j] = std::fma(x, b[j], acc[i * NR + j]);
       }
     }
-    epilogue_scalar<DT>(job, r, c, mr, nr, acc, NR);
+    return epilogue_scalar<DT>(job, r, c, mr, nr, acc, NR);
   }
 };
 
 }  // namespace
 
-void cpu_task_portable(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
-  run_task_any<PortableTile>(job, r0, c0, ap, bp);
+bool cpu_task_portable(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
+  return run_task_any<PortableTile>(job, r0, c0, ap, bp);
 }
 
 }  // namespace lorarar

@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 
+#include "cpu_blocking.h"
 #include "job_table.h"
 
 namespace lorarar {
@@ -44,6 +45,13 @@ inline void store_n(char* p, __m512 v, __mmask16 m) {
   } else {
     _mm256_mask_storeu_epi16(p, m, bf16_round(v));
   }
+}
+
+// Lanes of m where round_DT(v) is non-finite (the write-back test of cpu_blocking.h, in registers).
+template <int DT>
+inline __mmask16 nonfinite16(__mmask16 m, __m512 v) {
+  const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_mask_cmpge_epu32_mask(m, a, _mm512_set1_epi32(static_cast<int>(nonfinite_from<DT>())));
 }
 
 // 32 weights (lo: the first 16) to a 64-byte-aligned p with non-temporal stores: whole cache lines written

@@ -145,29 +145,49 @@ void pack_down(const Job& job, int64_t c0, int64_t nc_pad, float* bp) {
   }
 }
 
-// Tile epilogue, any size: dst[r+i, c+j] = round(src[r+i, c+j] + acc[i * ld + j]) for i < mr, j < nr.
+// The non-finite test of the write-back, on the fp32 value v before its one rounding: round_DT(v) is
+// +-Inf or NaN exactly when (bits(v) & 0x7FFFFFFF) >= nonfinite_from<DT>() (rounding is monotone): fp32
+// Inf/NaN themselves; fp16 from 65520 (the tie between 65504 and 2^16 rounds to even, i.e. to Inf); bf16
+// from 0x7F7F8000 (the tie above the largest bf16, 0x7F7F, whose last bit is odd). Every path ORs this
+// test over the values it writes, in registers, and returns it per task: no second pass over the weights.
 template <int DT>
-void epilogue_scalar(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* acc, int ld) {
+constexpr uint32_t nonfinite_from() {
+  return DT == kFloat32 ? 0x7F800000u : DT == kFloat16 ? 0x477FF000u : 0x7F7F8000u;
+}
+template <int DT>
+inline bool nonfinite1(float v) {
+  return (convert::bits_of(v) & 0x7FFFFFFFu) >= nonfinite_from<DT>();
+}
+
+// Tile epilogue, any size: dst[r+i, c+j] = round(src[r+i, c+j] + acc[i * ld + j]) for i < mr, j < nr.
+// Returns whether any written value is non-finite.
+template <int DT>
+bool epilogue_scalar(const Job& job, int64_t r, int64_t c, int mr, int nr, const float* acc, int ld) {
   const char* src = reinterpret_cast<const char*>(job.src);
   char* dst = reinterpret_cast<char*>(job.dst);
+  bool bad = false;
   for (int i = 0; i < mr; ++i) {
     for (int j = 0; j < nr; ++j) {
       const float v = convert::load1<DT>(src, (r + i) * job.ld_src + c + j) + acc[i * ld + j];
+      bad |= nonfinite1<DT>(v);
       convert::store1<DT>(dst, (r + i) * job.ld_dst + c + j, v);
     }
   }
+  return bad;
 }
 
-// One task with register tile `Tile` (static MR, NR, template run<DT>(job, r, c, mr, nr, a, b)).
-// ap: kMC x rank floats, bp: block_cols(rank) x rank floats (64-byte aligned).
+// One task with register tile `Tile` (static MR, NR, template run<DT>(job, r, c, mr, nr, a, b), which
+// returns whether it wrote a non-finite value). ap: kMC x rank floats, bp: block_cols(rank) x rank floats
+// (64-byte aligned). Returns whether any value the task wrote is non-finite.
 template <class Tile, int DT>
-void run_task_blocked(const Job& job, int64_t r_task, int64_t c_task, float* ap, float* bp) {
+bool run_task_blocked(const Job& job, int64_t r_task, int64_t c_task, float* ap, float* bp) {
   constexpr int MR = Tile::MR, NR = Tile::NR;
   const int64_t K = job.rank;
   const int64_t nc = lmin(block_cols(K), job.cols - c_task);
   const int64_t nc_pad = (nc + NR - 1) / NR * NR;
   pack_down<NR>(job, c_task, nc_pad, bp);
   const int64_t r_end = lmin(job.rows, r_task + kTaskRows);
+  bool bad = false;
   for (int64_t r0 = r_task; r0 < r_end; r0 += kMC) {
     const int64_t mc = lmin(kMC, r_end - r0);
     const int64_t mc_pad = (mc + MR - 1) / MR * MR;
@@ -179,18 +199,19 @@ void run_task_blocked(const Job& job, int64_t r_task, int64_t c_task, float* ap,
       const int mr = static_cast<int>(lmin(MR, mc - i));
       for (int64_t j = 0; j < nc_pad; j += NR) {
         const int nr = static_cast<int>(lmin(NR, nc - j));
-        Tile::template run<DT>(job, r0 + i, c_task + j, mr, nr, ap + i * K, bp + j * K);
+        bad |= Tile::template run<DT>(job, r0 + i, c_task + j, mr, nr, ap + i * K, bp + j * K);
       }
     }
   }
+  return bad;
 }
 
 template <class Tile>
-void run_task_any(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
+bool run_task_any(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp) {
   switch (job.dtype) {
-    case kFloat32: run_task_blocked<Tile, kFloat32>(job, r0, c0, ap, bp); break;
-    case kFloat16: run_task_blocked<Tile, kFloat16>(job, r0, c0, ap, bp); break;
-    default: run_task_blocked<Tile, kBFloat16>(job, r0, c0, ap, bp); break;
+    case kFloat32: return run_task_blocked<Tile, kFloat32>(job, r0, c0, ap, bp);
+    case kFloat16: return run_task_blocked<Tile, kFloat16>(job, r0, c0, ap, bp);
+    default: return run_task_blocked<Tile, kBFloat16>(job, r0, c0, ap, bp);
   }
 }
 

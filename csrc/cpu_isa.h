@@ -19,18 +19,19 @@ std::string cpu_model();                               // the CPU's brand string
 
 // One task of the pass (see cpu_blocking.h): rows [r0, r0 + kTaskRows) x columns [c0, c0 + block_cols)
 // of one job. ap / bp: per-thread scratch of cpu_scratch_floats(rank) floats each, 64-byte aligned.
-using CpuTaskFn = void (*)(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
-void cpu_task_portable(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
+// Returns whether any value the task wrote is non-finite (tested on the write-back, cpu_blocking.h).
+using CpuTaskFn = bool (*)(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
+bool cpu_task_portable(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
 #ifdef LORARAR_HAVE_AVX2
-void cpu_task_avx2(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
+bool cpu_task_avx2(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
 #endif
 #ifdef LORARAR_HAVE_AVX512
-void cpu_task_avx512(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
+bool cpu_task_avx512(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
 #endif
 #ifdef LORARAR_HAVE_AMX
 // bf16 weights only (the other dtypes take cpu_task_avx512); amx_thread_begin() before a thread's first
 // task (loads the tile configuration), amx_thread_end() after its last.
-void cpu_task_amx(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
+bool cpu_task_amx(const Job& job, int64_t r0, int64_t c0, float* ap, float* bp);
 void amx_thread_begin();
 void amx_thread_end();
 #endif

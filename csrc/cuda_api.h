@@ -23,9 +23,11 @@ std::string cuda_unavailable(int device);
 
 // Grouped apply: one launch over every tile of every layer. `table` is a device buffer holding the n_jobs
 // Job rows (tile_start filled) followed by `total_tiles` int32 layer indices (see native.py's planner).
-// All jobs share `dtype`. Runs on `stream` (a cudaStream_t as an integer) of `device`.
+// All jobs share `dtype`. Runs on `stream` (a cudaStream_t as an integer) of `device`. `first_bad`: the
+// device address of an int32 the caller set to INT32_MAX; the kernel atomicMin's into it the index of any
+// job it wrote +-Inf or NaN into (tested on the write-back), so afterwards it holds the first such job.
 void cuda_apply(int64_t table, int64_t n_jobs, int64_t total_tiles, int64_t dtype, int device,
-                int64_t stream);
+                int64_t stream, int64_t first_bad);
 
 // Batched hypernetwork coefficients for layers of one width: out = b2 + W2 relu(P A + b1), one launch.
 // `table` is a device buffer of CoeffJob rows followed by `total_tiles` int32 layer indices.

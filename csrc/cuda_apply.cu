@@ -14,6 +14,10 @@
 // thread before its stores, since src and dst may alias).
 // k runs in ascending chunks and each MMA's internal order is fixed by the hardware, so results are
 // deterministic for a given GPU. No host sync, no allocation: the launch is graph-capturable.
+// Non-finite outputs: each thread tests the fp32 values it writes (before their one rounding) against its
+// dtype's overflow threshold; a warp that saw one lowers a device int32 to its layer's index (atomicMin),
+// which the host reads after the launch (ops/native.py: CudaPlan.run, or check_finite after a graph
+// replay; the read, a sync, is never inside the captured region).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -127,6 +131,13 @@ __device__ inline void from_float(float x, __half* p) { *p = __float2half_rn(x);
 __device__ inline void from_float(float x, __nv_bfloat16* p) { *p = __float2bfloat16_rn(x); }
 __device__ inline void from_float(float x, float* p) { *p = x; }
 
+// |fp32 bits| from which rounding to DT gives +-Inf or NaN (the test of csrc/cpu_blocking.h).
+template <int DT>
+__device__ inline bool nonfinite(float x) {
+  constexpr uint32_t from = DT == kFloat32 ? 0x7F800000u : DT == kFloat16 ? 0x477FF000u : 0x7F7F8000u;
+  return (__float_as_uint(x) & 0x7FFFFFFFu) >= from;
+}
+
 template <typename FragT>
 __device__ inline void split_tf32(FragT& hi, FragT& lo) {
   for (int t = 0; t < hi.num_elements; ++t) {
@@ -140,7 +151,8 @@ __device__ inline void split_tf32(FragT& hi, FragT& lo) {
 // Two blocks per SM for 16-bit weights (<= 128 registers); 3xTF32 needs more registers for one.
 template <int DT>
 __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
-    grouped_apply_kernel(const Job* __restrict__ jobs, const int32_t* __restrict__ tile_map) {
+    grouped_apply_kernel(const Job* __restrict__ jobs, const int32_t* __restrict__ tile_map,
+                         int32_t* __restrict__ first_bad) {
   using T = Traits<DT>;
   using W = typename T::W;
   using S = typename T::S;
@@ -150,7 +162,8 @@ __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
   S* Bs = As + BM * LDA;               // [BK][LDB]
   float* Cs = reinterpret_cast<float*>(smem);  // [BM][LDC], after the rank loop
 
-  const Job job = jobs[tile_map[blockIdx.x]];
+  const int32_t job_index = tile_map[blockIdx.x];
+  const Job job = jobs[job_index];
   const int64_t local = static_cast<int64_t>(blockIdx.x) - job.tile_start;
   const int64_t col_tiles = (job.cols + BN - 1) / BN;
   const int64_t r0 = (local / col_tiles) * BM, c0 = (local % col_tiles) * BN;
@@ -241,6 +254,7 @@ __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
   constexpr int CHUNKS = BN / 8, STEPS = BM * CHUNKS / THREADS;
   constexpr int VECS = sizeof(W) * 8 / sizeof(uint4);  // 16-byte vectors per 8 weights: 1 (16-bit), 2 (fp32)
   uint4 raw[STEPS][VECS];
+  bool bad = false;  // this thread wrote a value that rounds to +-Inf or NaN
   unsigned vec = 0, inside = 0;  // bit s: step s is a full aligned chunk / has a column in the layer
 #pragma unroll
   for (int s = 0; s < STEPS; ++s) {
@@ -274,7 +288,10 @@ __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
         unpack8(raw[s][0], v, W());
       }
 #pragma unroll
-      for (int t = 0; t < 8; ++t) v[t] += a[t];
+      for (int t = 0; t < 8; ++t) {
+        v[t] += a[t];
+        bad |= nonfinite<DT>(v[t]);
+      }
       if constexpr (DT == kFloat32) {
         __stcg(reinterpret_cast<float4*>(pd), make_float4(v[0], v[1], v[2], v[3]));
         __stcg(reinterpret_cast<float4*>(pd) + 1, make_float4(v[4], v[5], v[6], v[7]));
@@ -288,10 +305,17 @@ __global__ void __launch_bounds__(THREADS, DT == kFloat32 ? 1 : 2)
       for (int t = 0; t < 8; ++t) v[t] = t < n ? to_float(ps[t]) : 0.0f;  // unrolled: v stays in registers
 #pragma unroll
       for (int t = 0; t < 8; ++t) {
-        if (t < n) from_float(v[t] + a[t], pd + t);
+        if (t < n) {
+          const float x = v[t] + a[t];
+          bad |= nonfinite<DT>(x);
+          from_float(x, pd + t);
+        }
       }
     }
   }
+  // Every thread reaches this point (no early return above): one vote per warp, one atomic per warp
+  // that saw a non-finite value (none in the normal case).
+  if (__any_sync(0xFFFFFFFFu, bad) && (threadIdx.x & 31) == 0) atomicMin(first_bad, job_index);
 }
 
 // The dynamic shared memory (> 48 KiB) must be allowed once per device and kernel: done by
@@ -310,10 +334,11 @@ void configure(int device) {
 }
 
 template <int DT>
-void launch(const Job* jobs, const int32_t* tile_map, int64_t tiles, int device, cudaStream_t stream) {
+void launch(const Job* jobs, const int32_t* tile_map, int64_t tiles, int device, cudaStream_t stream,
+            int32_t* first_bad) {
   configure<DT>(device);
   const unsigned grid = static_cast<unsigned>(tiles);
-  grouped_apply_kernel<DT><<<grid, THREADS, smem_bytes<DT>(), stream>>>(jobs, tile_map);
+  grouped_apply_kernel<DT><<<grid, THREADS, smem_bytes<DT>(), stream>>>(jobs, tile_map, first_bad);
   cuda_check(cudaGetLastError(), "grouped_apply_kernel launch");
 }
 
@@ -356,16 +381,17 @@ std::string cuda_unavailable(int device) {
 }
 
 void cuda_apply(int64_t table, int64_t n_jobs, int64_t total_tiles, int64_t dtype, int device,
-                int64_t stream) {
+                int64_t stream, int64_t first_bad) {
   DeviceGuard guard(device);
   const Job* jobs = reinterpret_cast<const Job*>(table);
   const int32_t* tile_map =
       reinterpret_cast<const int32_t*>(table + n_jobs * static_cast<int64_t>(sizeof(Job)));
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  int32_t* bad = reinterpret_cast<int32_t*>(first_bad);
   switch (dtype) {
-    case kFloat32: launch<kFloat32>(jobs, tile_map, total_tiles, device, s); break;
-    case kFloat16: launch<kFloat16>(jobs, tile_map, total_tiles, device, s); break;
-    default: launch<kBFloat16>(jobs, tile_map, total_tiles, device, s); break;
+    case kFloat32: launch<kFloat32>(jobs, tile_map, total_tiles, device, s, bad); break;
+    case kFloat16: launch<kFloat16>(jobs, tile_map, total_tiles, device, s, bad); break;
+    default: launch<kBFloat16>(jobs, tile_map, total_tiles, device, s, bad); break;
   }
 }
 

@@ -256,8 +256,9 @@ std::optional<std::string> cpu_unsupported() {
   return "the pack kernel needs AVX2/FMA/F16C: " + why;
 }
 
-// path: a cpu_isa.h code, -1 for the best one here.
-void cpu_apply(int64_t table, int64_t n_jobs, int n_threads, int path) {
+// path: a cpu_isa.h code, -1 for the best one here. Returns the first job that wrote a non-finite value
+// (-1: none).
+int64_t cpu_apply(int64_t table, int64_t n_jobs, int n_threads, int path) {
   if (n_jobs < 0 || (n_jobs > 0 && table == 0)) throw std::invalid_argument("bad job table");
   if (path < -1 || path >= lorarar::kNumPaths) throw std::invalid_argument("bad CPU path code");
   if (path >= 0 && !lorarar::cpu_path_unsupported(path).empty()) {
@@ -267,7 +268,7 @@ void cpu_apply(int64_t table, int64_t n_jobs, int n_threads, int path) {
   const Job* jobs = reinterpret_cast<const Job*>(table);
   for (int64_t i = 0; i < n_jobs; ++i) check_job(jobs[i], i);
   py::gil_scoped_release release;
-  lorarar::cpu_apply(jobs, n_jobs, n_threads, path);
+  return lorarar::cpu_apply(jobs, n_jobs, n_threads, path);
 }
 
 // {path name: None if it runs here, else why not}, slowest first.
@@ -340,7 +341,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_unsupported", &cpu_unsupported, "None when this CPU can run the pack kernel, else why not.");
   m.def("cpu_apply", &cpu_apply, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
         py::arg("path") = -1,
-        "dst = round(fp32(src) + up @ (down * S)) for n_jobs Job rows at host address `table`.");
+        "dst = round(fp32(src) + up @ (down * S)) for n_jobs Job rows at host address `table`; returns the "
+        "index of the first job that wrote +-Inf or NaN (-1: none).");
   m.def("cpu_pack", &cpu_pack, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
         "Pack LoRA factors into fp32 swap factors (PackJob table at address `table`); one finite flag byte "
         "per job.");
@@ -352,18 +354,23 @@ PYBIND11_MODULE(_C, m) {
         "None when CUDA device `device` can run the compiled kernels, else why not.");
   m.def(
       "cuda_apply",
-      [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t dtype, int device, int64_t stream) {
+      [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t dtype, int device, int64_t stream,
+         int64_t first_bad) {
         require_cuda();
         if (dtype < 0 || dtype > 2) throw std::invalid_argument("bad dtype code");
         if (table == 0 || n_jobs < 1 || tiles < 1) throw std::invalid_argument("empty plan");
+        if (first_bad == 0) throw std::invalid_argument("null non-finite flag");
 #ifdef LORARAR_WITH_CUDA
-        lorarar::cuda_apply(table, n_jobs, tiles, dtype, device, stream);
+        lorarar::cuda_apply(table, n_jobs, tiles, dtype, device, stream, first_bad);
 #else
         (void)device, (void)stream;
 #endif
       },
       py::arg("table"), py::arg("n_jobs"), py::arg("total_tiles"), py::arg("dtype"), py::arg("device"),
-      py::arg("stream"), "Grouped apply of a plan_apply plan (device copy) on `stream`; no sync, no alloc.");
+      py::arg("stream"), py::arg("first_bad"),
+      "Grouped apply of a plan_apply plan (device copy) on `stream`; no sync, no alloc. `first_bad`: a "
+      "device int32 the caller sets to INT32_MAX; the kernel lowers it to the first job that wrote +-Inf "
+      "or NaN.");
   m.def(
       "cuda_coefficients",
       [](int64_t table, int64_t n_jobs, int64_t tiles, int64_t hidden, int64_t b1, int64_t w2, int64_t b2,

@@ -14,6 +14,7 @@ from .errors import (
     LayerMismatchError,
     LoraFileError,
     LoraRarError,
+    NonFiniteError,
     StaleSwapError,
     TargetModifiedError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "LoraFileError",
     "LoraRarError",
     "Merge",
+    "NonFiniteError",
     "PreparedSwap",
     "StaleSwapError",
     "TargetModifiedError",

@@ -21,7 +21,9 @@ from .lora_layer import LoRALayer
 from .ops import FactorSource, native, pack_sources
 
 # id(tensor) -> (weakref to it, stamp) of LoRA factors known to be finite (times their scale, for up):
-# a swap to LoRAs checked before reads nothing to check them again. An entry dies with its tensor.
+# a swap to LoRAs checked before reads nothing to check them again. An entry dies with its tensor. A write
+# the version counter does not see (through `.data`) is not seen here either: the kernels' write-back flag
+# (`errors.NonFiniteError`) catches what it lets through, and the swap rolls back.
 _FINITE: dict[int, tuple[weakref.ref, tuple]] = {}
 
 

@@ -291,7 +291,7 @@ aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # what the launch
 for dtype, wt in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
     for prec in ta.PRECISIONS:
         bm, bn, bk, _, warps, stages = ta._settings(dtype, 128, ta.Config(precision=prec))
-        sig = {"w_base": "*" + wt, "f_base": "*fp32", "table": "*i64", "tile_layer": "*i32"}
+        sig = {"w_base": "*" + wt, "f_base": "*fp32", "table": "*i64", "tile_layer": "*i32", "flags": "*i32"}
         ce = dict(NF=ta._NF, ALIGN=16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, K_END=0)
         sig.update({k: "constexpr" for k in ce})
         ptx = triton.compile(ASTSource(ta._apply_kernel, sig, ce, aligned), target=target,

@@ -228,7 +228,7 @@ def triton_kernels(cuobjdump: str, tmp: Path, candidates: bool) -> list[Kernel]:
 
     runs = []  # (kernel name, config label, default?, fn, signature, constexprs, options, attrs, 16-bit, precision)
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # what the launcher specialises on
-    apply_sig = {"w_base": None, "f_base": "*fp32", "table": "*i64", "tile_layer": "*i32"}
+    apply_sig = {"w_base": None, "f_base": "*fp32", "table": "*i64", "tile_layer": "*i32", "flags": "*i32"}
     wnames = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     for dtype, wname in wnames.items():
         bm, bn, bk, prec, warps, stages = ta._settings(dtype, 128, ta.Config())

@@ -60,13 +60,32 @@ def _get(config: Mapping, key: str, default=None):
     return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
 
 
+_MAX_BLOCKS = 64  # more blocks or layers per block than any UNet has: a config that cannot be real
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_BLOCKS
+
+
 def _per_block(value, n: int, key: str) -> list[int]:
-    if isinstance(value, int):
+    if _count(value):
         return [value] * n
-    values = [int(v) for v in value]
-    if len(values) != n:
-        raise LoraFileError(f"unet_config: {key} has {len(values)} entries for {n} blocks")
-    return values
+    if not isinstance(value, (list, tuple)) or not all(_count(v) for v in value):
+        raise LoraFileError(
+            f"unet_config: {key} must be an integer in [0, {_MAX_BLOCKS}] or a list of them, got {str(value)[:80]}"
+        )
+    if len(value) != n:
+        raise LoraFileError(f"unet_config: {key} has {len(value)} entries for {n} blocks")
+    return list(value)
+
+
+def _block_types(cfg, key: str) -> tuple[str, ...]:
+    value = _get(cfg, key) or ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise LoraFileError(f"unet_config: {key} must be a list of block type names, got {str(value)[:80]}")
+    if len(value) > _MAX_BLOCKS:
+        raise LoraFileError(f"unet_config: {key} has {len(value)} blocks (at most {_MAX_BLOCKS})")
+    return tuple(value)
 
 
 def sgm_block_table(unet_config: Mapping | None = None) -> dict[str, tuple[str, str]]:
@@ -75,8 +94,8 @@ def sgm_block_table(unet_config: Mapping | None = None) -> dict[str, tuple[str, 
     Kinds: ``resnet``, ``attention``, ``downsampler``, ``upsampler``.
     """
     cfg = SDXL_UNET_CONFIG if unet_config is None else unet_config
-    down_types = tuple(_get(cfg, "down_block_types") or ())
-    up_types = tuple(_get(cfg, "up_block_types") or ())
+    down_types = _block_types(cfg, "down_block_types")
+    up_types = _block_types(cfg, "up_block_types")
     if not down_types or not up_types:
         raise LoraFileError("unet_config: needs down_block_types and up_block_types to map SGM block names")
     layers = _per_block(_get(cfg, "layers_per_block", 2), len(down_types), "layers_per_block")

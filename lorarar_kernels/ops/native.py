@@ -6,13 +6,16 @@ Both compute, for every job (see `lorarar_kernels.ops`),
 
 - `cpp` (csrc/cpu_apply.cpp): fp32 FMA accumulation from zero over k = 0..R-1 in order, + fp32(src), one
   round-to-nearest-even on write-back; down * S is formed in fp32 while packing. Bits do not depend on the
-  thread count (torch.get_num_threads() threads, OpenMP).
+  thread count (torch.get_num_threads() threads, OpenMP). Every path tests what it writes for Inf/NaN
+  in registers on the write-back; `run()` raises `NonFiniteError` naming the first such layer.
 - `cuda` (csrc/cuda_apply.cu): one launch for all layers of a dtype (a device-side layer table built once
   per swap plan). fp16/bf16 weights: `up` and `down * S` (formed in fp32) are rounded to the weight's
   16-bit type (round-to-nearest-even) before the tensor-core MMA; fp32 accumulation, + fp32(src), one
   rounding. fp32 weights: 3xTF32 (each operand split into a TF32 head and a TF32 tail, three MMAs,
-  error ~ fp32 FMA), fp32 accumulation. Deterministic for a given GPU and plan. No host sync, no allocation
-  once the plan exists, on the current stream: safe inside CUDA-graph capture.
+  error ~ fp32 FMA), fp32 accumulation. Deterministic for a given GPU and plan. No allocation once the
+  plan exists, on the current stream: safe inside CUDA-graph capture. Non-finite outputs are flagged by
+  the kernel on its write-back (a device int32 per launch); `CudaPlan.run` reads it after the launches
+  (one host sync) except during capture, where the caller runs `CudaPlan.check_finite()` after a replay.
 
 Both satisfy `lorarar_kernels.ops.Backend`; jobs are validated by `ops.validate.check_job`.
 May import: `errors`, `ops`, `ops.validate`, `_C`.
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import LayerMismatchError, LoraRarError
+from ..errors import LayerMismatchError, LoraRarError, non_finite
 from . import ApplyJob, cpu_isa
 from .validate import check_job
 from .validate import rows_ok as _rows_ok
@@ -52,6 +55,7 @@ _PACK_FIELDS = (
 if _C is not None and tuple(_C.PACK_FIELDS) != _PACK_FIELDS:
     _C, _IMPORT_ERROR = None, "lorarar_kernels._C is stale (its PackJob fields differ); reinstall the package"
 _JOB_INDEX = re.compile(r"^job (\d+): ")
+_NO_BAD_JOB = 2**31 - 1  # the CUDA kernel's non-finite flag before it lowers it to a job index
 
 
 def compiled_with_cuda() -> bool:
@@ -164,11 +168,14 @@ class CppPlan:
         if not self.jobs:
             return
         try:
-            _C.cpu_apply(
+            bad = _C.cpu_apply(
                 self.table.data_ptr(), len(self.jobs), torch.get_num_threads(), cpu_isa.code(self.path)
             )
         except ValueError as exc:
             raise _reraise(exc, [job.name for job in self.jobs]) from None
+        if bad >= 0:  # flagged on the write-back (csrc/cpu_blocking.h); every job was still written
+            job = self.jobs[bad]
+            raise non_finite(job.name, job.dst.dtype, "cpp")
 
 
 def can_pack(up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -259,7 +266,8 @@ class CudaPlan:
         for job in jobs:
             check_job(job, "cuda")
         self.jobs = tuple(jobs)
-        self.launches: list[tuple] = []  # (table, stream it was made on, n jobs, tiles, dtype code, device)
+        # (table, stream it was made on, n jobs, tiles, dtype code, device, non-finite flag, (names, dtype))
+        self.launches: list[tuple] = []
         by_dtype: dict[torch.dtype, list[ApplyJob]] = {}
         for job in self.jobs:
             by_dtype.setdefault(job.dst.dtype, []).append(job)
@@ -273,15 +281,34 @@ class CudaPlan:
             index = device.index if device.index is not None else torch.cuda.current_device()
             table = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
             made_on = torch.cuda.current_stream(index)
-            self.launches.append((table, made_on, len(group), int(tiles), DTYPE_CODES[dtype], index))
+            first_bad = torch.empty(1, dtype=torch.int32, device=device)  # the kernel's non-finite flag
+            names = [job.name for job in group]
+            self.launches.append(
+                (table, made_on, len(group), int(tiles), DTYPE_CODES[dtype], index, first_bad, (names, dtype))
+            )
 
     def run(self) -> None:
-        """Launch the grouped apply(s) on the current stream: no sync, no allocation."""
-        for table, made_on, n, tiles, code, index in self.launches:
+        """Launch the grouped apply(s) on the current stream, no allocation; then, outside CUDA-graph
+        capture, read the kernels' non-finite flags (one host sync; `NonFiniteError` naming the first
+        layer written +-Inf or NaN). Inside capture nothing is read: call `check_finite()` after each
+        replay of the graph (the flags are reset and set by the captured work itself)."""
+        capturing = torch.cuda.is_current_stream_capturing()
+        for table, made_on, n, tiles, code, index, first_bad, _ in self.launches:
             stream = torch.cuda.current_stream(index)
-            _C.cuda_apply(table.data_ptr(), n, tiles, code, index, stream.cuda_stream)
-            if stream != made_on and not torch.cuda.is_current_stream_capturing():
+            first_bad.fill_(_NO_BAD_JOB)  # on the stream: captured with the launch
+            _C.cuda_apply(table.data_ptr(), n, tiles, code, index, stream.cuda_stream, first_bad.data_ptr())
+            if stream != made_on and not capturing:
                 table.record_stream(stream)  # the table may be freed before this launch has run
+                first_bad.record_stream(stream)
+        if not capturing:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """`NonFiniteError` if the last run (or graph replay) wrote +-Inf or NaN into a layer (host sync)."""
+        for *_, first_bad, (names, dtype) in self.launches:
+            bad = int(first_bad.item())
+            if bad != _NO_BAD_JOB:
+                raise non_finite(names[bad], dtype, "cuda")
 
 
 class _Cuda:

@@ -1,8 +1,9 @@
 """The `torch` backend (`TORCH`): plain PyTorch, the oracle every other backend is tested against.
 
 On CPU, fp16/bf16 ``addmm_`` runs 80-200x slower than fp32 (docs/design.md section 3), so 16-bit weights
-are upcast a block of rows at a time, updated with fp32 ``addmm_`` and rounded once on write-back. Takes
-packed factors or sources (packed on the fly). May import: `ops` (the contract).
+are upcast a block of rows at a time, updated with fp32 ``addmm_`` and rounded once on write-back; each
+written block is checked finite (`NonFiniteError` naming the layer once it is written). Takes packed
+factors or sources (packed on the fly). May import: `errors`, `ops` (the contract).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import non_finite
 from . import ApplyJob, scaled_down
 
 ROWS_PER_BLOCK = 256  # rows upcast at a time: a [256, in] fp32 temporary per layer
@@ -27,6 +29,7 @@ def apply(jobs: Sequence[ApplyJob]) -> None:
 
 
 def apply_one(job: ApplyJob) -> None:
+    """One job; `NonFiniteError` (after writing it) when a written value is +-Inf or NaN."""
     job = job.packed()
     dst, src, up = job.dst, job.src, job.up
     down = scaled_down(job)
@@ -35,13 +38,24 @@ def apply_one(job: ApplyJob) -> None:
         if src.data_ptr() != dst.data_ptr():
             dst.copy_(src)
         dst.addmm_(up, down)
-        return
-    block = ROWS_PER_BLOCK if dst.device.type == "cpu" else rows
-    for r0 in range(0, rows, block):
-        r1 = min(rows, r0 + block)
-        tmp = src[r0:r1].to(torch.float32, copy=True)
-        tmp.addmm_(up[r0:r1], down)
-        dst[r0:r1].copy_(tmp)
+        finite = _finite(dst)
+    else:
+        block = ROWS_PER_BLOCK if dst.device.type == "cpu" else rows
+        finite = None
+        for r0 in range(0, rows, block):
+            r1 = min(rows, r0 + block)
+            tmp = src[r0:r1].to(torch.float32, copy=True)
+            tmp.addmm_(up[r0:r1], down)
+            dst[r0:r1].copy_(tmp)
+            ok = _finite(dst[r0:r1])  # the rounded block just written (still in cache)
+            finite = ok if finite is None else finite & ok
+    if finite is not None and not bool(finite):  # one host sync per layer on a GPU
+        raise non_finite(job.name, dst.dtype, "torch")
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: every value of ``t`` is finite (no host sync)."""
+    return torch.isfinite(t).all()
 
 
 def exact(job: ApplyJob) -> torch.Tensor:

@@ -27,6 +27,11 @@ update on an H200) stays under the ~0.9 ms memory floor. The launch settings (`_
 chosen by compiling for sm_90a (tools/kernel_resources.py): none spills. The interpreter computes every
 ``tl.dot`` in exact fp32, so on CPU all three settings give the ``"ieee"`` result.
 
+Non-finite outputs: each program tests the fp32 sums it writes against the dtype's overflow threshold
+(as the CPU kernel does) and sets its layer's flag in a per-launch int32 buffer; after the launches the
+flags are read (one host sync) and `NonFiniteError` names the first such layer. During CUDA-graph capture
+the read is skipped: call `TritonPlan.check_finite()` after replaying the graph.
+
 Capture: `apply` launches kernels only, on the current stream, without host sync, once the tables of
 that set of jobs exist. They are built (and copied to the device) the first time a set of jobs is seen
 and memoised by the complete table content (addresses, shapes, dtype, split: the key *is* the table,
@@ -46,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import BackendUnavailableError, LayerMismatchError, LoraRarError
+from ..errors import BackendUnavailableError, LayerMismatchError, LoraRarError, non_finite
 from . import ApplyJob
 from .validate import check_job
 
@@ -87,11 +92,23 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _nonfinite_from(DTYPE: tl.constexpr):
+    """|fp32 bits| from which round_to(x, DTYPE) is +-Inf or NaN (csrc/cpu_blocking.h: nonfinite_from)."""
+    if DTYPE == tl.float16:
+        return 0x477FF000  # 65520: the tie above 65504 rounds to even, i.e. to Inf
+    elif DTYPE == tl.bfloat16:
+        return 0x7F7F8000  # the tie above the largest bf16 (odd last bit) rounds to Inf
+    else:
+        return 0x7F800000
+
+
+@triton.jit
 def _apply_kernel(
     w_base,  # *W: the group's first dst; every dst/src is w_base + element offset
     f_base,  # *fp32: the group's first up; every up/down/col_scale is f_base + element offset
     table,  # *i64 [layers, NF]: see _NF
     tile_layer,  # *i32 [tiles]: the layer of each program
+    flags,  # *i32 [layers]: set to 1 by a program that writes +-Inf or NaN into that layer (zeroed before)
     NF: tl.constexpr,  # columns of the table
     ALIGN: tl.constexpr,  # a power of two dividing every offset, column count and rank of the group
     BLOCK_M: tl.constexpr,  # rows of W per program
@@ -143,7 +160,13 @@ def _apply_kernel(
     w_offs = offs_m[:, None] * cols + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     w = tl.load(w_base + src_off + w_offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(w_base + dst_off + w_offs, _round_to(w + acc, w_base.dtype.element_ty), mask=mask)
+    v = w + acc
+    tl.store(w_base + dst_off + w_offs, _round_to(v, w_base.dtype.element_ty), mask=mask)
+    # The write-back's non-finite test on the fp32 sum before its one rounding (no second pass):
+    bits = (v.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32)
+    limit = _nonfinite_from(w_base.dtype.element_ty)
+    bad = tl.max(tl.max(tl.where(mask & (bits >= limit), 1, 0), axis=1), axis=0)
+    tl.atomic_or(flags + layer, bad, mask=bad != 0)  # a reduction (RED), not a store: dst is all it stores
 
 
 def interpreted() -> bool:
@@ -187,6 +210,7 @@ class _Group:
     jobs: tuple[int, ...]  # indices into the job list; jobs[0] holds the base tensors
     table: torch.Tensor  # int64 [layers, _NF] on the device
     tile_layer: torch.Tensor  # int32 [tiles] on the device
+    flags: torch.Tensor  # int32 [layers] on the device: the kernel's non-finite flags, zeroed per launch
     tiles: int
     align: int
     block_m: int
@@ -278,8 +302,9 @@ def _build_group(jobs: Sequence[ApplyJob], idx: list[int], cfg: Config) -> _Grou
     counts = torch.tensor(tiles_per_layer, dtype=torch.int64)
     tile_layer = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32), counts).to(device)
     k_end = bk * max(1, triton.cdiv(max_rank, bk)) if interpreted() else 0
+    flags = torch.zeros(len(idx), dtype=torch.int32, device=device)
     return _Group(
-        tuple(idx), table, tile_layer, tile0, align or 16, bm, bn, bk, precision, warps, stages, k_end
+        tuple(idx), table, tile_layer, flags, tile0, align or 16, bm, bn, bk, precision, warps, stages, k_end
     )
 
 
@@ -340,11 +365,13 @@ def _launch(group: _Group, jobs: Sequence[ApplyJob]) -> None:
 
 
 def _launch_kernel(group: _Group, first: ApplyJob) -> None:
+    group.flags.zero_()  # a memset on the current stream: capturable
     _apply_kernel[(group.tiles,)](
         first.dst,
         first.up,
         group.table,
         group.tile_layer,
+        group.flags,
         NF=_NF,
         ALIGN=group.align,
         BLOCK_M=group.block_m,
@@ -365,8 +392,25 @@ def apply_grouped(jobs: Sequence[ApplyJob], config: Config | None = None) -> Non
     BLOCK_K with masks). Invalid jobs raise LayerMismatchError before anything is launched.
     """
     jobs = list(jobs)
-    for group in _groups(jobs, config or Config()):
+    groups = _groups(jobs, config or Config())
+    for group in groups:
         _launch(group, jobs)
+    check_finite(groups, jobs)
+
+
+def _capturing(groups: Sequence[_Group]) -> bool:
+    return any(g.flags.is_cuda for g in groups) and torch.cuda.is_current_stream_capturing()
+
+
+def check_finite(groups: Sequence[_Group], jobs: Sequence[ApplyJob]) -> None:
+    """`NonFiniteError` naming the first layer the last launch of ``groups`` wrote +-Inf or NaN into.
+
+    Reads the kernels' flags (one host sync on a GPU). During CUDA-graph capture nothing can be read, so
+    the launches skip it: call this after replaying the graph (`TritonPlan.check_finite`)."""
+    bad = [(g.jobs[int(i)], g) for g in groups for i in g.flags.nonzero().flatten()[:1].tolist()]
+    if bad:
+        first = jobs[min(j for j, _ in bad)]
+        raise non_finite(first.name, first.dst.dtype, "triton")
 
 
 def apply(jobs: Sequence[ApplyJob]) -> None:
@@ -393,6 +437,12 @@ class TritonPlan:
     def __call__(self) -> None:
         for group in self.groups:
             _launch(group, self.jobs)
+        if not _capturing(self.groups):  # inside capture: the caller checks after replay
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """`NonFiniteError` if the last run (or graph replay of it) wrote +-Inf or NaN (host sync)."""
+        check_finite(self.groups, self.jobs)
 
 
 def plan(jobs: Sequence[ApplyJob], config: Config | None = None) -> TritonPlan:

@@ -8,6 +8,7 @@ Python traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -16,6 +17,10 @@ from pathlib import Path
 from . import cli_eval, cli_train, cli_world
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# The demo's limits (refused before anything loads): memory grows with samples x size^2 (about 0.6 GB
+# for one 128 px sample; 1.2 GB for one of 512 px, which takes minutes per step on a CPU).
+DEMO_MAX_SIZE = 256
+DEMO_MAX_SAMPLES = 16
 
 DESCRIPTION = """\
 lorarar: LoRA.rar merges of a content (subject) LoRA and a style LoRA.
@@ -78,6 +83,70 @@ def _existing_lora(flag: str, value: str | None) -> Path | None:
     return p
 
 
+def _output_path(flag: str, value: str, what: str) -> Path:
+    """``value`` as a path a file can be written to (not a directory, under a directory), checked before
+    any work is done; the parent folders are created later, by the command."""
+    from lorarar_kernels import LoraRarError
+
+    p = Path(value)
+    if p.is_dir():
+        raise LoraRarError(f"{flag} {value}: is a directory; give the {what} file name")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise LoraRarError(f"{flag} {value}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise LoraRarError(f"{flag} {value}: cannot write in {parent}")
+    return p
+
+
+def _output_dir(flag: str, value: str) -> Path:
+    """``value`` as a folder to write into (it may not exist yet), checked before any work is done."""
+    from lorarar_kernels import LoraRarError
+
+    p = Path(value)
+    if p.exists() and not p.is_dir():
+        raise LoraRarError(f"{flag} {value}: exists and is not a directory")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if not p.exists() and (parent is None or not parent.is_dir()):
+        raise LoraRarError(f"{flag} {value}: {parent} is not a directory")
+    return p
+
+
+def _check_backend(value: str, device: str) -> None:
+    """``--backend``: "auto", or a backend that can run on ``device``, checked before anything loads."""
+    if value != "auto":
+        import torch
+
+        from lorarar_kernels import dispatch
+
+        dispatch.get(value, torch.device(device))  # BackendUnavailableError: unknown, or why not here
+
+
+def _device(value: str | None) -> str:
+    """The --device string, checked (a torch device type torch can use here) before anything is loaded."""
+    import torch
+
+    from lorarar_kernels import LoraRarError
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise LoraRarError(f"--device {value!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LoraRarError(f"--device {value}: torch sees no CUDA device here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise LoraRarError(
+                f"--device {value}: there are {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})"
+            )
+    elif dev.type != "cpu":
+        raise LoraRarError(f"--device {value}: only cpu and cuda devices are supported")
+    return value
+
+
 def _quiet_frameworks() -> None:
     """No hub access, and no framework chatter (e.g. optional-dependency notices) on the terminal."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,6 +182,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise lk.LoraFileError(f"--unet-config {config_path}: expected a JSON object")
     if Path(args.out).suffix != ".safetensors":
         raise lk.LoraRarError(f"--out {args.out}: the merged adapter is written as .safetensors; name it so")
+    _output_path("--out", args.out, ".safetensors")
     dtype = getattr(torch, DTYPES[args.dtype])
     hypernet = _load_hypernet(hyper_path)
     t0 = time.perf_counter()
@@ -162,18 +232,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     style = _existing_lora("--style", args.style)
     if content is None and style is None:
         raise lk.LoraRarError("give --content and/or --style")
+    hyper_path = _existing_file("--hypernet", args.hypernet)
     from PIL import Image
 
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise lk.LoraRarError(f"--out {args.out}: unknown image type; use .png, .jpg or .webp")
-    hypernet = _load_hypernet(_existing_file("--hypernet", args.hypernet))
-    _quiet_frameworks()
+    _output_path("--out", args.out, "image")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % 8:
+            raise lk.LoraRarError(f"{flag} {value}: must be a multiple of 8 (the VAE's downsampling)")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise lk.LoraRarError(f"--guidance-scale {args.guidance_scale}: must be a finite number")
     import torch
+
+    device = _device(args.device)  # all of the cheap checks before the hypernetwork and the model load
+    _check_backend(args.backend, device)
+    hypernet = _load_hypernet(hyper_path)
+    _quiet_frameworks()
     from diffusers import DiffusionPipeline
 
     from .pipeline import attach
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     t0 = time.perf_counter()
@@ -209,6 +288,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from lorarar_kernels import LoraRarError
+
+    if args.size is not None and (args.size % 8 or args.size > DEMO_MAX_SIZE):
+        raise LoraRarError(f"--size {args.size}: must be a multiple of 8 and at most {DEMO_MAX_SIZE}")
+    if args.samples > DEMO_MAX_SAMPLES:
+        raise LoraRarError(f"--samples {args.samples}: at most {DEMO_MAX_SAMPLES}")
+    _output_dir("--out", args.out)
+    _check_backend(args.backend, "cpu")
     _quiet_frameworks()
     from .demo import run_demo
 
@@ -331,9 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content", help="content LoRA name from the world's manifest (first held-out pair)")
     p.add_argument("--style", help="style LoRA name from the world's manifest (first held-out pair)")
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps per image (25)")
-    p.add_argument("--samples", type=_positive_int, default=4, help="sampling seeds per image: grid rows (4)")
     p.add_argument(
-        "--size", type=_positive_int, help="image side in pixels, a multiple of 8 (the model's: 32)"
+        "--samples",
+        type=_positive_int,
+        default=4,
+        help=f"sampling seeds per image: grid rows, at most {DEMO_MAX_SAMPLES} (4)",
+    )
+    p.add_argument(
+        "--size",
+        type=_positive_int,
+        help=f"image side in pixels, a multiple of 8, at most {DEMO_MAX_SIZE} (the model's: 32)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (0)")
     p.add_argument("--backend", default="auto", help="merge backend (auto)")

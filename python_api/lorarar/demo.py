@@ -24,6 +24,11 @@ import lorarar_kernels as lk
 
 from .pipeline import attach, unet_state
 
+# Refused up front (memory grows with samples x size^2; `lorarar demo --help` says so): the shipped world's
+# model is 32 px, and one 512 px sample already takes 1.2 GB and minutes per step on a CPU.
+MAX_SIZE = 256
+MAX_SAMPLES = 16
+
 
 @dataclass
 class Stage:
@@ -94,10 +99,11 @@ def run_demo(
     from .world.build import pair_prompt
     from .world.sample import generate as sample
 
-    if steps < 1 or samples < 1 or (size is not None and (size < 8 or size % 8)):
+    bad_size = size is not None and not (8 <= size <= MAX_SIZE and size % 8 == 0)
+    if steps < 1 or not 1 <= samples <= MAX_SAMPLES or bad_size:
         raise lk.LoraRarError(
-            f"demo: need steps >= 1, samples >= 1 and a size that is a multiple of 8, got {steps}, "
-            f"{samples}, {size}"
+            f"demo: need steps >= 1, 1 <= samples <= {MAX_SAMPLES} and a size that is a multiple of 8 up "
+            f"to {MAX_SIZE}, got {steps}, {samples}, {size}"
         )
     root = Path(world) if world is not None else assets_dir()
     out = Path(out_dir)
