@@ -218,9 +218,7 @@ def versions(report: Report, dry: bool) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
-    p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default $OUT, else out/gpu)"
-    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default $OUT, else out/gpu)")
     p.add_argument(
         "--quick", action="store_true", help="under 3 minutes: 56 layers, fp16+fp32, fewer repeats"
     )

@@ -55,7 +55,11 @@ def pipeline_of(transformer):
     ``load_lora_weights`` / ``fuse_lora`` / ``save_lora_weights``)."""
     import diffusers
 
-    cls = diffusers.FluxPipeline if type(transformer).__name__.startswith("Flux") else diffusers.StableDiffusion3Pipeline
+    cls = (
+        diffusers.FluxPipeline
+        if type(transformer).__name__.startswith("Flux")
+        else diffusers.StableDiffusion3Pipeline
+    )
     names = [n for n in cls._get_signature_keys(cls)[0] if n != "transformer"]
     return cls(transformer=transformer, **dict.fromkeys(names))
 

@@ -65,7 +65,10 @@ def _config(targets, *, rslora: bool, patterns: bool, r=4, alpha=4):
 
     extra = {}
     if patterns:
-        extra = {"rank_pattern": {targets[0]: 2, "proj_out": 3}, "alpha_pattern": {targets[1]: 3.0, "ff.net.2": 10}}
+        extra = {
+            "rank_pattern": {targets[0]: 2, "proj_out": 3},
+            "alpha_pattern": {targets[1]: 3.0, "ff.net.2": 10},
+        }
     return LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=list(targets), **extra)
 
 
@@ -144,7 +147,8 @@ def peft_case(tmp: Path, model_name: str, writer: str, *, rslora=False, patterns
             if writer == "pipeline-diffusers-layout":
                 layers = convert_state_dict_to_diffusers(layers)
             getattr(diffusers, pipe_cls).save_lora_weights(
-                str(out), **{f"{denoiser}_lora_layers": layers, f"{denoiser}_lora_adapter_metadata": cfg.to_dict()}
+                str(out),
+                **{f"{denoiser}_lora_layers": layers, f"{denoiser}_lora_adapter_metadata": cfg.to_dict()},
             )
         path = out / "pytorch_lora_weights.safetensors"
         if not prefix:
@@ -176,7 +180,11 @@ def peft_case(tmp: Path, model_name: str, writer: str, *, rslora=False, patterns
 PEFT_CASES = [
     (m, w, rs, pat, pre)
     for m, w, rs, pat, pre in itertools.product(
-        MODELS, ["pipeline", "pipeline-diffusers-layout", "model", "peft-dir"], [False, True], [False, True], [True]
+        MODELS,
+        ["pipeline", "pipeline-diffusers-layout", "model", "peft-dir"],
+        [False, True],
+        [False, True],
+        [True],
     )
     if not (w == "pipeline-diffusers-layout" and m != "sdxl-unet")
 ] + [("flux", "pipeline", False, True, False), ("sd3", "pipeline", True, True, False)]
@@ -246,7 +254,10 @@ def kohya_flux_case(tmp: Path) -> dict:
     assert all(torch.equal(theirs[n], w0[n]) for n in embedders)  # what diffusers does with them today
     want = {}
     for k, n in _KOHYA_EMBEDDERS.items():
-        down, up = sd[f"lora_unet_{k}.lora_down.weight"].double(), sd[f"lora_unet_{k}.lora_up.weight"].double()
+        down, up = (
+            sd[f"lora_unet_{k}.lora_down.weight"].double(),
+            sd[f"lora_unet_{k}.lora_up.weight"].double(),
+        )
         alpha = float(sd.get(f"lora_unet_{k}.alpha", torch.tensor(float(down.shape[0]))))
         want[n] = w0[n].double() + alpha / down.shape[0] * up @ down
     return {
@@ -274,10 +285,15 @@ def kohya_linear1_case(tmp: Path) -> dict:
     x = torch.randn(d, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     worst = 0.0
     for name, layer in lora.items():
-        a, b = theirs[f"transformer.{name}.lora_A.weight"].double(), theirs[f"transformer.{name}.lora_B.weight"].double()
+        a, b = (
+            theirs[f"transformer.{name}.lora_A.weight"].double(),
+            theirs[f"transformer.{name}.lora_B.weight"].double(),
+        )
         mine = layer.scale * (layer.up.double() @ (layer.down.double() @ x))
         worst = max(worst, float((mine - b @ (a @ x)).abs().max()))
-    assert set(lora) == {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in theirs if "lora_A" in k}
+    assert set(lora) == {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in theirs if "lora_A" in k
+    }
     return {"diffusers": worst, "layers": len(lora)}
 
 
@@ -287,8 +303,11 @@ def xlabs_state_dict(model, *, seed=6, diffusion_model_prefix=False):
     g = torch.Generator().manual_seed(seed)
     pre = "diffusion_model." if diffusion_model_prefix else ""
     sd = {}
-    parts = [(f"double_blocks.{i}.processor.{p}", rows) for i in range(cfg.num_layers)
-             for p, rows in (("qkv_lora1", 3 * d), ("proj_lora1", d), ("qkv_lora2", 3 * d), ("proj_lora2", d))]
+    parts = [
+        (f"double_blocks.{i}.processor.{p}", rows)
+        for i in range(cfg.num_layers)
+        for p, rows in (("qkv_lora1", 3 * d), ("proj_lora1", d), ("qkv_lora2", 3 * d), ("proj_lora2", d))
+    ]
     parts += [(f"single_blocks.{i}.processor.qkv_lora", 3 * d) for i in range(cfg.num_single_layers)]  # fmt: skip
     for i, (stem, rows) in enumerate(parts):
         r = 2 + i % 3
@@ -311,7 +330,9 @@ def all_cases(tmp: Path):
     """``[(writer, layout, options, result)]`` for the table."""
     rows = []
     for m, w, rs, pat, pre in PEFT_CASES:
-        opts = ", ".join(o for o, on in (("rsLoRA", rs), ("rank/alpha patterns", pat), ("keys unprefixed", not pre)) if on)
+        opts = ", ".join(
+            o for o, on in (("rsLoRA", rs), ("rank/alpha patterns", pat), ("keys unprefixed", not pre)) if on
+        )
         rows.append((m, w, opts or "-", peft_case(tmp, m, w, rslora=rs, patterns=pat, prefix=pre)))
     rows.append(("flux", "kohya (BFL names)", "fused qkv, embedders, alphas", kohya_flux_case(tmp)))
     rows.append(("flux.1 width", "kohya linear1 / qkv", "converter only", kohya_linear1_case(tmp)))

@@ -37,7 +37,10 @@ def test_gpu_check_dry_run_is_the_lease_command(tmp_path):
     assert table.strip() in out  # the same table is printed and written
     for backend in ("cpp", "torch", "triton"):
         assert f"| {backend} | bf16 | odd (6 layers) | pass |" in table, table
-        assert f"| {backend} | bf16 | SDXL (" in table and f"| {backend} | bf16 | plan run, back to back |" in table
+        assert (
+            f"| {backend} | bf16 | SDXL (" in table
+            and f"| {backend} | bf16 | plan run, back to back |" in table
+        )
         assert f"| {backend} | bf16 | apply() synchronised |" in table
     assert "FAIL" not in table and "stage `" not in table  # no failed check, no crashed or skipped stage
     assert "tests collected" in table and re.search(r"\| torch( \(auto\))? \| new objects \|", table)

@@ -82,7 +82,14 @@ def test_demo_writes_images_and_table(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "held-out pair" in printed and "hypernetwork: trained" in printed
     assert "restore bit-exact: yes" in printed
-    for stage in ("merge content only", "(direct merge)", "(hypernet)", "hot swap to", "restore", "generate merged"):
+    for stage in (
+        "merge content only",
+        "(direct merge)",
+        "(hypernet)",
+        "hot swap to",
+        "restore",
+        "generate merged",
+    ):
         assert stage in printed
     tags = ("content-only", "style-only", "direct", "merged", "swapped")
     names = {*(f"{t}.png" for t in tags), "grid.png", "coefficients.png", "timings.md"}

@@ -165,7 +165,12 @@ def test_kohya_flux_fused_layers_split_by_rows():
     })  # fmt: skip
     assert lora.component == "transformer"
     b = "single_transformer_blocks.1."
-    rows = {"attn.to_q": up[:d], "attn.to_k": up[d : 2 * d], "attn.to_v": up[2 * d : 3 * d], "proj_mlp": up[3 * d :]}
+    rows = {
+        "attn.to_q": up[:d],
+        "attn.to_k": up[d : 2 * d],
+        "attn.to_v": up[2 * d : 3 * d],
+        "proj_mlp": up[3 * d :],
+    }
     for part, want in rows.items():
         layer = lora[b + part]
         assert torch.equal(layer.down, down) and torch.equal(layer.up, want) and layer.scale == 2.0, part

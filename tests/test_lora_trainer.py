@@ -77,7 +77,9 @@ def test_sdxl_style_model_trains(tmp_path):
     assert main(["train-lora", "--model", str(d), "--images", str(_folder(tmp_path / "i", n=2)), "--prompt",
                  "a picture in zwx style", "--token", "zwx", "--out", str(out), "--steps", "1", "--rank", "2",
                  "--no-progress"]) == 0  # fmt: skip
-    assert set(lk.LoRA.load(out).unet_layers()) == set(tiny.attention_linears(tiny.build_tiny_pipeline(0).unet))
+    assert set(lk.LoRA.load(out).unet_layers()) == set(
+        tiny.attention_linears(tiny.build_tiny_pipeline(0).unet)
+    )
 
 
 def test_prompt_must_hold_the_token():
@@ -87,7 +89,9 @@ def test_prompt_must_hold_the_token():
             check_prompt(prompt, "sks")
 
 
-@pytest.mark.parametrize("case", ["missing folder", "empty folder", "unreadable image", "no token", "bad out"])
+@pytest.mark.parametrize(
+    "case", ["missing folder", "empty folder", "unreadable image", "no token", "bad out"]
+)
 def test_bad_input_is_one_line_and_writes_nothing(sd1_dir, tmp_path, capsys, case):
     images = tmp_path / "imgs"
     prompt, out = "a sks dog", tmp_path / "o.safetensors"

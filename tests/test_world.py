@@ -101,7 +101,9 @@ def test_world_build_on_a_saved_diffusers_pipeline(tmp_path, capsys):
 
 def test_lora_of_another_base_model_is_refused(tmp_path, capsys):
     out = tmp_path / "world"
-    assert main(["world", "build", "--mini", "--out", str(out), "--hypernet-steps", "0", "--no-progress"]) == 0
+    assert (
+        main(["world", "build", "--mini", "--out", str(out), "--hypernet-steps", "0", "--no-progress"]) == 0
+    )
     other = tiny.random_lora(tiny.build_tiny_pipeline(0, kind="sd1").unet, 2, seed=1)
     other.save(out / "loras" / "content" / "fish.safetensors")
     m = load_manifest(out / "manifest.json")
@@ -109,7 +111,9 @@ def test_lora_of_another_base_model_is_refused(tmp_path, capsys):
         m.check_against(build_base_model().unet)
 
 
-@pytest.mark.parametrize("flags", [["--subjects", "house,unicorn"], ["--subjects", "house"], ["--model", "nope"]])
+@pytest.mark.parametrize(
+    "flags", [["--subjects", "house,unicorn"], ["--subjects", "house"], ["--model", "nope"]]
+)
 def test_bad_world_build_is_one_line(tmp_path, capsys, flags):
     out = tmp_path / "w"
     assert main(["world", "build", "--mini", "--out", str(out), *flags, "--no-progress"]) == 1

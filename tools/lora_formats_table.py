@@ -36,8 +36,10 @@ def main() -> None:
             note.append(f"embedders vs W0 + alpha/r up@down: {_fmt(r['reference'])} (diffusers drops them)")
         if writer == "peft-dir":
             note.append("diffusers does not read adapter_config.json")
-        print(f"| {model} | {writer} | {opts} | {r['layers']} | {_fmt(r.get('diffusers'))} | {_fmt(r.get('peft'))} "
-              f"| {'; '.join(note)} |")
+        print(
+            f"| {model} | {writer} | {opts} | {r['layers']} | {_fmt(r.get('diffusers'))} | {_fmt(r.get('peft'))} "
+            f"| {'; '.join(note)} |"
+        )
 
 
 if __name__ == "__main__":

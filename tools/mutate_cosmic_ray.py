@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             f"timeout = {args.timeout}\n"
             "excluded-modules = []\n"
             f"test-command = {toml_list([test_cmd])[1:-1]}\n\n"
-            "[cosmic-ray.distributor]\nname = \"local\"\n\n"
+            '[cosmic-ray.distributor]\nname = "local"\n\n'
             f"[cosmic-ray.filters.operators-filter]\nexclude-operators = {toml_list(exclude)}\n"
         )
         env = env_for(scratch)
@@ -85,7 +85,9 @@ def main(argv=None) -> int:
         def step(*cmd: str) -> str:
             r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True)
             if r.returncode:
-                raise SystemExit(f"mutate_cosmic_ray: {' '.join(cmd[:2])} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
+                raise SystemExit(
+                    f"mutate_cosmic_ray: {' '.join(cmd[:2])} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+                )
             return r.stdout
 
         step(str(cr), "init", "cosmic-ray.toml", "session.sqlite")

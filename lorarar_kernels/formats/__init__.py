@@ -64,6 +64,7 @@ def _untag(source: str, layers: dict[str, LoRALayer]) -> tuple[dict[str, LoRALay
     bare_denoiser = [n for n in out if not n.startswith(COMPONENT_PREFIXES)]
     return out, tags.pop() if tags else denoiser_of(bare_denoiser)
 
+
 # File names diffusers' save_lora_weights and PEFT's save_pretrained write, looked for in a directory.
 DIRECTORY_FILES = (
     "pytorch_lora_weights.safetensors",

@@ -77,7 +77,9 @@ class _Config:
             try:
                 hit = re.match(rf"(.*\.)?({k})$", module)
             except re.error as exc:
-                raise LoraFileError(f"{self.origin}: alpha_pattern key {k!r} is not a regex ({exc})") from None
+                raise LoraFileError(
+                    f"{self.origin}: alpha_pattern key {k!r} is not a regex ({exc})"
+                ) from None
             if hit:
                 alpha = v
                 break

@@ -57,7 +57,9 @@ def kohya_flux_target(underscored: str) -> tuple[str, tuple[str, ...]] | None:
     if m is None:
         return None
     kind, index, part = m.groups()
-    table, block = (_DOUBLE, "transformer_blocks") if kind == "double" else (_SINGLE, "single_transformer_blocks")
+    table, block = (
+        (_DOUBLE, "transformer_blocks") if kind == "double" else (_SINGLE, "single_transformer_blocks")
+    )
     if part not in table:
         return None
     split, parts = table[part]

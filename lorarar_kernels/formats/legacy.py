@@ -65,5 +65,7 @@ def read_legacy(
     layers = {}
     for name, down, up in pair_up(source, downs, ups, describe=spelled.__getitem__):
         comp, inner = component_of(name)
-        layers[name] = make_layer(source, spelled[name], down, up, alphas.scale(comp, inner, int(down.shape[0])))
+        layers[name] = make_layer(
+            source, spelled[name], down, up, alphas.scale(comp, inner, int(down.shape[0]))
+        )
     return layers, used

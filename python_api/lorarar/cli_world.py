@@ -122,7 +122,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out, losses = train_lora_from_folder(model, args.images, args.prompt, args.token, args.out, cfg,
                                          progress=not args.no_progress)  # fmt: skip
-    tail = losses[-min(len(losses), 20):]
+    tail = losses[-min(len(losses), 20) :]
     print(
         f"trained rank {cfg.rank} (alpha {cfg.alpha or cfg.rank}), lr {cfg.lr}, {cfg.steps} steps x batch "
         f"{cfg.batch} on {where} in {time.perf_counter() - t0:.1f} s; loss (last {len(tail)}) "
@@ -144,7 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description=WORLD_HELP)  # fmt: skip
     b.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced)")
     b.add_argument("--mini", action="store_true", help="3 subjects x 3 styles, a few steps each (for tests)")
-    b.add_argument("--model", metavar="DIR", help="a diffusers model directory to use instead of the toy base")
+    b.add_argument(
+        "--model", metavar="DIR", help="a diffusers model directory to use instead of the toy base"
+    )
     b.add_argument("--seed", type=int, help="seed of everything (0)")
     b.add_argument("--subjects", help="comma-separated subjects (default: all 10)")
     b.add_argument("--styles", help="comma-separated styles (default: all 10)")
@@ -153,8 +155,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--lora-steps", type=_positive_int, help="steps per LoRA (150)")
     b.add_argument("--lora-rank", type=_positive_int, help="LoRA rank (8)")
     b.add_argument("--hypernet-steps", type=int, help="hypernetwork training steps; 0: none (200)")
-    b.add_argument("--threads", type=_positive_int, help="CPU threads for torch (torch's default); on a "
-                   "busy machine 1 wastes less time spinning")
+    b.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="CPU threads for torch (torch's default); on a busy machine 1 wastes less time spinning",
+    )
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_world_build)
     k = wsub.add_parser("pack", formatter_class=fmt, help="copy a built world with the base UNet in fp16",
@@ -180,4 +185,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_lora)
-

@@ -109,7 +109,9 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = DemoResult()
-    bar = tqdm(total=12, desc="lorarar demo", unit="stage", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=12, desc="lorarar demo", unit="stage", disable=not progress, file=sys.stderr, leave=False
+    )
 
     def step(name: str, fn: Callable, backend: str = "", detail: str = ""):
         value, ms = _timed(fn)
@@ -140,7 +142,9 @@ def run_demo(
     c_entry, s_entry = manifest.entry("content", c_name), manifest.entry("style", s_name)
     others = [n for n in manifest.contents if n != c_name]
     swap_entry = manifest.entry("content", others[0]) if others else c_entry
-    seen = "held-out" if [c_name, s_name] in [list(p) for p in manifest.split.get("heldout", [])] else "training"
+    seen = (
+        "held-out" if [c_name, s_name] in [list(p) for p in manifest.split.get("heldout", [])] else "training"
+    )
     res.note = (
         f"pair: content {c_name!r} + style {s_name!r} ({seen} pair); "
         + ("hypernetwork: trained on the world's training pairs" if hypernet is not None
@@ -159,7 +163,9 @@ def run_demo(
         def run():
             gen = torch.Generator().manual_seed(seed)
             with swapper.hold():
-                x = sample(model, [prompt] * samples, steps=steps, guidance=guidance, generator=gen, size=side)
+                x = sample(
+                    model, [prompt] * samples, steps=steps, guidance=guidance, generator=gen, size=side
+                )
             rows[tag] = x
             path = out / f"{tag}.png"
             to_images(x[:1])[0].save(path)
@@ -193,7 +199,12 @@ def run_demo(
 
     res.restore_bit_exact = all(torch.equal(v, unet_state(model)[k]) for k, v in original.items())
     res.stages.append(
-        Stage("verify restore", 0.0, "", f"bit-exact: {'yes' if res.restore_bit_exact else 'NO'} ({len(original)} tensors)")
+        Stage(
+            "verify restore",
+            0.0,
+            "",
+            f"bit-exact: {'yes' if res.restore_bit_exact else 'NO'} ({len(original)} tensors)",
+        )
     )
     bar.close()
     res.grid = write_grid(out / "grid.png", rows, c_entry, s_entry, swap_entry.name, side)
@@ -231,7 +242,9 @@ def write_grid(path: Path, rows: dict[str, torch.Tensor], content, style, swappe
     ]
     n = max(x.shape[0] for _, x in columns)
     pad, label = 4, 14
-    grid = Image.new("RGB", (len(columns) * (cell + pad) + pad, label + n * (cell + pad) + pad), (255, 255, 255))
+    grid = Image.new(
+        "RGB", (len(columns) * (cell + pad) + pad, label + n * (cell + pad) + pad), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(grid)
     for j, (title, x) in enumerate(columns):
         left = pad + j * (cell + pad)

@@ -250,7 +250,12 @@ def attach(
     disk offload (weights on the meta device between forwards) is refused here, before anything is written.
     """
     return Swapper(
-        pipe, hypernet, backend=backend, keep_original=keep_original, text_encoders=text_encoders, verify=verify
+        pipe,
+        hypernet,
+        backend=backend,
+        keep_original=keep_original,
+        text_encoders=text_encoders,
+        verify=verify,
     )
 
 

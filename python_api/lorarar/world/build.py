@@ -237,4 +237,6 @@ def _train_hypernet(root: Path, model, spec: WorldSpec, progress: bool) -> None:
     manifest = load_manifest(root / "manifest.json")
     cfg = HypernetTrainConfig(steps=spec.hypernet_steps, hidden=spec.hypernet_hidden, seed=spec.seed)
     train_hypernet(model, manifest, root / "hypernet.safetensors", cfg, progress=progress)
-    (root / "hypernet.checkpoint.safetensors").unlink(missing_ok=True)  # resumable state: not part of the world
+    (root / "hypernet.checkpoint.safetensors").unlink(
+        missing_ok=True
+    )  # resumable state: not part of the world

@@ -57,8 +57,10 @@ def _car() -> list[Part]:
         _part(lambda d: d.rectangle((6, 28, 58, 44), fill=255), (40, 80, 210)),
         _part(lambda d: d.polygon([(18, 28), (24, 16), (42, 16), (48, 28)], fill=255), (40, 80, 210)),
         _part(lambda d: d.polygon([(24, 27), (27, 19), (39, 19), (43, 27)], fill=255), (170, 220, 250)),
-        _part(lambda d: (d.ellipse((12, 38, 24, 50), fill=255), d.ellipse((40, 38, 52, 50), fill=255)),
-              (25, 25, 25)),
+        _part(
+            lambda d: (d.ellipse((12, 38, 24, 50), fill=255), d.ellipse((40, 38, 52, 50), fill=255)),
+            (25, 25, 25),
+        ),
     ]
 
 
@@ -66,15 +68,22 @@ def _mushroom() -> list[Part]:
     return [
         _part(lambda d: d.rectangle((26, 32, 38, 56), fill=255), (240, 225, 190)),
         _part(lambda d: d.pieslice((8, 10, 56, 54), 180, 360, fill=255), (210, 30, 30)),
-        _part(lambda d: [d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=255)
-                         for x, y in ((20, 24), (32, 17), (44, 24), (28, 28))], (250, 250, 250)),
+        _part(
+            lambda d: [
+                d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=255)
+                for x, y in ((20, 24), (32, 17), (44, 24), (28, 28))
+            ],
+            (250, 250, 250),
+        ),
     ]
 
 
 def _snowman() -> list[Part]:
     return [
-        _part(lambda d: (d.ellipse((16, 32, 48, 60), fill=255), d.ellipse((21, 14, 43, 36), fill=255)),
-              (245, 245, 250)),
+        _part(
+            lambda d: (d.ellipse((16, 32, 48, 60), fill=255), d.ellipse((21, 14, 43, 36), fill=255)),
+            (245, 245, 250),
+        ),
         _part(lambda d: d.rectangle((22, 4, 42, 16), fill=255), (30, 30, 30)),
         _part(lambda d: d.polygon([(32, 24), (44, 27), (32, 29)], fill=255), (250, 130, 20)),
     ]
@@ -92,8 +101,13 @@ def _rocket() -> list[Part]:
     return [
         _part(lambda d: d.rectangle((24, 18, 40, 50), fill=255), (185, 185, 195)),
         _part(lambda d: d.polygon([(24, 19), (32, 4), (40, 19)], fill=255), (220, 30, 60)),
-        _part(lambda d: (d.polygon([(24, 38), (14, 54), (24, 50)], fill=255),
-                         d.polygon([(40, 38), (50, 54), (40, 50)], fill=255)), (220, 30, 60)),
+        _part(
+            lambda d: (
+                d.polygon([(24, 38), (14, 54), (24, 50)], fill=255),
+                d.polygon([(40, 38), (50, 54), (40, 50)], fill=255),
+            ),
+            (220, 30, 60),
+        ),
         _part(lambda d: d.ellipse((28, 24, 36, 32), fill=255), (60, 120, 220)),
     ]
 
@@ -154,8 +168,11 @@ def _generic(name: str) -> Callable[[ImageDraw.ImageDraw], None]:
         "cross": lambda d: (d.rectangle((26, 8, 38, 56), fill=255), d.rectangle((8, 26, 56, 38), fill=255)),
         "diamond": lambda d: d.polygon([(32, 6), (56, 32), (32, 58), (8, 32)], fill=255),
         "bar": lambda d: d.rectangle((6, 24, 58, 40), fill=255),
-        "heart": lambda d: (d.ellipse((10, 12, 34, 36), fill=255), d.ellipse((30, 12, 54, 36), fill=255),
-                            d.polygon([(12, 28), (52, 28), (32, 56)], fill=255)),
+        "heart": lambda d: (
+            d.ellipse((10, 12, 34, 36), fill=255),
+            d.ellipse((30, 12, 54, 36), fill=255),
+            d.polygon([(12, 28), (52, 28), (32, 56)], fill=255),
+        ),
     }
     return shapes[name]
 

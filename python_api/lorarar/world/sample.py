@@ -38,7 +38,9 @@ def generate(
     side = size // model.latent_scale if size else int(model.unet.config.sample_size)
     pixels = (side * model.latent_scale,) * 2
     cond = model.encode_prompts(list(prompts), image_size=pixels)
-    uncond = model.encode_prompts([UNCOND_PROMPT] * len(prompts), image_size=pixels) if guidance != 1 else None
+    uncond = (
+        model.encode_prompts([UNCOND_PROMPT] * len(prompts), image_size=pixels) if guidance != 1 else None
+    )
     dtype = next(model.unet.parameters()).dtype
     shape = (len(prompts), int(model.unet.config.in_channels), side, side)
     gdev = generator.device if generator is not None else torch.device("cpu")
