@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,17 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from workload import cpu_model, load_hypernet  # noqa: E402
+
 import lorarar_kernels as lk  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def sdxl_cond(batch: int, seed: int) -> dict:
@@ -96,7 +87,6 @@ def main(argv=None) -> dict:
     from lorarar.train.scores import time_hypernet_merge
     from lorarar.train.ziplora import ZipLoRAConfig, ziplora
     from pipeline_models import sdxl_unet
-    from workload import load_hypernet
 
     t_build = time.perf_counter()
     print("building SDXL-architecture UNet (random weights, fp32)...", file=sys.stderr, flush=True)
