@@ -13,7 +13,7 @@ import pytest
 import torch
 from engine_helpers import ordered, term_size
 
-from lorarar_kernels.errors import LayerMismatchError, LoraRarError
+from lorarar_kernels.errors import LayerMismatchError, LoraRarError, NonFiniteError
 from lorarar_kernels.ops import ApplyJob, cpu_isa, native, reference
 
 CPU = torch.device("cpu")
@@ -272,6 +272,8 @@ def test_cuda_matches_exact_on_sdxl_shapes(dtype):
 
 @needs_gpu
 def test_cuda_apply_is_graph_capturable_and_deterministic():
+    """A plan built before capture, its run() captured: replays write the eager bits, and the captured
+    non-finite flags are read by check_finite() after each replay (apply() itself refuses capture)."""
     dev = torch.device("cuda")
     jobs = [
         make_job(
@@ -279,20 +281,32 @@ def test_cuda_apply_is_graph_capturable_and_deterministic():
         )
         for n in range(3)
     ]
-    native.CUDA.apply(jobs)  # builds and caches the plan outside capture
+    native.CUDA.apply(jobs)
     eager = [j.dst.clone() for j in jobs]
     for j in jobs:
         j.dst.fill_(float("nan"))
+    plan = native.CUDA.plan(jobs)  # uploads its tables: outside capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        native.CUDA.apply(jobs)
+        with pytest.raises(LoraRarError, match="capture"):
+            native.CUDA.apply(jobs)
+        plan.run()
     torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        plan.check_finite()
+        for j, e in zip(jobs, eager):
+            assert torch.equal(j.dst.view(torch.int16), e.view(torch.int16))
+        for j in jobs:
+            j.dst.fill_(float("nan"))
+    jobs[1].src.view(-1)[7] = float("inf")  # the captured work reads src: the next replay flags l1
     graph.replay()
     torch.cuda.synchronize()
-    for j, e in zip(jobs, eager):
-        assert torch.equal(j.dst.view(torch.int16), e.view(torch.int16))
+    with pytest.raises(NonFiniteError, match="l1"):
+        plan.check_finite()
 
 
 @needs_gpu
