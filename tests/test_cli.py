@@ -168,6 +168,23 @@ def test_generate_runs_a_local_model(files, tmp_path, capsys):
     assert np.abs(got.astype(int) - np.round(want * 255).astype(int)).max() <= 1  # PNG: 8-bit rounding
 
 
+def test_generate_with_text_encoder_layers_only(files, tmp_path, capsys):
+    """A LoRA with text-encoder layers only and no style: generate merges them and says so."""
+    g = torch.Generator().manual_seed(4)
+    te = tiny.build_tiny_pipeline(0).text_encoder
+    layers = {
+        f"text_encoder.{n}": lk.LoRALayer(torch.randn(2, m.in_features, generator=g) * 0.1,
+                                          torch.randn(m.out_features, 2, generator=g) * 0.1, 1.0)
+        for n, m in te.named_modules() if n.endswith(("q_proj", "v_proj"))
+    }  # fmt: skip
+    path = tmp_path / "te_only.safetensors"
+    lk.LoRA(layers, source="te-only", component="unet").save(path)
+    args = ["generate", "--model", str(files / "model"), "--content", str(path), "--prompt", "a photo of sks dog",
+            "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "te.png")]  # fmt: skip
+    assert main(args) == 0
+    assert f"merged {len(layers)} text-encoder layers (no denoiser layer)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

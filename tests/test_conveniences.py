@@ -233,6 +233,21 @@ def test_text_encoder_layers_merged_as_diffusers_fuses_them(tmp_path):
         assert _bits_equal(_state(getattr(pipe, name)), originals[name]), name
 
 
+def test_text_encoder_only_pair_returns_no_unet_merge(tmp_path):
+    """A LoRA with text-encoder layers only: the swap merges the text encoders, leaves the UNet at its
+    original bits and returns None (there is no UNet merge to hand back)."""
+    lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
+    te_only = lk.LoRA(lora.other_layers(), source="te-only", component="unet")
+    pipe = tiny.build_tiny_pipeline(0)
+    unet0 = unet_state(pipe)
+    sw = attach(pipe)
+    assert sw.swap(tiny.random_lora(pipe.unet, 2, seed=5)) is not None
+    assert sw.swap(te_only) is None
+    assert sw.current is None
+    assert set(sw.text_encoder_merges) == {"text_encoder", "text_encoder_2"}
+    assert _bits_equal(unet_state(pipe), unet0)
+
+
 def test_text_encoders_off_keeps_them_on_the_lora(tmp_path):
     d = _peft_te_lora(tmp_path / "lora")
     pipe = tiny.build_tiny_pipeline(0)

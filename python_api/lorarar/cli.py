@@ -279,10 +279,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     print(f"model {model} ({type(pipe).__name__}, {device}, {dtype_name}) loaded in {t1 - t0:.1f} s")
-    print(
-        f"merged {len(m.layers)} layers with backend {m.backend!r} in {1e3 * (t2 - t1):.1f} ms "
-        f"(prepare {1e3 * m.timings['prepare_s']:.1f} ms, apply {1e3 * m.timings['apply_s']:.1f} ms)"
-    )
+    te = sum(len(t.layers) for t in swapper.text_encoder_merges.values())
+    te_note = f" + {te} text-encoder layers" if te else ""
+    if m is None:  # the pair has text-encoder layers only
+        print(f"merged {te} text-encoder layers (no denoiser layer) in {1e3 * (t2 - t1):.1f} ms")
+    else:
+        print(
+            f"merged {len(m.layers)} layers{te_note} with backend {m.backend!r} in {1e3 * (t2 - t1):.1f} ms "
+            f"(prepare {1e3 * m.timings['prepare_s']:.1f} ms, apply {1e3 * m.timings['apply_s']:.1f} ms)"
+        )
     print(f"generated {args.steps} steps in {t3 - t2:.1f} s -> {out}")
     return 0
 

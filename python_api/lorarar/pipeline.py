@@ -131,7 +131,7 @@ class Swapper:
         coefficients: Mapping[str, tuple] | None = None,
         weights: Sequence[float] | float | None = None,
         progress: bool | Callable[[int, int], None] = False,
-    ) -> lk.Merge:
+    ) -> lk.Merge | None:
         """Merge ``(content, style)`` into the UNet (and their text-encoder layers into the text encoders),
         replacing whatever pair is merged now.
 
@@ -142,7 +142,8 @@ class Swapper:
         Files are read and the swap prepared (coefficients, factors) before the lock is taken; only the
         pass over the weights waits for a generation in flight. Bad input raises an `lk.LoraRarError`
         before any weight is written, and a failure in any model's pass puts every model back as it was.
-        Returns the UNet's `lk.Merge` handle.
+        Returns the UNet's `lk.Merge` handle, or None when the pair has no denoiser layer (only text
+        encoders were merged: `text_encoder_merges` holds their handles).
         """
         content, style = self.load(content, "content"), self.load(style, "style")
         strength = strengths(weights, content, style)
