@@ -130,3 +130,24 @@ def test_the_flag_does_not_depend_on_the_thread_count(threads, monkeypatch):
             native.CPP.plan(jobs).run()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_torch_finite_check_sees_one_bad_value_anywhere_and_passes_the_extremes(dtype):
+    """The torch backend's one-pass check (min and max) against `isfinite` value by value."""
+    from lorarar_kernels.ops.reference import _finite
+
+    info = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(3)
+    t = (torch.randn(37, 53, generator=gen) * 100).to(dtype)
+    t[0, 0], t[-1, -1], t[5, 7] = info.max, -info.max, info.tiny
+    assert bool(_finite(t)) and bool(torch.isfinite(t).all())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in ((0, 0), (36, 52), (11, 19)):
+            u = t.clone()
+            u[where] = bad
+            assert not bool(_finite(u)), (bad, where)
+    both = t.clone()
+    both[1, 1], both[2, 2] = float("inf"), float("-inf")
+    assert not bool(_finite(both))
+    assert bool(_finite(t[:0]))  # no rows: nothing non-finite was written
