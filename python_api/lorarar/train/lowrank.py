@@ -103,9 +103,7 @@ class PairAdapter:
         for name, layer in lora.unet_layers().items():
             lin = self.linears.get(name)
             if lin is None:
-                raise lk.LayerMismatchError(
-                    f"{where} {lora.source}: layer {name} is not {self._kind} here"
-                )
+                raise lk.LayerMismatchError(f"{where} {lora.source}: layer {name} is not {self._kind} here")
             if layer.is_conv or (layer.out_features, layer.in_features) != (
                 lin.out_features,
                 lin.in_features,

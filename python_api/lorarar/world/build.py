@@ -233,10 +233,9 @@ def build_world(
 
 def _train_hypernet(root: Path, model, spec: WorldSpec, progress: bool) -> None:
     """The training helper's hypernetwork trainer on the world's training split -> hypernet.safetensors."""
+    from ..denoisers import default_parts
     from ..train.hypernet_trainer import HypernetTrainConfig, train_hypernet
     from ..train.manifest import load_manifest
-
-    from ..denoisers import default_parts
 
     manifest = load_manifest(root / "manifest.json")
     cfg = HypernetTrainConfig(steps=spec.hypernet_steps, hidden=spec.hypernet_hidden, seed=spec.seed,
