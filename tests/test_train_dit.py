@@ -6,8 +6,8 @@
 - the trainer's low-rank merged forward on a Flux transformer equals the forward with the dense weights
   ``lk.merge`` writes, with the same coefficients (training and inference agree), and the layers it
   takes hypernetwork coefficients for are the ones ``lk.merge``'s rule merges through the hypernetwork;
-- a transformer LoRA trained by `train_lora` loads in diffusers' ``FluxPipeline.load_lora_weights`` at the
-  scale ``lk.merge`` uses.
+- a transformer LoRA trained by `train_lora` loads in diffusers' ``FluxPipeline`` /
+  ``StableDiffusion3Pipeline.load_lora_weights`` and fuses to the weights ``lk.merge`` writes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from _train_fixtures import one_thread
 from lorarar import denoisers
 from lorarar.tiny_dit import (
-    FLUX_LORA_PARTS,
+    LORA_PARTS,
     MAX_SEQUENCE_LENGTH,
     build_tiny_dit_pipeline,
     default_hypernet,
@@ -71,6 +71,20 @@ def test_flow_matching_noise_and_target_by_hand(pair):
         model.add_noise(x0, eps, torch.tensor([0, 1000]))
 
 
+def test_bad_transformer_models_are_refused(pair):
+    pipe, model = pair
+    enc, tok, sched = model.text_encoders, model.tokenizers, model.scheduler_config
+    tr, vae = model.denoiser, model.vae
+    with pytest.raises(lk.LoraRarError, match="needs [23] text encoders"):
+        DiffusionModel(tr, enc[:1], tok[:1], sched, vae)
+    with pytest.raises(lk.LoraRarError, match="needs its VAE"):
+        DiffusionModel(tr, enc, tok, sched, None)
+    with pytest.raises(lk.LoraRarError, match="DDPMScheduler.*FlowMatchEulerDiscreteScheduler"):
+        DiffusionModel(tr, enc, tok, {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}, vae)
+    with pytest.raises(lk.LoraRarError, match="generate samples UNet models"):
+        model.generate(["a cat"], steps=1)
+
+
 def test_conditioning_and_forward_are_the_pipelines(pair):
     pipe, model = pair
     cond = model.encode_prompts(PROMPTS)
@@ -96,11 +110,11 @@ def test_conditioning_and_forward_are_the_pipelines(pair):
     assert (v.abs().mean() > 1e-3) and torch.equal(dit.unpack(dit.pack(x), *x.shape[2:]), x)
 
 
-@pytest.fixture(scope="module")
-def flux():
-    model = DiffusionModel.from_pipeline(build_tiny_dit_pipeline(4, kind="flux"))
+@pytest.fixture(scope="module", params=["flux", "sd3"])
+def flux(request):
+    model = DiffusionModel.from_pipeline(build_tiny_dit_pipeline(4, kind=request.param))
     tr = model.denoiser
-    parts = (*FLUX_LORA_PARTS, "proj_out")  # the model's final proj_out too: not a hypernetwork part
+    parts = (*LORA_PARTS[request.param], "proj_out")  # the final proj_out too: not a hypernetwork part
     c = random_transformer_lora(tr, 3, seed=21, parts=parts, strength=2.0, source="c")
     s = random_transformer_lora(tr, 4, seed=22, parts=parts, strength=2.0, source="s")
     net = default_hypernet(tr, hidden=16, seed=1)
@@ -114,12 +128,14 @@ def test_hypernet_layers_are_the_merge_rules(flux):
     merged = {r.name for r in merge_rule(c, s, net).layers if r.mode == "hypernet"}
     assert trained == merged
     assert "proj_out" in c and "proj_out" not in trained  # the final proj_out (another width): plain sum
-    assert {"single_transformer_blocks.1.proj_out", "transformer_blocks.0.attn.add_q_proj"} <= trained
+    assert {"transformer_blocks.0.attn.add_q_proj", "transformer_blocks.1.attn.to_out.0"} <= trained
+    if model.architecture == "flux":
+        assert {"single_transformer_blocks.1.proj_out", "single_transformer_blocks.0.attn.to_q"} <= trained
     assert "transformer_blocks.0.attn.to_k" not in trained and "transformer_blocks.0.ff.net.2" in c
     assert net.widths == (32,) and set(net.parts) == set(denoisers.default_parts(model.denoiser))
 
 
-def test_lowrank_merged_forward_equals_lk_merge_dense_on_flux(flux):
+def test_lowrank_merged_forward_equals_lk_merge_dense(flux):
     model, c, s, net = flux
     tr = model.denoiser
     x, t = _latents(model), torch.tensor([100, 800])
@@ -151,8 +167,9 @@ def test_lowrank_merged_forward_equals_lk_merge_dense_on_flux(flux):
         assert (low - plain).abs().max() > 1e-2  # the LoRAs change the output
 
 
-def test_train_lora_on_flux_loads_in_diffusers(tmp_path):
-    pipe = build_tiny_dit_pipeline(5, kind="flux")
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_train_lora_on_transformer_loads_in_diffusers(tmp_path, kind):
+    pipe = build_tiny_dit_pipeline(5, kind=kind)
     model = DiffusionModel.from_pipeline(pipe)
     tr = model.denoiser
     before = {n: p.detach().clone() for n, p in tr.named_parameters()}
@@ -160,11 +177,11 @@ def test_train_lora_on_flux_loads_in_diffusers(tmp_path):
     cfg = LoraTrainConfig(rank=2, alpha=4, lr=1e-2, steps=2, batch=2)
     lora, losses = train_lora(model, images * 2 - 1, "a photo of sks dog", cfg, token="sks", progress=False)
     assert len(losses) == 2 and all(v == v and v > 0 for v in losses)
-    assert lora.component == "transformer" and set(lora) == set(denoisers.linears(tr, FLUX_LORA_PARTS))
+    assert lora.component == "transformer" and set(lora) == set(denoisers.linears(tr, LORA_PARTS[kind]))
     assert any(layer.up.abs().max() > 0 for layer in lora.values())  # B moved off its zero init
     assert dict(tr.named_parameters()).keys() == before.keys()  # the PEFT wrappers are gone
     assert all(torch.equal(p, before[n]) for n, p in tr.named_parameters())
-    path = tmp_path / "flux_lora.safetensors"
+    path = tmp_path / f"{kind}_lora.safetensors"
     lora.save(path)
     m = lk.merge(tr, lk.LoRA.load(path), None, backend="torch")
     ours = {n: tr.get_submodule(n).weight.detach().clone() for n in lora}

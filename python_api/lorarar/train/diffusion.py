@@ -75,6 +75,8 @@ class DiffusionModel:
         self.guidance_scale = float(guidance_scale)
         self.flow: FlowMatching | None = None
         if self.architecture != "unet":
+            if vae is None:
+                raise lk.LoraRarError(f"DiffusionModel: a {type(base).__name__} needs its VAE (got none)")
             self.flow = FlowMatching(self.scheduler_config)
             self.noise_scheduler = self.flow.scheduler
             self.prediction_type = "flow"
