@@ -209,8 +209,10 @@ def register(sub) -> None:
     p.add_argument("--similarity-weight", type=float, default=0.01, help="weight of the |cos| term (0.01)")
     p.add_argument("--hidden", type=_positive, default=128, help="hidden width (128, the authors')")
     p.add_argument(
-        "--parts", default=None, help="layers it predicts (default: the base model's, UNet to_q,to_out.0; "
-        "see denoisers.default_parts; others: plain sum)"
+        "--parts",
+        default=None,
+        help="layers it predicts (default: the base model's, UNet to_q,to_out.0; "
+        "see denoisers.default_parts; others: plain sum)",
     )
     p.add_argument(
         "--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N steps (end only)"
