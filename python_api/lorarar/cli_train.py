@@ -67,7 +67,7 @@ def cmd_train_hypernet(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         similarity_weight=args.similarity_weight,
         hidden=args.hidden,
-        parts=tuple(args.parts.split(",")),
+        parts=tuple(args.parts.split(",")) if args.parts else (),
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         mixed_precision=args.mixed_precision,
@@ -75,6 +75,10 @@ def cmd_train_hypernet(args: argparse.Namespace) -> int:
         init=args.init,
     )
     rank, manifest, model = _setup(args, distributed=True)
+    if not cfg.parts:  # the base model's default parts (UNet: to_q, to_out.0; Flux, SD3: both streams')
+        from .denoisers import default_parts
+
+        cfg.parts = default_parts(model.unet)
     net = train_hypernet(model, manifest, out, cfg, resume=args.resume, progress=not args.no_progress)
     if rank == 0:
         stem = out.with_suffix("")
@@ -205,7 +209,10 @@ def register(sub) -> None:
     p.add_argument("--similarity-weight", type=float, default=0.01, help="weight of the |cos| term (0.01)")
     p.add_argument("--hidden", type=_positive, default=128, help="hidden width (128, the authors')")
     p.add_argument(
-        "--parts", default="to_q,to_out.0", help="layers it predicts (to_q,to_out.0; others: plain sum)"
+        "--parts",
+        default=None,
+        help="layers it predicts (default: the base model's, UNet to_q,to_out.0; "
+        "see denoisers.default_parts; others: plain sum)",
     )
     p.add_argument(
         "--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N steps (end only)"

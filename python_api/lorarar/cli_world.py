@@ -17,12 +17,13 @@ Build the toy world into DIR (replaced if it exists; written to a temporary fold
   manifest.json              the pair dataset: entries, prompts, tokens, train / held-out split
   hypernet.safetensors       the trained LoRA.rar hypernetwork (training split only)
 Deterministic from --seed. --mini builds 3 subjects x 3 styles with a few steps each (seconds).
---model DIR runs the same steps on a diffusers model directory (SD 1.5, SDXL...): no base training,
-images drawn at the model's resolution, the manifest points at DIR."""
+--model DIR runs the same steps on a diffusers model directory (SD 1.5, SDXL, Flux, SD3): no base
+training, images drawn at the model's resolution, the manifest points at DIR."""
 
 TRAIN_LORA_HELP = """\
 Train one content (subject) or style LoRA, DreamBooth-style: PEFT LoRA on the UNet's attention to_q,
-to_k, to_v, to_out.0; the plain diffusion loss on the folder's images (PNG/JPEG, centre-cropped and
+to_k, to_v, to_out.0 (Flux / SD3: both streams' attention, feed-forward, Flux single blocks' proj_mlp
+and proj_out; flow-matching loss); the plain diffusion loss on the folder's images (PNG/JPEG, centre-cropped and
 resized to the model's resolution) under one prompt that must contain --token. Only the LoRA trains.
 Defaults: the LoRA.rar authors' SDXL recipe (rank 64, alpha = rank, lr 5e-5, 1000 steps, AdamW,
 batch 1); for a pixel-space model (the toy world's base) the toy recipe (rank 8, lr 1e-3, 300 steps,

@@ -49,13 +49,14 @@ _T5_WORDS = ("a", "photo", "of", "the", "cat", "dog", "in", "style", "sks", "wat
 
 
 def build_t5_tokenizer():
-    """A `T5Tokenizer` (unigram) over a few whole words and single letters: any lower-case prompt tokenizes."""
+    """A `T5Tokenizer` (unigram) over a few whole words and single letters: any lower-case prompt tokenizes.
+    Its ``model_max_length`` is `MAX_SEQUENCE_LENGTH` (what `lorarar.train` encodes prompts to)."""
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
     vocab += [("\u2581" + w, -1.0) for w in _T5_WORDS]
     vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
 def _t5(vocab_size: int, width: int):

@@ -1,18 +1,24 @@
 """A thin training view of a diffusers text-to-image model: conditioning, latents, noise, targets.
 
-`DiffusionModel` holds a `UNet2DConditionModel`, one text encoder + tokenizer (SD 1.x style: the last
-hidden state is the cross-attention context) or two (SDXL style: both encoders' penultimate hidden
-states concatenated, the second one's pooled projection as ``text_embeds`` plus six ``time_ids``), a VAE
-**or none**, and a noise-scheduler config. Without a VAE the model is *pixel-space*: its "latents" are
-the images themselves in [-1, 1] (the UNet has 3 input channels). Training noise and timesteps follow
-diffusers' training scripts (``t ~ U{0, T-1}``, ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``) with an
-explicit `torch.Generator`; the target is ``eps`` or ``v`` as the scheduler config's ``prediction_type``
-says. The same code serves a real SDXL / SD 1.5 directory on a GPU.
+`DiffusionModel` holds a denoiser, its text encoders and tokenizers, a VAE **or none**, and a
+noise-scheduler config. The denoiser is
+
+- a `UNet2DConditionModel` with one text encoder + tokenizer (SD 1.x style: the last hidden state is the
+  cross-attention context) or two (SDXL style: both encoders' penultimate hidden states concatenated, the
+  second one's pooled projection as ``text_embeds`` plus six ``time_ids``). Training noise and timesteps
+  follow diffusers' training scripts (``t ~ U{0, T-1}``, ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps``);
+  the target is ``eps`` or ``v`` as the scheduler config's ``prediction_type`` says;
+- or a diffusion transformer, `FluxTransformer2DModel` (CLIP + T5) or `SD3Transformer2DModel` (CLIP-L,
+  CLIP-G, T5), trained by flow matching (`flow_matching`: ``x_t = (1 - sigma) x_0 + sigma eps``, target
+  ``eps - x_0``) and called as its pipeline calls it (`transformer_inputs`).
+
+Without a VAE the model is *pixel-space*: its "latents" are the images themselves in [-1, 1] (the UNet has
+3 input channels). Every random draw comes from an explicit `torch.Generator`. The same code serves a
+real SDXL / SD 1.5 / Flux / SD3 directory on a GPU.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -25,33 +31,21 @@ from torch import nn
 
 import lorarar_kernels as lk
 
-_LIBRARIES = ("diffusers", "transformers")
+from . import transformer_inputs as dit
+from .flow_matching import FlowMatching
+from .model_dir import read_components
 
-
-def _load_component(directory: Path, sub: str, library: str, class_name: str, dtype: torch.dtype):
-    if library not in _LIBRARIES:
-        raise lk.LoraFileError(
-            f"{directory}/model_index.json: component {sub!r} from unknown library {library!r}"
-        )
-    try:
-        cls = getattr(importlib.import_module(library), class_name)
-    except (ImportError, AttributeError):
-        raise lk.LoraFileError(
-            f"{directory}/model_index.json: {sub!r} is a {library}.{class_name}, which this {library} lacks"
-        ) from None
-    kwargs = {} if "Tokenizer" in class_name or "Scheduler" in class_name else {"torch_dtype": dtype}
-    try:
-        return cls.from_pretrained(str(directory / sub), local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise lk.LoraFileError(f"{directory}/{sub}: cannot load {class_name} offline ({first})") from None
+# diffusers class -> architecture; anything else is taken for a UNet
+_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+_ENCODERS = {"unet": (1, 2), "flux": (2,), "sd3": (3,)}  # text encoders each architecture takes
 
 
 class DiffusionModel:
-    """UNet + text encoder(s) + tokenizer(s) + optional VAE + scheduler config, for training and scoring.
+    """Denoiser + text encoder(s) + tokenizer(s) + optional VAE + scheduler config, for training and scoring.
 
     Build it with `from_directory` (a diffusers pipeline folder), `from_pipeline` (a loaded pipeline) or
-    the constructor (components). Only the UNet is meant to be trained or adapted; `encode_prompts` and
+    the constructor (components). Only the denoiser (a UNet or a Flux / SD3 transformer: ``denoiser``,
+    also called ``unet`` by the UNet-era callers) is meant to be trained or adapted; `encode_prompts` and
     `encode_images` run without gradients.
     """
 
@@ -62,69 +56,80 @@ class DiffusionModel:
         tokenizers: Sequence,
         scheduler_config: dict,
         vae: nn.Module | None = None,
+        *,
+        guidance_scale: float = dit.GUIDANCE_SCALE,
     ) -> None:
         from diffusers import DDPMScheduler
 
-        if len(text_encoders) not in (1, 2) or len(tokenizers) != len(text_encoders):
+        base = getattr(unet, "_orig_mod", unet)
+        self.architecture = _TRANSFORMERS.get(type(base).__name__, "unet")
+        counts = _ENCODERS[self.architecture]
+        if len(text_encoders) not in counts or len(tokenizers) != len(text_encoders):
             raise lk.LoraRarError(
-                f"DiffusionModel: need 1 or 2 text encoders with as many tokenizers, got "
-                f"{len(text_encoders)} and {len(tokenizers)}"
+                f"DiffusionModel: a {type(base).__name__} needs {' or '.join(map(str, counts))} text encoders "
+                f"with as many tokenizers, got {len(text_encoders)} and {len(tokenizers)}"
             )
-        self.unet, self.vae = unet, vae
+        self.denoiser, self.vae = unet, vae
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
         self.scheduler_config = dict(scheduler_config)
-        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise lk.LoraRarError(
-                f"DiffusionModel: prediction_type {self.prediction_type!r} unsupported (epsilon, v_prediction)"
-            )
-        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
-        self.sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        self.guidance_scale = float(guidance_scale)
+        self.flow: FlowMatching | None = None
+        if self.architecture != "unet":
+            if vae is None:
+                raise lk.LoraRarError(f"DiffusionModel: a {type(base).__name__} needs its VAE (got none)")
+            self.flow = FlowMatching(self.scheduler_config)
+            self.noise_scheduler = self.flow.scheduler
+            self.prediction_type = "flow"
+            self.num_train_timesteps = self.flow.num_train_timesteps
+            limit = dit.FLUX_MAX_SEQUENCE if self.architecture == "flux" else dit.SD3_MAX_SEQUENCE
+            self.max_sequence_length = dit.sequence_length(self.tokenizers[-1], limit)
+        else:
+            self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+            self.prediction_type = self.noise_scheduler.config.prediction_type
+            if self.prediction_type not in ("epsilon", "v_prediction"):
+                raise lk.LoraRarError(
+                    f"DiffusionModel: prediction_type {self.prediction_type!r} unsupported "
+                    "(epsilon, v_prediction)"
+                )
+            self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        self.sdxl = getattr(base.config, "addition_embed_type", None) == "text_time"
         if self.sdxl and len(text_encoders) != 2:
             raise lk.LoraRarError("DiffusionModel: an SDXL-style UNet (text_time) needs two text encoders")
         for module in (*self.text_encoders, *([vae] if vae is not None else [])):
             module.requires_grad_(False).eval()
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoiser (a UNet or a transformer), under the name the UNet-era callers use."""
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, module: nn.Module) -> None:
+        self.denoiser = module
 
     # ---- construction and saving -------------------------------------------------------------------
     @classmethod
     def from_directory(
         cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype=torch.float32
     ) -> DiffusionModel:
-        """Load a diffusers pipeline folder offline (``model_index.json``: unet, text_encoder[_2],
-        tokenizer[_2], scheduler, vae or ``[null, null]`` for a pixel-space model)."""
-        d = Path(directory)
-        index_path = d / "model_index.json"
-        if not index_path.is_file():
-            raise lk.LoraFileError(f"{d}: not a diffusers model directory (no model_index.json)")
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise lk.LoraFileError(f"{index_path}: unreadable ({exc})") from None
-
-        def component(sub: str):
-            entry = index.get(sub)
-            if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
-                return None
-            return _load_component(d, sub, entry[0], entry[1], dtype)
-
-        unet = component("unet")
-        if unet is None:
-            raise lk.LoraFileError(f"{index_path}: no unet")
-        encoders = [m for m in (component("text_encoder"), component("text_encoder_2")) if m is not None]
-        tokenizers = [t for t in (component("tokenizer"), component("tokenizer_2")) if t is not None]
-        sched = component("scheduler")
-        if sched is None:
-            raise lk.LoraFileError(f"{index_path}: no scheduler")
-        model = cls(unet, encoders, tokenizers, dict(sched.config), component("vae"))
+        """Load a diffusers pipeline folder offline (``model_index.json``: unet or transformer,
+        text_encoder[_2][_3], tokenizer[_2][_3], scheduler, vae or ``[null, null]`` for a pixel-space
+        model)."""
+        unet, encoders, tokenizers, sched, vae = read_components(directory, dtype)
+        model = cls(unet, encoders, tokenizers, dict(sched.config), vae)
         return model.to(device)
 
     @classmethod
     def from_pipeline(cls, pipe) -> DiffusionModel:
-        """Wrap a loaded diffusers pipeline's components (shared, not copied)."""
-        encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-        toks = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-        return cls(pipe.unet, encoders, toks, dict(pipe.scheduler.config), getattr(pipe, "vae", None))
+        """Wrap a loaded diffusers pipeline's components (shared, not copied): ``pipe.unet`` or
+        ``pipe.transformer``."""
+        suffixes = ("", "_2", "_3")
+        encoders = [m for m in (getattr(pipe, f"text_encoder{k}", None) for k in suffixes) if m is not None]
+        toks = [t for t in (getattr(pipe, f"tokenizer{k}", None) for k in suffixes) if t is not None]
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if denoiser is None:
+            raise lk.LoraRarError(f"{type(pipe).__name__} has neither a .unet nor a .transformer")
+        return cls(denoiser, encoders, toks, dict(pipe.scheduler.config), getattr(pipe, "vae", None))
 
     def to(self, device: str | torch.device) -> DiffusionModel:
         for module in self.modules():
@@ -132,7 +137,7 @@ class DiffusionModel:
         return self
 
     def modules(self) -> list[nn.Module]:
-        return [self.unet, *self.text_encoders, *([self.vae] if self.vae is not None else [])]
+        return [self.denoiser, *self.text_encoders, *([self.vae] if self.vae is not None else [])]
 
     @property
     def device(self) -> torch.device:
@@ -145,6 +150,11 @@ class DiffusionModel:
         import diffusers
         from diffusers import DDPMScheduler
 
+        if self.architecture != "unet":
+            raise lk.LoraRarError(
+                f"DiffusionModel.save writes UNet models only; save a {self.architecture} model's pipeline "
+                "with diffusers' save_pretrained"
+            )
         out = Path(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -186,6 +196,16 @@ class DiffusionModel:
 
     # ---- conditioning and latents --------------------------------------------------------------------
     @property
+    def image_size(self) -> int:
+        """The model's native image side in pixels: the denoiser's sample size times the VAE scale (UNet,
+        SD3), the VAE's sample size for Flux (its transformer has none; Flux.1's VAE says 1024)."""
+        if self.architecture == "flux":
+            if self.vae is None:
+                raise lk.LoraRarError("DiffusionModel: a Flux model needs its VAE")
+            return int(self.vae.config.sample_size)
+        return int(self.denoiser.config.sample_size) * self.latent_scale
+
+    @property
     def latent_scale(self) -> int:
         """Pixels per latent side: ``2 ** (VAE down blocks - 1)``, 1 for a pixel-space model."""
         if self.vae is None:
@@ -199,9 +219,14 @@ class DiffusionModel:
         SD1 style: ``{"encoder_hidden_states": last hidden state}``. SDXL style: both encoders'
         penultimate hidden states concatenated, plus ``added_cond_kwargs`` = pooled ``text_embeds`` and
         ``time_ids`` = (h, w, 0, 0, h, w) of ``image_size`` (pixels; default: the UNet's sample size in
-        pixels).
+        pixels). Flux and SD3: `transformer_inputs.encode_flux` / `encode_sd3` (``encoder_hidden_states``
+        and ``pooled_projections``).
         """
         dev = self.device
+        if self.architecture != "unet":
+            encode = dit.encode_flux if self.architecture == "flux" else dit.encode_sd3
+            dtype = next(self.denoiser.parameters()).dtype
+            return encode(self.text_encoders, self.tokenizers, prompts, self.max_sequence_length, dtype, dev)
         states, pooled = [], None
         for enc, tok in zip(self.text_encoders, self.tokenizers):
             ids = tok(
@@ -230,13 +255,14 @@ class DiffusionModel:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``images [b, 3, H, W]`` in [-1, 1] -> latents: the VAE posterior mean times its scaling factor,
-        or the images themselves for a pixel-space model."""
+        """``images [b, 3, H, W]`` in [-1, 1] -> latents: the VAE posterior mean, minus its shift factor
+        (Flux, SD3) and times its scaling factor; the images themselves for a pixel-space model."""
         if self.vae is None:
             return images.to(self.device, next(self.unet.parameters()).dtype)
         vae_dtype = next(self.vae.parameters()).dtype
         mean = self.vae.encode(images.to(self.device, vae_dtype)).latent_dist.mean
-        return (mean * self.vae.config.scaling_factor).to(next(self.unet.parameters()).dtype)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((mean - shift) * self.vae.config.scaling_factor).to(next(self.unet.parameters()).dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -244,7 +270,8 @@ class DiffusionModel:
         if self.vae is None:
             return latents.clamp(-1, 1)
         vae_dtype = next(self.vae.parameters()).dtype
-        x = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        x = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor + shift).sample
         return x.clamp(-1, 1)
 
     # ---- noise, timesteps, targets ------------------------------------------------------------------
@@ -259,11 +286,17 @@ class DiffusionModel:
         return noise.to(latents.device, latents.dtype), t.to(latents.device)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``."""
+        """``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps``; flow matching:
+        ``(1 - sigma_t) x_0 + sigma_t eps``."""
+        if self.flow is not None:
+            return self.flow.add_noise(latents, noise, timesteps)
         return self.noise_scheduler.add_noise(latents, noise, timesteps)
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the UNet is trained to predict: ``eps`` or ``v = sqrt(a) eps - sqrt(1 - a) x_0``."""
+        """What the denoiser is trained to predict: ``eps`` or ``v = sqrt(a) eps - sqrt(1 - a) x_0``;
+        flow matching: ``eps - x_0``."""
+        if self.flow is not None:
+            return self.flow.target(latents, noise)
         if self.prediction_type == "epsilon":
             return noise
         return self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -276,8 +309,25 @@ class DiffusionModel:
         return self.add_noise(latents, noise, t), t, self.target(latents, noise, t)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The UNet's output for ``noisy`` at ``timesteps`` under ``cond`` (from `encode_prompts`)."""
-        return self.unet(noisy, timesteps, **cond).sample
+        """The denoiser's output ``[b, c, h, w]`` for ``noisy`` at ``timesteps`` (step indices) under
+        ``cond`` (from `encode_prompts`)."""
+        if self.flow is None:
+            return self.denoiser(noisy, timesteps, **cond).sample
+        t = self.flow.model_timestep(timesteps).to(noisy.device)
+        if self.architecture == "flux":
+            return dit.flux_forward(self.denoiser, noisy, t, cond, self.guidance_scale)
+        return dit.sd3_forward(self.denoiser, noisy, t, cond)
+
+    @staticmethod
+    def repeat_cond(cond: dict, batch: int) -> dict:
+        """``cond`` of one prompt expanded to ``batch`` samples (every tensor along its first axis)."""
+        out = {}
+        for key, value in cond.items():
+            if isinstance(value, dict):
+                out[key] = DiffusionModel.repeat_cond(value, batch)
+            else:
+                out[key] = value.expand(batch, *value.shape[1:])
+        return out
 
     def loss(self, latents: torch.Tensor, cond: dict, generator: torch.Generator) -> torch.Tensor:
         """The plain diffusion loss ``MSE(unet(x_t, t, cond), target)`` in fp32 for one fresh draw."""
@@ -295,9 +345,15 @@ class DiffusionModel:
         size: int | None = None,
     ) -> torch.Tensor:
         """Images ``[b, 3, H, W]`` in [-1, 1] from pure noise with DDIM (``steps`` steps, no guidance).
-        Works for pixel-space models too (where diffusers' pipelines need a VAE)."""
+        Works for pixel-space models too (where diffusers' pipelines need a VAE). UNets only: sample a
+        transformer with its diffusers pipeline (``lorarar generate --model DIR``)."""
         from diffusers import DDIMScheduler
 
+        if self.flow is not None:
+            raise lk.LoraRarError(
+                f"DiffusionModel.generate samples UNet models; sample a {self.architecture} model with its "
+                "diffusers pipeline (lorarar generate --model DIR)"
+            )
         sched = DDIMScheduler.from_config(self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         side = size // self.latent_scale if size else int(self.unet.config.sample_size)

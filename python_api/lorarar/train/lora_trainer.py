@@ -1,13 +1,15 @@
-"""DreamBooth-style training of one content or one style LoRA (PEFT on ``to_q``, ``to_k``, ``to_v``,
-``to_out.0``) from a folder of images and a prompt that carries the LoRA's trigger token.
+"""DreamBooth-style training of one content or one style LoRA from a folder of images and a prompt that
+carries the LoRA's trigger token: PEFT on a UNet's ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, or on a
+Flux / SD3 transformer's attention (both streams), feed-forward and (Flux) single-block ``proj_mlp`` /
+``proj_out`` layers, the layer set of diffusers' Flux and SD3 DreamBooth scripts (`tiny_dit.LORA_PARTS`).
 
 The defaults are the LoRA.rar authors' SDXL settings (`LoraTrainConfig`: rank 64, alpha = rank, lr 5e-5
 constant, 1000 steps, AdamW, batch 1); the toy world uses `TOY_LORA` (rank 8, lr 1e-3, fewer steps,
-batch 8). The loss is the plain diffusion loss of the model (`DiffusionModel.loss`: epsilon or v
-target) on the folder's images, encoded once; only the LoRA factors train. The result is an
-`lk.LoRA` (``down = lora_A``, ``up = lora_B``, scale alpha / rank) saved as diffusers/PEFT safetensors
-(``unet.<module>.lora_A/B.weight`` + alpha metadata) that ``lk.LoRA.load`` and diffusers'
-``load_lora_weights`` / ``load_lora_adapter`` read at the same scale.
+batch 8). The loss is the plain training loss of the model (`DiffusionModel.loss`: epsilon, v or the
+flow-matching velocity) on the folder's images, encoded once; only the LoRA factors train. The result is
+an `lk.LoRA` (``down = lora_A``, ``up = lora_B``, scale alpha / rank) saved as diffusers/PEFT safetensors
+(``unet.<module>.lora_A/B.weight`` or ``transformer.<module>...`` + alpha metadata) that ``lk.LoRA.load``
+and diffusers' ``load_lora_weights`` / ``load_lora_adapter`` read at the same scale.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 
 import lorarar_kernels as lk
 
+from .. import denoisers
 from ..shapes import PARTS
+from ..tiny_dit import LORA_PARTS as TRANSFORMER_PARTS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ADAPTER = "lorarar_train"
@@ -38,7 +42,7 @@ class LoraTrainConfig:
     steps: int = 1000
     batch: int = 1
     seed: int = 0
-    targets: tuple[str, ...] = tuple(PARTS)
+    targets: tuple[str, ...] | None = None  # None: the denoiser's (`default_targets`)
     weight_decay: float = 1e-2
 
     def validated(self) -> LoraTrainConfig:
@@ -115,11 +119,32 @@ def load_images(folder: str | os.PathLike, size: int) -> torch.Tensor:
 
 
 def image_size(model) -> int:
-    """The model's native image side in pixels (UNet sample size x VAE scale)."""
-    return int(model.unet.config.sample_size) * model.latent_scale
+    """The model's native image side in pixels (`DiffusionModel.image_size`)."""
+    return model.image_size
 
 
-def _attach_adapter(unet: torch.nn.Module, cfg: LoraTrainConfig) -> None:
+def default_targets(denoiser: torch.nn.Module) -> tuple[str, ...]:
+    """The parts a LoRA trains by default: a UNet's attention projections; a transformer's full set."""
+    arch = denoisers.architecture(denoiser) if _known(denoiser) else "unet"
+    return tuple(PARTS) if arch == "unet" else TRANSFORMER_PARTS[arch]
+
+
+def _known(denoiser: torch.nn.Module) -> bool:
+    return type(getattr(denoiser, "_orig_mod", denoiser)).__name__ in denoisers.ARCHITECTURES
+
+
+def target_modules(denoiser: torch.nn.Module, targets: Sequence[str]) -> list[str]:
+    """The full names of the linear layers named by ``targets`` (the engine's rule, `rule.part_of`, so a
+    ``*`` part works), given to PEFT as exact names."""
+    names = sorted(denoisers.linears(denoiser, targets))
+    if not names:
+        raise lk.LoraRarError(
+            f"LoRA training: the {type(denoiser).__name__} has no linear layers named by {tuple(targets)}"
+        )
+    return names
+
+
+def _attach_adapter(unet: torch.nn.Module, cfg: LoraTrainConfig, targets: Sequence[str]) -> None:
     from peft import LoraConfig
 
     if ADAPTER in getattr(unet, "peft_config", {}):
@@ -129,7 +154,7 @@ def _attach_adapter(unet: torch.nn.Module, cfg: LoraTrainConfig) -> None:
             r=cfg.rank,
             lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
             init_lora_weights="gaussian",
-            target_modules=list(cfg.targets),
+            target_modules=target_modules(unet, targets),
         ),
         adapter_name=ADAPTER,
     )
@@ -149,7 +174,7 @@ def _remove_adapter(unet: torch.nn.Module) -> None:
             delattr(unet, attr) if attr == "peft_config" else setattr(unet, attr, False)
 
 
-def _collect(unet: torch.nn.Module, cfg: LoraTrainConfig) -> lk.LoRA:
+def _collect(unet: torch.nn.Module, cfg: LoraTrainConfig, targets: Sequence[str]) -> lk.LoRA:
     from peft.tuners.lora import LoraLayer
 
     layers = {}
@@ -159,8 +184,8 @@ def _collect(unet: torch.nn.Module, cfg: LoraTrainConfig) -> lk.LoRA:
             up = module.lora_B[ADAPTER].weight.detach().float().cpu().clone()
             layers[name] = lk.LoRALayer(down, up, cfg.scale)
     if not layers:
-        raise lk.LoraRarError(f"LoRA training: the UNet has no layers named by {cfg.targets}")
-    return lk.LoRA(layers)
+        raise lk.LoraRarError(f"LoRA training: the denoiser has no layers named by {tuple(targets)}")
+    return lk.LoRA(layers, component=denoisers.component(unet))
 
 
 def train_lora(
@@ -174,13 +199,14 @@ def train_lora(
     desc: str = "train LoRA",
 ) -> tuple[lk.LoRA, list[float]]:
     """Train one LoRA on ``images`` (``[n, 3, H, W]`` in [-1, 1]) under ``prompt``; returns the LoRA and
-    the per-step losses. The model's UNet is left as it was (the PEFT adapter is removed)."""
+    the per-step losses. The model's denoiser is left as it was (the PEFT adapter is removed)."""
     from tqdm.auto import tqdm
 
     cfg = cfg.validated()
     if token is not None:
         check_prompt(prompt, token)
-    unet = model.unet
+    unet = model.denoiser
+    targets = cfg.targets if cfg.targets is not None else default_targets(unet)
     device = model.device
     latents = model.encode_images(images.to(device))
     cond = model.encode_prompts([prompt])
@@ -188,7 +214,7 @@ def train_lora(
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # PEFT's gaussian init of lora_A
-        _attach_adapter(unet, cfg)
+        _attach_adapter(unet, cfg, targets)
     try:
         params = [p for n, p in unet.named_parameters() if ADAPTER in n]
         for p in params:
@@ -200,7 +226,7 @@ def train_lora(
         unet.train()
         bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
         n = latents.shape[0]
-        batch_cond = _repeat(cond, cfg.batch)
+        batch_cond = model.repeat_cond(cond, cfg.batch)
         for _ in bar:
             pick = torch.randint(0, n, (cfg.batch,), generator=gen, device=device)
             loss = model.loss(latents[pick], batch_cond, gen)
@@ -211,20 +237,11 @@ def train_lora(
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.4f}")
         bar.close()
-        lora = _collect(unet, cfg)
+        lora = _collect(unet, cfg, targets)
     finally:
         _remove_adapter(unet)
         unet.train(was_training)
     return lora, losses
-
-
-def _repeat(cond: dict, b: int) -> dict:
-    out = {"encoder_hidden_states": cond["encoder_hidden_states"].expand(b, -1, -1)}
-    if "added_cond_kwargs" in cond:
-        out["added_cond_kwargs"] = {
-            k: v.expand(b, *v.shape[1:]) for k, v in cond["added_cond_kwargs"].items()
-        }
-    return out
 
 
 def save_lora_file(lora: lk.LoRA, path: str | os.PathLike) -> Path:
@@ -267,5 +284,6 @@ def with_overrides(cfg: LoraTrainConfig, **kw) -> LoraTrainConfig:
 
 __all__: Sequence[str] = (
     "LoraTrainConfig", "SDXL_LORA", "TOY_LORA", "check_prompt", "check_images", "image_files", "load_images",
-    "train_lora", "train_lora_from_folder", "save_lora_file", "with_overrides",
+    "default_targets", "target_modules", "train_lora", "train_lora_from_folder", "save_lora_file",
+    "with_overrides",
 )  # fmt: skip

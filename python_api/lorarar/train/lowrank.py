@@ -1,4 +1,4 @@
-"""The low-rank merged forward: a content and a style LoRA run beside a frozen UNet's linear layers.
+"""The low-rank merged forward: a content and a style LoRA run beside a frozen denoiser's linear layers.
 
 For a linear layer with content factors ``(A_c [r_c, in], B_c [out, r_c], s_c)`` and style factors, the
 merged layer computes
@@ -9,6 +9,11 @@ which equals ``(W + dW_c diag(m_c) + dW_s diag(m_s)) x`` (column scaling of dW =
 without ever forming a dense delta; gradients reach ``m_c``/``m_s`` (and through them a hypernetwork),
 never the UNet. Modes: ``"content"`` (content LoRA alone, m = 1), ``"style"``, ``"merged"`` (both, with
 the current coefficients; m = 1 on layers without coefficients: the plain sum) and ``"off"``.
+
+The layers run so are a UNet's attention projections and every ``nn.Linear`` of a diffusion transformer
+(Flux and SD3 LoRAs touch attention, feed-forward, ``proj_mlp`` and ``proj_out`` layers). Which layers
+take a hypernetwork's coefficients is decided by the engine's own rule (`lorarar_kernels.rule.part_of`
+on the network's ``parts``), so training and ``lk.merge`` predict the same layers.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import torch
 from torch import nn
 
 import lorarar_kernels as lk
+from lorarar_kernels.rule import part_of
 
+from .. import denoisers
 from ..shapes import PARTS
 
 MODES = ("off", "content", "style", "merged")
@@ -41,20 +48,36 @@ def attention_linears(unet: nn.Module, parts=PARTS) -> dict[str, nn.Linear]:
         for name, m in base.named_modules()
         if isinstance(m, nn.Linear)
         and (".attn1." in name or ".attn2." in name or ".attn." in name)
-        and any(name.endswith("." + p) for p in parts)
+        and part_of(name, parts) is not None
     }
 
 
+def adapted_linears(denoiser: nn.Module) -> dict[str, nn.Linear]:
+    """The layers `PairAdapter` runs LoRAs beside: a UNet's attention projections (`attention_linears`),
+    every ``nn.Linear`` of a Flux or SD3 transformer."""
+    if not _is_transformer(denoiser):
+        return attention_linears(denoiser)
+    base = getattr(denoiser, "_orig_mod", denoiser)
+    return {name: m for name, m in base.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _is_transformer(denoiser: nn.Module) -> bool:
+    name = type(getattr(denoiser, "_orig_mod", denoiser)).__name__
+    return name in denoisers.ARCHITECTURES and denoisers.architecture(denoiser) != "unet"
+
+
 def hypernet_widths(unet: nn.Module, parts=("to_q", "to_out.0")) -> tuple[int, ...]:
-    """The distinct ``out_features`` of the layers a hypernetwork predicts: its input widths."""
-    widths = sorted({lin.out_features for lin in attention_linears(unet, parts).values()})
+    """The distinct ``out_features`` of the layers a hypernetwork on ``parts`` predicts (`rule.part_of`):
+    its input widths (a Flux transformer's inner width on the Flux parts)."""
+    widths = sorted({lin.out_features for lin in denoisers.linears(unet, parts).values()})
     if not widths:
-        raise lk.LoraRarError(f"the base model has no attention layers named by {tuple(parts)}")
+        raise lk.LoraRarError(f"the base model has no linear layers named by {tuple(parts)}")
     return tuple(widths)
 
 
 class PairAdapter:
-    """Forward hooks on ``unet``'s attention linears that add the current pair's low-rank terms.
+    """Forward hooks on ``unet``'s adapted linears (`adapted_linears`) that add the current pair's low-rank
+    terms.
 
     ``set_pair(content, style)`` chooses the LoRAs (moved to the UNet's device, fp32 factors unless
     ``dtype``); ``with adapter.mode("merged", coefficients): unet(...)`` runs a forward in a mode.
@@ -62,9 +85,10 @@ class PairAdapter:
     """
 
     def __init__(self, unet: nn.Module, *, dtype: torch.dtype = torch.float32) -> None:
-        self.linears = attention_linears(unet)
+        self.linears = adapted_linears(unet)
+        self._kind = "a linear layer" if _is_transformer(unet) else "an attention linear"
         if not self.linears:
-            raise lk.LoraRarError("PairAdapter: the UNet has no attention linear layers")
+            raise lk.LoraRarError("PairAdapter: the denoiser has no attention linear layers")
         self.dtype = dtype
         self.content: dict[str, _Factors] = {}
         self.style: dict[str, _Factors] = {}
@@ -79,9 +103,7 @@ class PairAdapter:
         for name, layer in lora.unet_layers().items():
             lin = self.linears.get(name)
             if lin is None:
-                raise lk.LayerMismatchError(
-                    f"{where} {lora.source}: layer {name} is not an attention linear here"
-                )
+                raise lk.LayerMismatchError(f"{where} {lora.source}: layer {name} is not {self._kind} here")
             if layer.is_conv or (layer.out_features, layer.in_features) != (
                 lin.out_features,
                 lin.in_features,
@@ -165,8 +187,9 @@ class PairAdapter:
 def hypernet_coefficients(
     hypernet: lk.Hypernet, content: lk.LoRA, style: lk.LoRA, *, device: torch.device | str | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer: (m_c, m_s)}`` from ``hypernet`` for the layers of both LoRAs ending with one of its parts
-    (differentiable when grad is enabled). Other layers get no entry: the plain sum."""
+    """``{layer: (m_c, m_s)}`` from ``hypernet`` for the layers of both LoRAs in one of its parts, by the
+    engine's rule (`rule.part_of`: whole name components, ``*`` one component), the layers ``lk.merge``
+    merges through it (differentiable when grad is enabled). Other layers get no entry: the plain sum."""
     out = {}
     c_layers, s_layers = content.unet_layers(), style.unet_layers()
     dev = device if device is not None else hypernet.output[1].weight.device
@@ -174,7 +197,7 @@ def hypernet_coefficients(
     # the order the graph was built. A set's order (or a loaded file's: `safetensors.torch.load` returns
     # its keys in a different order on every call) made resumed and repeated runs differ in the last bits.
     for name in sorted(c_layers.keys() & s_layers.keys()):
-        if any(name.endswith("." + p) or name == p for p in hypernet.parts):
+        if part_of(name, hypernet.parts) is not None:
             c, s = c_layers[name].to(dev), s_layers[name].to(dev)
             out[name] = hypernet.coefficients(c, s)
     return dict(sorted(out.items()))

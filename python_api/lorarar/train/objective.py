@@ -53,8 +53,8 @@ class Draw:
 
 
 def image_size(model: DiffusionModel) -> int:
-    """Image side in pixels the model trains at: the UNet's sample size times the VAE's factor."""
-    return int(model.unet.config.sample_size) * model.latent_scale
+    """Image side in pixels the model trains at (`DiffusionModel.image_size`)."""
+    return model.image_size
 
 
 def prepare_lora(model: DiffusionModel, entry: Entry, lora: lk.LoRA | None = None) -> LoraData:

@@ -3,8 +3,10 @@ style, the split of pairs, the manifest, and (when asked) the hypernetwork.
 
 Everything is written into a temporary folder beside ``out`` and renamed into place at the end, so an
 interrupted build never leaves a half-written world. Deterministic from the seed on a given machine.
-With ``model_dir`` the same steps run on any diffusers model directory (SD 1.5, SDXL...): its images are
-drawn at the model's resolution, no base is trained, and the manifest points at that directory.
+With ``model_dir`` the same steps run on any diffusers model directory (SD 1.5, SDXL, Flux, SD3): its
+images are drawn at the model's resolution, no base is trained, the LoRAs cover the denoiser's default
+layers (`lora_trainer.default_targets`), the hypernetwork its architecture's default parts, and the
+manifest points at that directory.
 """
 
 from __future__ import annotations
@@ -231,11 +233,13 @@ def build_world(
 
 def _train_hypernet(root: Path, model, spec: WorldSpec, progress: bool) -> None:
     """The training helper's hypernetwork trainer on the world's training split -> hypernet.safetensors."""
+    from ..denoisers import default_parts
     from ..train.hypernet_trainer import HypernetTrainConfig, train_hypernet
     from ..train.manifest import load_manifest
 
     manifest = load_manifest(root / "manifest.json")
-    cfg = HypernetTrainConfig(steps=spec.hypernet_steps, hidden=spec.hypernet_hidden, seed=spec.seed)
+    cfg = HypernetTrainConfig(steps=spec.hypernet_steps, hidden=spec.hypernet_hidden, seed=spec.seed,
+                              parts=default_parts(model.unet))  # fmt: skip
     train_hypernet(model, manifest, root / "hypernet.safetensors", cfg, progress=progress)
     (root / "hypernet.checkpoint.safetensors").unlink(
         missing_ok=True
