@@ -73,6 +73,11 @@ def cmd_train_hypernet(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         init=args.init,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        val_every=args.val_every,
+        val_split=args.val_split,
+        val_samples=args.val_samples,
     )
     rank, manifest, model = _setup(args, distributed=True)
     net = train_hypernet(model, manifest, out, cfg, resume=args.resume, progress=not args.no_progress)
@@ -145,18 +150,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         split = args.split
     data, by_split = prepare_manifest(model, manifest, [split])
+    zcfg = _ziplora_config(args, args.ziplora_steps)
+    zcfg.parts = tuple(args.ziplora_parts.split(","))
     cfg = ScoreConfig(samples=args.samples, seed=args.seed, merge_repeats=args.merge_repeats, backend=args.backend,
-                      ziplora=_ziplora_config(args, args.ziplora_steps))  # fmt: skip
+                      ziplora=zcfg, ziplora_seed=args.ziplora_seed, ziplora_cache=args.ziplora_cache)  # fmt: skip
     from tqdm.auto import tqdm
 
+    from .train.scores import model_fingerprint, ziplora_config
+
+    ziplora_config(cfg)  # a bad --ziplora-seed fails before any work
+    fingerprint = model_fingerprint(model)
     scores = []
     for c, s in tqdm(by_split[split], desc="score", disable=args.no_progress):
-        scores.append(score_pair(model, data[c], data[s], hypernet, cfg))
+        scores.append(score_pair(model, data[c], data[s], hypernet, cfg, fingerprint))
     import platform
 
     about = (f"Manifest `{Path(args.manifest).name}`, split `{split if not args.pair else 'pairs given'}`, "
              f"{len(scores)} pairs, {args.samples} draws each; ZipLoRA preset `{cfg.ziplora.preset}`, "
-             f"{args.ziplora_steps} steps; device {model.device} ({platform.processor() or platform.machine()}).")  # fmt: skip
+             f"{args.ziplora_steps} steps on {cfg.ziplora.parts}; device {model.device} ({platform.processor() or platform.machine()}).")  # fmt: skip
     summ = write_reports(scores, args.out, title="held-out merge scores" if split == "heldout" else "merge scores",
                          about=about)  # fmt: skip
     print(Path(args.out, "scores.md").read_text(encoding="utf-8"))
@@ -216,6 +227,16 @@ def register(sub) -> None:
     p.add_argument("--init", choices=("default", "direct"), default="default",
                    help="default: PyTorch's init, as the authors (m starts near 0); direct: the head starts at "
                    "m_c = m_s = 1, the direct merge")  # fmt: skip
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning-rate schedule after the warm-up (constant, the authors'; cosine: to 0 at --steps)")  # fmt: skip
+    p.add_argument(
+        "--warmup", type=int, default=0, metavar="N", help="linear learning-rate warm-up steps (0)"
+    )
+    p.add_argument("--val-every", type=int, default=0, metavar="N",
+                   help="every N steps (and at the end) the objective on --val-split's pairs, fixed draws: "
+                   "columns val, val_direct of the loss CSV and a curve in the PNG (0: off)")  # fmt: skip
+    p.add_argument("--val-split", default="heldout", help="manifest split to validate on (heldout)")
+    p.add_argument("--val-samples", type=_positive, default=4, help="fixed draws per validation pair (4)")
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="UNet gradient checkpointing (GPU memory)"
     )
@@ -254,5 +275,13 @@ def register(sub) -> None:
     p.add_argument("--ziplora-steps", type=_positive, default=100, help="ZipLoRA steps (100)")
     p.add_argument("--merge-repeats", type=_positive, default=5, help="timed hypernet merges per pair (5)")
     p.add_argument("--backend", default="auto", help="lk.merge backend for the timing (auto)")
+    p.add_argument("--ziplora-parts", default="to_q,to_k,to_v,to_out.0",
+                   help="attention parts ZipLoRA adapts (all four; give the hypernetwork's parts for a "
+                   "like-for-like reference)")  # fmt: skip
+    p.add_argument("--ziplora-seed", type=int,
+                   help="seed of ZipLoRA's own draws (default: --seed + 1; never the scored draws' seed)")  # fmt: skip
+    p.add_argument("--ziplora-cache", metavar="DIR",
+                   help="reuse ZipLoRA coefficients optimised before for the same model, LoRAs and settings "
+                   "(and write new ones there)")  # fmt: skip
     zip_opts(p)
     p.set_defaults(func=cmd_score)
