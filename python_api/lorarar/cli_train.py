@@ -57,29 +57,27 @@ def _check_out(path: str, suffix: str, flag: str = "--out") -> Path:
 
 
 def cmd_train_hypernet(args: argparse.Namespace) -> int:
-    from .train.hypernet_trainer import HypernetTrainConfig, train_hypernet
+    from dataclasses import replace
+
+    from .train.hypernet_trainer import RECIPE_KEYS, recipe_for, train_hypernet
 
     out = _check_out(args.out, ".safetensors")
-    cfg = HypernetTrainConfig(
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        similarity_weight=args.similarity_weight,
-        hidden=args.hidden,
-        parts=tuple(args.parts.split(",")),
+    if args.parts is not None:
+        args.parts = tuple(args.parts.split(","))
+    rank, manifest, model = _setup(args, distributed=True)
+    recipe = recipe_for(model)  # flags left out take the model's recipe (the authors' / the toy world's)
+    given = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k) is not None}
+    cfg = replace(
+        recipe,
+        **given,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
-        init=args.init,
-        schedule=args.schedule,
-        warmup=args.warmup,
         val_every=args.val_every,
         val_split=args.val_split,
         val_samples=args.val_samples,
     )
-    rank, manifest, model = _setup(args, distributed=True)
     net = train_hypernet(model, manifest, out, cfg, resume=args.resume, progress=not args.no_progress)
     if rank == 0:
         stem = out.with_suffix("")
@@ -199,6 +197,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "train-hypernet", formatter_class=fmt, help="train a LoRA.rar hypernetwork on a pair manifest",
         description="Train a LoRA.rar hypernetwork for the manifest's base model on its 'train' pairs.\n"
+        "Recipe flags left out: the authors' settings, or on a pixel-space model (the toy world) the toy recipe.\n"
         "Per step: random (content, style) pairs, each LoRA's own images (noised as in diffusion training)\n"
         "and own prompt; loss = MSE(merged, content only) + MSE(merged, style only)\n"
         "+ w * sum over layers |cos(m_c, m_s)|, the merged UNet running the low-rank merged adapter.\n"
@@ -209,29 +208,27 @@ def register(sub) -> None:
     )  # fmt: skip
     common(p)
     p.add_argument("--out", required=True, metavar="H.safetensors", help="the trained hypernetwork")
-    p.add_argument("--steps", type=_positive, default=100, help="optimiser steps (100)")
-    p.add_argument("--batch", type=_positive, default=1, help="pairs per step over all processes (1)")
-    p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate (0.01, the authors')")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
-    p.add_argument("--similarity-weight", type=float, default=0.01, help="weight of the |cos| term (0.01)")
-    p.add_argument("--hidden", type=_positive, default=128, help="hidden width (128, the authors')")
-    p.add_argument(
-        "--parts", default="to_q,to_out.0", help="layers it predicts (to_q,to_out.0; others: plain sum)"
-    )
+    p.add_argument("--steps", type=_positive, help="optimiser steps (100; toy: 200)")
+    p.add_argument("--batch", type=_positive, help="pairs per step over all processes (1; toy: 2)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (0.01, the authors')")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01)")
+    p.add_argument("--similarity-weight", type=float, help="weight of the |cos| term (0.01; toy: 0)")
+    p.add_argument("--hidden", type=_positive, help="hidden width (128, the authors'; toy: 32)")
+    p.add_argument("--parts", help="layers it predicts, comma-separated (to_q,to_out.0; toy: "
+                   "to_q,to_k,to_v,to_out.0; the others: plain sum)")  # fmt: skip
     p.add_argument(
         "--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N steps (end only)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="autocast the UNet's forwards on CUDA (no)")  # fmt: skip
-    p.add_argument("--init", choices=("default", "direct"), default="default",
+    p.add_argument("--init", choices=("default", "direct"),
                    help="default: PyTorch's init, as the authors (m starts near 0); direct: the head starts at "
-                   "m_c = m_s = 1, the direct merge")  # fmt: skip
-    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                   help="learning-rate schedule after the warm-up (constant, the authors'; cosine: to 0 at --steps)")  # fmt: skip
-    p.add_argument(
-        "--warmup", type=int, default=0, metavar="N", help="linear learning-rate warm-up steps (0)"
-    )
+                   "m_c = m_s = 1, the direct merge (toy)")  # fmt: skip
+    p.add_argument("--schedule", choices=("constant", "cosine"),
+                   help="learning-rate schedule after the warm-up (constant, the authors'; toy: cosine, to 0 at "
+                   "--steps)")  # fmt: skip
+    p.add_argument("--warmup", type=int, metavar="N", help="linear learning-rate warm-up steps (0)")
     p.add_argument("--val-every", type=int, default=0, metavar="N",
                    help="every N steps (and at the end) the objective on --val-split's pairs, fixed draws: "
                    "columns val, val_direct of the loss CSV and a curve in the PNG (0: off)")  # fmt: skip

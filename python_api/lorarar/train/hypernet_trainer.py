@@ -79,6 +79,25 @@ class HypernetTrainConfig:
         return d
 
 
+# The recipe settings: the LoRA.rar authors' for real models (SDXL: lr 0.01, |cos| weight 0.01, hidden 128,
+# to_q/to_out.0, constant lr); for a pixel-space model (the toy world) the recipe measured best on its
+# held-out pairs (README, "Training a hypernetwork"): all four parts, no similarity term (its MSE terms are
+# ~100x smaller than on SDXL latents, so |cos| over 56 layers outweighs them), starting at the direct merge,
+# cosine decay, 2 pairs per step.
+AUTHORS_HYPERNET = HypernetTrainConfig()
+TOY_HYPERNET = HypernetTrainConfig(
+    steps=200, batch=2, hidden=32, similarity_weight=0.0, parts=("to_q", "to_k", "to_v", "to_out.0"),
+    init="direct", schedule="cosine",
+)  # fmt: skip
+RECIPE_KEYS = ("steps", "batch", "lr", "weight_decay", "similarity_weight", "hidden", "parts", "init",
+               "schedule", "warmup")  # fmt: skip
+
+
+def recipe_for(model: DiffusionModel) -> HypernetTrainConfig:
+    """The default recipe for ``model``: `TOY_HYPERNET` for a pixel-space model (no VAE), else the authors'."""
+    return TOY_HYPERNET if model.vae is None else AUTHORS_HYPERNET
+
+
 def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
