@@ -88,7 +88,10 @@ def test_score_optimises_ziplora_on_other_noise_than_it_scores(pair):
 
     model, c, s = pair
     T = model.num_train_timesteps
-    for cfg in (ScoreConfig(samples=4, seed=0), ScoreConfig(samples=4, seed=7, ziplora=ZipLoRAConfig(seed=7))):
+    for cfg in (
+        ScoreConfig(samples=4, seed=0),
+        ScoreConfig(samples=4, seed=7, ziplora=ZipLoRAConfig(seed=7)),
+    ):
         zcfg = ziplora_config(cfg)
         assert zcfg.seed != cfg.seed
         scored = fixed_draws(c, s, cfg.samples, cfg.seed, T)
