@@ -84,7 +84,7 @@ def cached_ziplora(
 ) -> tuple[ZipLoRAResult, bool]:
     """`ziplora.ziplora` for the pair, or the result a previous score wrote to ``cache`` for the same base
     model, LoRAs (their factors) and ZipLoRA settings; ``(result, from cache)``. The cached file keeps the
-    optimisation's wall time and steps."""
+    optimisation's wall time and steps. fingerprint: the base model's `model_fingerprint`."""
     if cache is None:
         return ziplora(model, content, style, zcfg), False
     h = hashlib.sha256(json.dumps({**asdict(zcfg), "model": fingerprint}, sort_keys=True).encode())
@@ -155,10 +155,13 @@ def score_pair(
     config: ScoreConfig,
     fingerprint: str = "",
 ) -> PairScore:
-    """Scores of one pair (see the module docstring)."""
+    """Scores of one pair (see the module docstring). fingerprint: `model_fingerprint(model)`, computed
+    here when empty and ``config.ziplora_cache`` is set (pass it to hash the UNet once per score run)."""
     model.unet.requires_grad_(False)
     draws = fixed_draws(content, style, config.samples, config.seed, model.num_train_timesteps)
     dev = model.device
+    if config.ziplora_cache is not None and not fingerprint:
+        fingerprint = model_fingerprint(model)
     zip_result, _ = cached_ziplora(
         model, content, style, ziplora_config(config), config.ziplora_cache, fingerprint
     )
