@@ -94,6 +94,7 @@ def test_ziplora_and_score_commands(root, tmp_path, capsys):
     assert main(["train-hypernet", "--manifest", m, "--out", str(h), "--steps", "2", "--hidden", "8",
                  "--no-progress"]) == 0  # fmt: skip
     assert lk.Hypernet.load(h).widths == (32, 64)
+    assert lk.Hypernet.load(h).parts == ("to_q", "to_out.0")  # a latent model: the authors' recipe
     z = tmp_path / "z.safetensors"
     assert main(["ziplora", "--manifest", m, "--content", "cube", "--style", "dots", "--out", str(z),
                  "--steps", "3", "--no-progress"]) == 0  # fmt: skip
@@ -120,5 +121,6 @@ def test_sd1_pipeline_works_with_the_commands(tmp_path):
     assert main(["train-hypernet", "--manifest", str(m), "--out", str(h), "--steps", "1", "--hidden", "8",
                  "--no-progress"]) == 0  # fmt: skip
     assert lk.Hypernet.load(h).widths == (32, 64)
+    assert lk.Hypernet.load(h).parts == ("to_q", "to_out.0")  # a latent model: the authors' recipe
     assert main(["ziplora", "--manifest", str(m), "--content", "ring", "--style", "blur", "--out",
                  str(tmp_path / "z.safetensors"), "--steps", "1", "--no-progress"]) == 0  # fmt: skip

@@ -248,3 +248,49 @@ def test_direct_init_starts_at_the_direct_merge(world, tmp_path):
         coeffs = hypernet_coefficients(net, c.load_lora(), s.load_lora())
     spread = max(float((m - 1).abs().max()) for pair in coeffs.values() for m in pair)
     assert 0 < spread < 0.1
+
+
+def test_validation_curve_equals_the_score_of_the_same_draws(world, tmp_path):
+    from lorarar.train.scores import ScoreConfig, score_pair
+    from lorarar.train.ziplora import ZipLoRAConfig
+
+    manifest, model = world
+    cfg = HypernetTrainConfig(steps=4, batch=1, hidden=8, seed=3, val_every=2, val_samples=2, val_seed=5)
+    net = train_hypernet(model, manifest, tmp_path / "v.safetensors", cfg, progress=False)
+    lines = (tmp_path / "v.loss.csv").read_text().splitlines()
+    assert lines[0].endswith(",val,val_direct")
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[5] != "" for r in rows] == [False, True, False, True]
+    data, pairs = prepare_manifest(model, manifest, ["heldout"])
+    score = ScoreConfig(samples=2, seed=5, merge_repeats=1, ziplora=ZipLoRAConfig(steps=1))
+    scores = [score_pair(model, data[c], data[s], net, score) for c, s in pairs["heldout"]]
+    for col, method in ((5, "hypernet"), (6, "direct")):
+        expect = sum(sum(p.objective(method)) for p in scores) / (2 * len(scores))
+        assert float(rows[3][col]) == pytest.approx(expect, rel=1e-5)
+    assert float(rows[1][5]) != float(rows[3][5])  # the curve moves
+    assert (tmp_path / "v.loss.png").stat().st_size > 1000
+
+
+def test_learning_rate_schedule(world, tmp_path):
+    cfg = HypernetTrainConfig(steps=10, lr=0.1, warmup=4, schedule="cosine")
+    lrs = [cfg.lr_at(k) for k in range(10)]
+    assert lrs[0] == pytest.approx(0.025 * (1 + torch.cos(torch.tensor(0.0)).item()) / 2)
+    assert lrs[3] == pytest.approx(0.1 * 0.5 * (1 + torch.cos(torch.tensor(0.3 * torch.pi)).item()))
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))  # decays after the warm-up
+    assert HypernetTrainConfig(lr=0.1).lr_at(57) == 0.1  # constant (the default)
+    manifest, model = world
+    # the schedule reaches the optimiser: a long warm-up moves the network ~1000x less than none
+    start = None
+    moved = {}
+    for warmup in (0, 1000):
+        c = HypernetTrainConfig(steps=2, hidden=8, seed=4, lr=0.01, warmup=warmup)
+        net = train_hypernet(model, manifest, tmp_path / f"w{warmup}.safetensors", c, progress=False)
+        if start is None:
+            start = train_hypernet(
+                model, manifest, tmp_path / "s.safetensors", HypernetTrainConfig(steps=1, hidden=8, seed=4, lr=0.0),
+                progress=False,
+            ).state_dict()  # fmt: skip
+        moved[warmup] = max(float((v - start[k]).abs().max()) for k, v in net.state_dict().items())
+    assert 0 < moved[1000] < 0.01 * moved[0]
+    with pytest.raises(lk.LoraRarError, match="schedule"):
+        HypernetTrainConfig(schedule="linear").lr_at(0)

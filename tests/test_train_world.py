@@ -19,6 +19,10 @@ def test_mini_world_train_and_score(tmp_path):
         h = tmp_path / "h.safetensors"
         assert main(["train-hypernet", "--manifest", m, "--out", str(h), "--steps", "4", "--hidden", "16",
                      "--no-progress"]) == 0  # fmt: skip
+        import lorarar_kernels as lk
+
+        # a pixel-space model gets the toy recipe for the flags left out (all four parts, from the direct merge)
+        assert lk.Hypernet.load(h).parts == ("to_q", "to_k", "to_v", "to_out.0")
         out = tmp_path / "scores"
         assert main(["score", "--manifest", m, "--hypernet", str(h), "--out", str(out), "--samples", "2",
                      "--ziplora-steps", "2", "--merge-repeats", "1", "--no-progress"]) == 0  # fmt: skip

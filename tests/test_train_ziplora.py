@@ -69,3 +69,57 @@ def test_presets_and_early_stop(pair):
         assert stop.steps == 1 and stop.stopped_early
         with pytest.raises(lk.LoraRarError, match="preset"):
             ZipLoRAConfig(preset="nope").resolved()
+
+
+def test_parts_restrict_the_adapted_layers(pair):
+    model, c, s = pair
+    with one_thread():
+        res = ziplora(model, c, s, ZipLoRAConfig(steps=1, parts=("to_q", "to_out.0")))
+    assert res.coefficients and all(n.endswith((".to_q", ".to_out.0")) for n in res.coefficients)
+    everything = sorted(c.lora.keys() & s.lora.keys())
+    assert len(res.coefficients) == len(everything) // 2
+
+
+def test_score_optimises_ziplora_on_other_noise_than_it_scores(pair):
+    """ZipLoRA in `lorarar score` once drew its steps from the scoring seed: its first steps used the very
+    noise tensors it was then scored on (fitted to the test draws)."""
+    from lorarar.train.objective import draw, fixed_draws
+    from lorarar.train.scores import ScoreConfig, ziplora_config
+
+    model, c, s = pair
+    T = model.num_train_timesteps
+    for cfg in (
+        ScoreConfig(samples=4, seed=0),
+        ScoreConfig(samples=4, seed=7, ziplora=ZipLoRAConfig(seed=7)),
+    ):
+        zcfg = ziplora_config(cfg)
+        assert zcfg.seed != cfg.seed
+        scored = fixed_draws(c, s, cfg.samples, cfg.seed, T)
+        gen = torch.Generator().manual_seed(zcfg.seed)  # as `ziplora` draws its steps
+        steps = [draw(c, s, gen, T) for _ in range(8)]
+        for a in scored:
+            for b in steps:
+                assert not torch.equal(a.noise_c, b.noise_c) and not torch.equal(a.noise_s, b.noise_s)
+    with pytest.raises(lk.LoraRarError, match="must differ"):
+        ziplora_config(ScoreConfig(seed=3, ziplora_seed=3))
+
+
+def test_cached_ziplora_reuses_only_the_same_setting(pair, tmp_path):
+    from lorarar.train.scores import cached_ziplora
+
+    model, c, s = pair
+    cfg = ZipLoRAConfig(steps=2, seed=5)
+    with one_thread():
+        first, hit = cached_ziplora(model, c, s, cfg, str(tmp_path), "m0")
+        assert not hit and len(list(tmp_path.iterdir())) == 1
+        again, hit = cached_ziplora(model, c, s, cfg, str(tmp_path), "m0")
+        assert hit and again.seconds == first.seconds and again.steps == 2
+        for k, (a, b) in first.coefficients.items():
+            assert torch.equal(again.coefficients[k][0], a) and torch.equal(again.coefficients[k][1], b)
+        _, hit = cached_ziplora(model, c, s, ZipLoRAConfig(steps=2, seed=6), str(tmp_path), "m0")
+        assert not hit  # other settings
+        _, hit = cached_ziplora(model, c, s, cfg, str(tmp_path), "m1")
+        assert not hit  # another base model
+        _, hit = cached_ziplora(model, s, c, cfg, str(tmp_path), "m0")
+        assert not hit  # other LoRAs
+    assert len(list(tmp_path.iterdir())) == 4

@@ -57,28 +57,32 @@ def _check_out(path: str, suffix: str, flag: str = "--out") -> Path:
 
 
 def cmd_train_hypernet(args: argparse.Namespace) -> int:
-    from .train.hypernet_trainer import HypernetTrainConfig, train_hypernet
+    from dataclasses import replace
+
+    from .train.hypernet_trainer import RECIPE_KEYS, recipe_for, train_hypernet
 
     out = _check_out(args.out, ".safetensors")
-    cfg = HypernetTrainConfig(
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        similarity_weight=args.similarity_weight,
-        hidden=args.hidden,
-        parts=tuple(args.parts.split(",")) if args.parts else (),
+    if args.parts is not None:
+        args.parts = tuple(args.parts.split(","))
+    rank, manifest, model = _setup(args, distributed=True)
+    recipe = recipe_for(model)  # flags left out take the model's recipe (the authors' / the toy world's)
+    given = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k) is not None}
+    if "parts" not in given and model.vae is not None:
+        # a latent model: its architecture's default parts (UNet: to_q, to_out.0; Flux, SD3: both streams')
+        from .denoisers import default_parts
+
+        given["parts"] = default_parts(model.unet)
+    cfg = replace(
+        recipe,
+        **given,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
-        init=args.init,
+        val_every=args.val_every,
+        val_split=args.val_split,
+        val_samples=args.val_samples,
     )
-    rank, manifest, model = _setup(args, distributed=True)
-    if not cfg.parts:  # the base model's default parts (UNet: to_q, to_out.0; Flux, SD3: both streams')
-        from .denoisers import default_parts
-
-        cfg.parts = default_parts(model.unet)
     net = train_hypernet(model, manifest, out, cfg, resume=args.resume, progress=not args.no_progress)
     if rank == 0:
         stem = out.with_suffix("")
@@ -149,18 +153,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         split = args.split
     data, by_split = prepare_manifest(model, manifest, [split])
+    zcfg = _ziplora_config(args, args.ziplora_steps)
+    zcfg.parts = tuple(args.ziplora_parts.split(","))
     cfg = ScoreConfig(samples=args.samples, seed=args.seed, merge_repeats=args.merge_repeats, backend=args.backend,
-                      ziplora=_ziplora_config(args, args.ziplora_steps))  # fmt: skip
+                      ziplora=zcfg, ziplora_seed=args.ziplora_seed, ziplora_cache=args.ziplora_cache)  # fmt: skip
     from tqdm.auto import tqdm
 
+    from .train.scores import model_fingerprint, ziplora_config
+
+    ziplora_config(cfg)  # a bad --ziplora-seed fails before any work
+    fingerprint = model_fingerprint(model)
     scores = []
     for c, s in tqdm(by_split[split], desc="score", disable=args.no_progress):
-        scores.append(score_pair(model, data[c], data[s], hypernet, cfg))
+        scores.append(score_pair(model, data[c], data[s], hypernet, cfg, fingerprint))
     import platform
 
     about = (f"Manifest `{Path(args.manifest).name}`, split `{split if not args.pair else 'pairs given'}`, "
              f"{len(scores)} pairs, {args.samples} draws each; ZipLoRA preset `{cfg.ziplora.preset}`, "
-             f"{args.ziplora_steps} steps; device {model.device} ({platform.processor() or platform.machine()}).")  # fmt: skip
+             f"{args.ziplora_steps} steps on {cfg.ziplora.parts}; device {model.device} ({platform.processor() or platform.machine()}).")  # fmt: skip
     summ = write_reports(scores, args.out, title="held-out merge scores" if split == "heldout" else "merge scores",
                          about=about)  # fmt: skip
     print(Path(args.out, "scores.md").read_text(encoding="utf-8"))
@@ -192,6 +202,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "train-hypernet", formatter_class=fmt, help="train a LoRA.rar hypernetwork on a pair manifest",
         description="Train a LoRA.rar hypernetwork for the manifest's base model on its 'train' pairs.\n"
+        "Recipe flags left out: the authors' settings, or on a pixel-space model (the toy world) the toy recipe.\n"
         "Per step: random (content, style) pairs, each LoRA's own images (noised as in diffusion training)\n"
         "and own prompt; loss = MSE(merged, content only) + MSE(merged, style only)\n"
         "+ w * sum over layers |cos(m_c, m_s)|, the merged UNet running the low-rank merged adapter.\n"
@@ -202,27 +213,33 @@ def register(sub) -> None:
     )  # fmt: skip
     common(p)
     p.add_argument("--out", required=True, metavar="H.safetensors", help="the trained hypernetwork")
-    p.add_argument("--steps", type=_positive, default=100, help="optimiser steps (100)")
-    p.add_argument("--batch", type=_positive, default=1, help="pairs per step over all processes (1)")
-    p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate (0.01, the authors')")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
-    p.add_argument("--similarity-weight", type=float, default=0.01, help="weight of the |cos| term (0.01)")
-    p.add_argument("--hidden", type=_positive, default=128, help="hidden width (128, the authors')")
-    p.add_argument(
-        "--parts",
-        default=None,
-        help="layers it predicts (default: the base model's, UNet to_q,to_out.0; "
-        "see denoisers.default_parts; others: plain sum)",
-    )
+    p.add_argument("--steps", type=_positive, help="optimiser steps (100; toy: 200)")
+    p.add_argument("--batch", type=_positive, help="pairs per step over all processes (1; toy: 2)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (0.01, the authors')")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.01)")
+    p.add_argument("--similarity-weight", type=float, help="weight of the |cos| term (0.01; toy: 0)")
+    p.add_argument("--hidden", type=_positive, help="hidden width (128, the authors'; toy: 32)")
+    p.add_argument("--parts", help="layers it predicts, comma-separated (the base model's default parts: UNet "
+                   "to_q,to_out.0, Flux/SD3 both streams', see denoisers.default_parts; toy: to_q,to_k,to_v,to_out.0; "
+                   "the others: plain sum)")  # fmt: skip
     p.add_argument(
         "--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N steps (end only)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
                    help="autocast the UNet's forwards on CUDA (no)")  # fmt: skip
-    p.add_argument("--init", choices=("default", "direct"), default="default",
+    p.add_argument("--init", choices=("default", "direct"),
                    help="default: PyTorch's init, as the authors (m starts near 0); direct: the head starts at "
-                   "m_c = m_s = 1, the direct merge")  # fmt: skip
+                   "m_c = m_s = 1, the direct merge (toy)")  # fmt: skip
+    p.add_argument("--schedule", choices=("constant", "cosine"),
+                   help="learning-rate schedule after the warm-up (constant, the authors'; toy: cosine, to 0 at "
+                   "--steps)")  # fmt: skip
+    p.add_argument("--warmup", type=int, metavar="N", help="linear learning-rate warm-up steps (0)")
+    p.add_argument("--val-every", type=int, default=0, metavar="N",
+                   help="every N steps (and at the end) the objective on --val-split's pairs, fixed draws: "
+                   "columns val, val_direct of the loss CSV and a curve in the PNG (0: off)")  # fmt: skip
+    p.add_argument("--val-split", default="heldout", help="manifest split to validate on (heldout)")
+    p.add_argument("--val-samples", type=_positive, default=4, help="fixed draws per validation pair (4)")
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="UNet gradient checkpointing (GPU memory)"
     )
@@ -261,5 +278,13 @@ def register(sub) -> None:
     p.add_argument("--ziplora-steps", type=_positive, default=100, help="ZipLoRA steps (100)")
     p.add_argument("--merge-repeats", type=_positive, default=5, help="timed hypernet merges per pair (5)")
     p.add_argument("--backend", default="auto", help="lk.merge backend for the timing (auto)")
+    p.add_argument("--ziplora-parts", default="to_q,to_k,to_v,to_out.0",
+                   help="attention parts ZipLoRA adapts (all four; give the hypernetwork's parts for a "
+                   "like-for-like reference)")  # fmt: skip
+    p.add_argument("--ziplora-seed", type=int,
+                   help="seed of ZipLoRA's own draws (default: --seed + 1; never the scored draws' seed)")  # fmt: skip
+    p.add_argument("--ziplora-cache", metavar="DIR",
+                   help="reuse ZipLoRA coefficients optimised before for the same model, LoRAs and settings "
+                   "(and write new ones there)")  # fmt: skip
     zip_opts(p)
     p.set_defaults(func=cmd_score)

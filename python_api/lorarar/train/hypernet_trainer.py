@@ -32,6 +32,7 @@ from .diffusion import DiffusionModel
 from .lowrank import PairAdapter, hypernet_coefficients, hypernet_widths, similarity
 from .manifest import Manifest
 from .objective import LoraData, draw, pair_mse, prepare_manifest
+from .validation import Validation
 
 CHECKPOINT_FORMAT = "lorarar-hypernet-checkpoint/1"
 
@@ -50,17 +51,52 @@ class HypernetTrainConfig:
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (CUDA only)
     gradient_checkpointing: bool = False
     init: str = "default"  # "default": PyTorch's init (the authors'); "direct": the head starts at m = 1
+    schedule: str = "constant"  # "constant" (the authors') or "cosine" (decay to 0 at `steps`)
+    warmup: int = 0  # steps of linear learning-rate warm-up
+    val_every: int = 0  # steps between validation evaluations; 0: none
+    val_split: str = "heldout"  # the manifest split validated on
+    val_samples: int = 4  # fixed draws per validation pair (`objective.fixed_draws`)
+    val_seed: int = 1  # their noise seed (`lorarar score` draws with --seed, 0 by default)
     # what must match for a checkpoint to be resumed (steps may grow)
     resume_keys: tuple[str, ...] = field(
-        default=("batch", "lr", "weight_decay", "similarity_weight", "hidden", "parts", "seed", "init"),
+        default=("batch", "lr", "weight_decay", "similarity_weight", "hidden", "parts", "seed", "init",
+                 "schedule", "warmup"),
         repr=False,
-    )
+    )  # fmt: skip
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (0-based): warm-up, then constant or cosine."""
+        if self.schedule not in ("constant", "cosine"):
+            raise lk.LoraRarError(f"lr schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        lr = self.lr * min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else self.lr
+        if self.schedule == "cosine":
+            lr *= 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+        return lr
 
     def as_json(self) -> dict:
         d = asdict(self)
         d.pop("resume_keys")
         d["parts"] = list(self.parts)
         return d
+
+
+# The recipe settings: the LoRA.rar authors' for real models (SDXL: lr 0.01, |cos| weight 0.01, hidden 128,
+# to_q/to_out.0, constant lr); for a pixel-space model (the toy world) the recipe measured best on its
+# held-out pairs (README, "Training a hypernetwork"): all four parts, no similarity term (its MSE terms are
+# ~100x smaller than on SDXL latents, so |cos| over 56 layers outweighs them), starting at the direct merge,
+# cosine decay, 2 pairs per step.
+AUTHORS_HYPERNET = HypernetTrainConfig()
+TOY_HYPERNET = HypernetTrainConfig(
+    steps=200, batch=2, hidden=32, similarity_weight=0.0, parts=("to_q", "to_k", "to_v", "to_out.0"),
+    init="direct", schedule="cosine",
+)  # fmt: skip
+RECIPE_KEYS = ("steps", "batch", "lr", "weight_decay", "similarity_weight", "hidden", "parts", "init",
+               "schedule", "warmup")  # fmt: skip
+
+
+def recipe_for(model: DiffusionModel) -> HypernetTrainConfig:
+    """The default recipe for ``model``: `TOY_HYPERNET` for a pixel-space model (no VAE), else the authors'."""
+    return TOY_HYPERNET if model.vae is None else AUTHORS_HYPERNET
 
 
 def _dist() -> tuple[int, int]:
@@ -159,7 +195,8 @@ def load_checkpoint(path: Path, net, opt, gen, config: HypernetTrainConfig, scal
 
 
 def plot_losses(history: list[dict], path: Path, title: str = "hypernetwork training") -> None:
-    """Loss curve PNG: total, content MSE, style MSE and the weighted similarity term per step."""
+    """Loss curve PNG: total, content MSE, style MSE and the weighted similarity term per step; the validation
+    objective (and the direct merge's on the same draws) where the history has it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,6 +211,11 @@ def plot_losses(history: list[dict], path: Path, title: str = "hypernetwork trai
         ("sim", "λ·similarity"),
     ):
         ax.plot(steps, [h[key] for h in history], label=label, lw=1.2)
+    val = [h for h in history if h.get("val") is not None]
+    if val:
+        ax.plot([h["step"] for h in val], [h["val"] for h in val], "o-", ms=3, lw=1.2, color="k",
+                label="validation (content + style MSE)")  # fmt: skip
+        ax.axhline(val[-1]["val_direct"], color="k", ls=":", lw=1, label="validation, direct merge")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -195,14 +237,17 @@ def train_hypernet(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     data: tuple[dict[str, LoraData], list[tuple[str, str]]] | None = None,
+    val_data: tuple[dict[str, LoraData], list[tuple[str, str]]] | None = None,
 ) -> lk.Hypernet:
     """Train on ``manifest``'s training split and write ``out`` (`lk.Hypernet.load` reads it) plus
     ``<out stem>.loss.png``, ``<out stem>.loss.csv`` and ``<out stem>.checkpoint.safetensors``.
 
     resume: continue from the checkpoint beside ``out`` when there is one. on_step(step, loss): called
     after every step (after any checkpoint of that step). data: already prepared ``(LoraData by key,
-    training pairs of keys)`` instead of the manifest's training split. Under ``torchrun`` only rank 0
-    writes files.
+    training pairs of keys)`` instead of the manifest's training split; val_data: likewise for the
+    validation pairs (default: the manifest's ``config.val_split``), evaluated every ``config.val_every``
+    steps and at the end (`Validation`; columns ``val`` and ``val_direct`` of the history). Under ``torchrun``
+    only rank 0 validates and writes files.
     """
     from tqdm.auto import tqdm
 
@@ -224,6 +269,16 @@ def train_hypernet(
     loras, train_pairs = data
     for d in loras.values():
         d.lora = d.lora.to(device)
+    if config.val_every < 0 or config.val_samples < 1:
+        raise lk.LoraRarError("validation: --val-every must be >= 0 and --val-samples >= 1")
+    validation = None
+    if config.val_every and rank == 0:
+        if val_data is None:
+            val_loras, by_split = prepare_manifest(model, manifest, [config.val_split])
+            val_data = val_loras, by_split[config.val_split]
+        for d in val_data[0].values():
+            d.lora = d.lora.to(device)
+        validation = Validation(model, val_data[0], val_data[1], config.val_samples, config.val_seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = lk.Hypernet(
@@ -274,6 +329,8 @@ def train_hypernet(
                 total = total + (mse_c + mse_s + sim) / local
                 parts += torch.stack([mse_c, mse_s, sim]).detach() / local
             opt.zero_grad(set_to_none=True)
+            for group in opt.param_groups:
+                group["lr"] = config.lr_at(step)
             if scaler is not None:
                 scaler.scale(total).backward()
                 scaler.step(opt)
@@ -291,7 +348,12 @@ def train_hypernet(
             loss, mse_c, mse_s, sim = (float(v) for v in logged)
             if not math.isfinite(loss):
                 raise lk.LoraRarError(f"train-hypernet: the loss became {loss} at step {step}; lower --lr")
-            history.append({"step": step, "loss": loss, "mse_c": mse_c, "mse_s": mse_s, "sim": sim})
+            row = {"step": step, "loss": loss, "mse_c": mse_c, "mse_s": mse_s, "sim": sim}
+            if validation is not None and (step % config.val_every == 0 or step == config.steps):
+                if validation.direct is None:
+                    validation.direct = validation(adapter, None)
+                row["val"], row["val_direct"] = validation(adapter, net), validation.direct
+            history.append(row)
             recent = history[-20:]
             bar.set_postfix(loss=f"{sum(h['loss'] for h in recent) / len(recent):.4g}")
             bar.update(1)
@@ -314,9 +376,13 @@ def train_hypernet(
 
 
 def write_history(history: list[dict], path: Path) -> None:
+    """The history as CSV; with validation, columns ``val`` and ``val_direct`` (empty between evaluations)."""
+    has_val = any("val" in h for h in history)
     with atomic_path(path) as tmp:
-        lines = ["step,loss,mse_c,mse_s,sim"]
-        lines += [
-            f"{h['step']},{h['loss']:.8g},{h['mse_c']:.8g},{h['mse_s']:.8g},{h['sim']:.8g}" for h in history
-        ]
+        lines = ["step,loss,mse_c,mse_s,sim" + (",val,val_direct" if has_val else "")]
+        for h in history:
+            line = f"{h['step']},{h['loss']:.8g},{h['mse_c']:.8g},{h['mse_s']:.8g},{h['sim']:.8g}"
+            if has_val:
+                line += f",{h['val']:.8g},{h['val_direct']:.8g}" if "val" in h else ",,"
+            lines.append(line)
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -128,25 +128,67 @@ def pair_mse(
     d: Draw,
     *,
     mixed_precision: str = "no",
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(content MSE, style MSE)`` of the merged forward against each LoRA alone, for draw ``d``.
 
     ``adapter`` must hold this pair (``adapter.set_pair(content.lora, style.lora)``); differentiable in
-    ``coefficients``.
+    ``coefficients``. targets: the two no-grad targets of this draw (`pair_targets`) when already computed.
     """
     dev = model.device
     amp = autocast_context(dev, mixed_precision)
+    if targets is None:
+        targets = pair_targets(model, adapter, content, style, d, mixed_precision=mixed_precision)
+    out = []
+    for data, i, noise, t, target in (
+        (content, d.image_c, d.noise_c, d.t_c, targets[0]),
+        (style, d.image_s, d.noise_s, d.t_s, targets[1]),
+    ):
+        noisy, t = _noisy(model, data, i, noise, t)
+        with adapter.mode("merged", coefficients), amp:
+            pred = model.predict(noisy, t, data.cond)
+        out.append(nn.functional.mse_loss(pred.float(), target.float()))
+    return out[0], out[1]
+
+
+def _noisy(model: DiffusionModel, data: LoraData, i: int, noise: torch.Tensor, t: torch.Tensor):
+    dev = model.device
+    x0 = data.latents[i : i + 1].to(dev)
+    t = t.to(dev)
+    return model.add_noise(x0, noise.to(dev, x0.dtype), t), t
+
+
+def pair_targets(
+    model: DiffusionModel,
+    adapter: PairAdapter,
+    content: LoraData,
+    style: LoraData,
+    d: Draw,
+    *,
+    mixed_precision: str = "no",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective's two targets for draw ``d``: the content LoRA alone on ``x_c``, the style LoRA alone on
+    ``x_s`` (no grad; they depend on the draw only, so evaluations on fixed draws compute them once)."""
+    amp = autocast_context(model.device, mixed_precision)
     out = []
     for mode, data, i, noise, t in (
         ("content", content, d.image_c, d.noise_c, d.t_c),
         ("style", style, d.image_s, d.noise_s, d.t_s),
     ):
-        x0 = data.latents[i : i + 1].to(dev)
-        t = t.to(dev)
-        noisy = model.add_noise(x0, noise.to(dev, x0.dtype), t)
+        noisy, t = _noisy(model, data, i, noise, t)
         with torch.no_grad(), adapter.mode(mode), amp:
-            target = model.predict(noisy, t, data.cond)
-        with adapter.mode("merged", coefficients), amp:
-            pred = model.predict(noisy, t, data.cond)
-        out.append(nn.functional.mse_loss(pred.float(), target.float()))
+            out.append(model.predict(noisy, t, data.cond))
     return out[0], out[1]
+
+
+def fixed_draws(
+    content: LoraData, style: LoraData, samples: int, seed: int, num_timesteps: int
+) -> list[Draw]:
+    """The evaluation draws of a pair (`scores` and the trainer's validation curve): noise from a generator
+    seeded ``seed``, timesteps evenly spaced ``t_k = (k + 1/2) T / samples``, images in turn."""
+    gen = torch.Generator().manual_seed(seed)
+    T = num_timesteps
+    draws = [draw(content, style, gen, T, timestep=int((k + 0.5) * T / samples)) for k in range(samples)]
+    for k, d in enumerate(draws):
+        d.image_c, d.image_s = k % content.latents.shape[0], k % style.latents.shape[0]
+    return draws

@@ -6,16 +6,20 @@ Per pair, ``samples`` fixed draws (seeded; timesteps evenly spaced over the sche
 only by the coefficients. Each MSE is reported as mean and standard deviation over the draws. The
 hypernetwork merge time is a fresh ``lk.merge(unet, content, style, hypernet)`` (coefficients + writing the
 weights, cold caches) and its ``restore``, median of ``merge_repeats``; ZipLoRA's is the wall time of its
-optimisation (`ziplora.ziplora`). Output: ``scores.csv``, ``scores.md`` and ``scores.png``.
+optimisation (`ziplora.ziplora`). ZipLoRA optimises on its own random draws (another seed than the
+scored draws, `ziplora_config`) of the pair's images, so its score is not fitted to the scored noise; with
+``ziplora_cache`` its coefficients are reused across scores of the same pairs (`cached_ziplora`). Output: ``scores.csv``, ``scores.md`` and ``scores.png``.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,8 +29,8 @@ import lorarar_kernels as lk
 from ._io import atomic_path
 from .diffusion import DiffusionModel
 from .lowrank import PairAdapter, hypernet_coefficients
-from .objective import LoraData, draw, pair_mse
-from .ziplora import ZipLoRAConfig, ziplora
+from .objective import LoraData, fixed_draws, pair_mse, pair_targets
+from .ziplora import ZipLoRAConfig, ZipLoRAResult, load_coefficients, save_coefficients, ziplora
 
 METHODS = ("direct", "hypernet", "ziplora")
 
@@ -37,7 +41,68 @@ class ScoreConfig:
     seed: int = 1234
     merge_repeats: int = 5
     backend: str = "auto"
-    ziplora: ZipLoRAConfig = field(default_factory=ZipLoRAConfig)
+    ziplora: ZipLoRAConfig = field(default_factory=ZipLoRAConfig)  # its seed is replaced: `ziplora_config`
+    ziplora_seed: int | None = None  # None: seed + 1 (never the scored draws' generator)
+    ziplora_cache: str | None = None  # folder of optimised coefficients to reuse (`cached_ziplora`)
+
+
+def ziplora_config(config: ScoreConfig) -> ZipLoRAConfig:
+    """The ZipLoRA settings a score runs: ``config.ziplora`` with its draws from another generator than the
+    scored draws (ZipLoRA optimised on the noise it is then scored on would be fitted to the test set)."""
+    seed = config.seed + 1 if config.ziplora_seed is None else config.ziplora_seed
+    if seed == config.seed:
+        raise lk.LoraRarError(
+            f"the ZipLoRA seed ({seed}) must differ from the scoring seed: it would optimise on the scored draws"
+        )
+    return replace(config.ziplora, seed=seed)
+
+
+def model_fingerprint(model: DiffusionModel) -> str:
+    """A short hash of the UNet's parameters (which base model a cached ZipLoRA result belongs to)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _lora_hash(lora: lk.LoRA, h) -> None:
+    for name, layer in sorted(lora.items()):
+        up, down = layer.factors(torch.float32)
+        h.update(name.encode())
+        h.update(up.cpu().contiguous().numpy().tobytes())
+        h.update(down.cpu().contiguous().numpy().tobytes())
+
+
+def cached_ziplora(
+    model: DiffusionModel,
+    content: LoraData,
+    style: LoraData,
+    zcfg: ZipLoRAConfig,
+    cache: str | None,
+    fingerprint: str = "",
+) -> tuple[ZipLoRAResult, bool]:
+    """`ziplora.ziplora` for the pair, or the result a previous score wrote to ``cache`` for the same base
+    model, LoRAs (their factors) and ZipLoRA settings; ``(result, from cache)``. The cached file keeps the
+    optimisation's wall time and steps. fingerprint: the base model's `model_fingerprint`."""
+    if cache is None:
+        return ziplora(model, content, style, zcfg), False
+    h = hashlib.sha256(json.dumps({**asdict(zcfg), "model": fingerprint}, sort_keys=True).encode())
+    _lora_hash(content.lora, h)
+    _lora_hash(style.lora, h)
+    name = lambda data: data.key.split(":", 1)[1]  # noqa: E731
+    path = Path(cache) / f"{name(content)}__{name(style)}__{h.hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        from lorarar_kernels.safeio import read_tensors
+
+        _, meta = read_tensors(path)
+        dev = model.device
+        coeffs = {k: (a.to(dev), b.to(dev)) for k, (a, b) in load_coefficients(path).items()}
+        return ZipLoRAResult(coeffs, seconds=float(meta["seconds"]), steps=int(meta["steps"])), True
+    result = ziplora(model, content, style, zcfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_coefficients(path, result.coefficients, {"seconds": repr(result.seconds), "steps": result.steps})
+    return result, False
 
 
 @dataclass
@@ -83,20 +148,23 @@ def time_hypernet_merge(
 
 
 def score_pair(
-    model: DiffusionModel, content: LoraData, style: LoraData, hypernet: lk.Hypernet, config: ScoreConfig
+    model: DiffusionModel,
+    content: LoraData,
+    style: LoraData,
+    hypernet: lk.Hypernet,
+    config: ScoreConfig,
+    fingerprint: str = "",
 ) -> PairScore:
-    """Scores of one pair (see the module docstring)."""
+    """Scores of one pair (see the module docstring). fingerprint: `model_fingerprint(model)`, computed
+    here when empty and ``config.ziplora_cache`` is set (pass it to hash the UNet once per score run)."""
     model.unet.requires_grad_(False)
-    T = model.num_train_timesteps
-    gen = torch.Generator().manual_seed(config.seed)
-    draws = [
-        draw(content, style, gen, T, timestep=int((k + 0.5) * T / config.samples))
-        for k in range(config.samples)
-    ]
-    for k, d in enumerate(draws):  # images in turn, the same for every method
-        d.image_c, d.image_s = k % content.latents.shape[0], k % style.latents.shape[0]
+    draws = fixed_draws(content, style, config.samples, config.seed, model.num_train_timesteps)
     dev = model.device
-    zip_result = ziplora(model, content, style, config.ziplora)
+    if config.ziplora_cache is not None and not fingerprint:
+        fingerprint = model_fingerprint(model)
+    zip_result, _ = cached_ziplora(
+        model, content, style, ziplora_config(config), config.ziplora_cache, fingerprint
+    )
     with torch.no_grad():
         hyper = hypernet_coefficients(hypernet.to(dev), content.lora.to(dev), style.lora.to(dev))
     coefficients = {"direct": {}, "hypernet": hyper, "ziplora": zip_result.coefficients}
@@ -106,8 +174,12 @@ def score_pair(
     mse_s: dict[str, list[float]] = {}
     try:
         with torch.no_grad():
+            targets = [pair_targets(model, adapter, content, style, d) for d in draws]
             for method in METHODS:
-                vals = [pair_mse(model, adapter, coefficients[method], content, style, d) for d in draws]
+                vals = [
+                    pair_mse(model, adapter, coefficients[method], content, style, d, targets=tg)
+                    for d, tg in zip(draws, targets)
+                ]
                 mse_c[method] = [float(c) for c, _ in vals]
                 mse_s[method] = [float(s) for _, s in vals]
     finally:

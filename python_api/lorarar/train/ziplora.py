@@ -1,7 +1,7 @@
 """The ZipLoRA baseline: per-pair free merge coefficients, optimised on the merge objective.
 
-For one (content, style) pair, every attention layer present in both LoRAs (all four parts: to_q, to_k,
-to_v, to_out.0) gets free column coefficients ``m_c``, ``m_s`` (shape ``[in]``, init 1.0), optimised with
+For one (content, style) pair, every attention layer present in both LoRAs (by default all four parts:
+to_q, to_k, to_v, to_out.0; ``parts`` restricts it, e.g. to a hypernetwork's parts) gets free column coefficients ``m_c``, ``m_s`` (shape ``[in]``, init 1.0), optimised with
 AdamW on ``MSE_c + MSE_s + lambda * similarity`` (`objective.pair_mse`), targets from each LoRA alone.
 
 Two presets:
@@ -26,6 +26,7 @@ import torch
 
 import lorarar_kernels as lk
 
+from ..shapes import PARTS
 from ._io import save_tensors
 from .diffusion import DiffusionModel
 from .lowrank import PairAdapter, similarity
@@ -46,6 +47,7 @@ class ZipLoRAConfig:
     stop_similarity: float = 0.0
     seed: int = 0
     mixed_precision: str = "no"
+    parts: tuple[str, ...] = PARTS  # the attention parts that get coefficients (others: plain sum)
 
     def resolved(self) -> tuple[float, str]:
         if self.preset not in PRESETS:
@@ -79,9 +81,15 @@ def ziplora(
     model.unet.requires_grad_(False)
     dev = model.device
     c_layers, s_layers = content.lora.unet_layers(), style.lora.unet_layers()
-    names = sorted(c_layers.keys() & s_layers.keys())
+    names = sorted(
+        n
+        for n in c_layers.keys() & s_layers.keys()
+        if any(n == p or n.endswith("." + p) for p in config.parts)
+    )
     if not names:
-        raise lk.LayerMismatchError(f"ZipLoRA: {content.key} and {style.key} share no layer")
+        raise lk.LayerMismatchError(
+            f"ZipLoRA: {content.key} and {style.key} share no layer of the parts {list(config.parts)}"
+        )
     params = {
         n: (
             torch.ones(c_layers[n].in_features, device=dev, requires_grad=True),
