@@ -34,12 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import lorarar_kernels as lk
     from lorarar.eval.toy_judge import ToyJudge
     from lorarar.train.diffusion import DiffusionModel
     from lorarar.train.manifest import load_manifest
     from lorarar.world.build import pair_prompt
     from lorarar.world.sample import generate
+
+    import lorarar_kernels as lk
 
     t0 = time.perf_counter()
     world = Path(args.world)
@@ -93,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("heldout", "train"):
         pairs = manifest.pairs(split)
         if split == "train":
-            pairs = [(c, s) for c, s in pairs if list(manifest.contents).index(c.name)
-                     == list(manifest.styles).index(s.name)][:4]  # a few training pairs too
+            pairs = [
+                (c, s)
+                for c, s in pairs
+                if list(manifest.contents).index(c.name) == list(manifest.styles).index(s.name)
+            ][:4]  # a few training pairs too
         for c, s in pairs:
             cl, sl = c.load_lora(), s.load_lora()
             for method, h in (("direct", None), ("hypernet", hyper)):
@@ -141,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _grid(rows, path: Path) -> None:
-    from PIL import Image, ImageDraw
-
     from lorarar.world.base import to_images
+    from PIL import Image, ImageDraw
 
     scale, label_w = 2, 150
     n = max(len(x) for _, x in rows)
