@@ -31,6 +31,16 @@ batch 8). Writes diffusers/PEFT safetensors (unet.<module>.lora_A/B.weight, alph
 lk.LoRA.load and diffusers' load_lora_weights read at the same scale."""
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+_positive_float.__name__ = "positive number"  # what argparse names in "invalid ... value"
+
+
 def _world_stage_table(stages) -> str:
     rows = [f"| {s.name} | {s.wall_s:.1f} | {s.cpu_s:.1f} |" for s in stages]
     wall, cpu = sum(s.wall_s for s in stages), sum(s.cpu_s for s in stages)
@@ -42,7 +52,7 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     from .world.build import WorldSpec, build_world
 
     spec = WorldSpec.mini() if args.mini else WorldSpec()
-    for key in ("seed", "images", "base_steps", "lora_steps", "lora_rank", "hypernet_steps"):
+    for key in ("seed", "images", "base_steps", "lora_steps", "lora_rank", "lora_lr", "hypernet_steps"):
         value = getattr(args, key)
         if value is not None:
             setattr(spec, key, value)
@@ -152,9 +162,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--subjects", help="comma-separated subjects (default: all 10)")
     b.add_argument("--styles", help="comma-separated styles (default: all 10)")
     b.add_argument("--images", type=_positive_int, help="reference images per subject/style (8)")
-    b.add_argument("--base-steps", type=_positive_int, help="base model training steps (600)")
-    b.add_argument("--lora-steps", type=_positive_int, help="steps per LoRA (150)")
+    b.add_argument("--base-steps", type=_positive_int, help="base model training steps (4000)")
+    b.add_argument("--lora-steps", type=_positive_int, help="steps per LoRA (300)")
     b.add_argument("--lora-rank", type=_positive_int, help="LoRA rank (8)")
+    b.add_argument("--lora-lr", type=_positive_float, help="LoRA learning rate (1e-2)")
     b.add_argument("--hypernet-steps", type=int, help="hypernetwork training steps; 0: none (200)")
     b.add_argument(
         "--threads",
