@@ -78,6 +78,8 @@ def test_mini_world_builds_end_to_end(tmp_path, capsys):
         assert e.token in e.prompt and len(e.image_paths) == 2
     net = lk.Hypernet.load(out / "hypernet.safetensors")
     assert net.widths == (64,)
+    # trained with train-hypernet's toy recipe, the shipped world's (all four attention parts)
+    assert tuple(net.parts) == ("to_q", "to_k", "to_v", "to_out.0")
     assert not list(tmp_path.glob(".world-*"))  # the temporary folder is gone
 
 
@@ -93,6 +95,10 @@ def test_world_build_on_a_saved_diffusers_pipeline(tmp_path, capsys):
     m = load_manifest(out / "manifest.json")
     assert m.base_model.resolve() == model_dir.resolve()
     m.check_against(DiffusionModel.from_directory(model_dir).unet)
+    assert tuple(lk.Hypernet.load(out / "hypernet.safetensors").parts) == (
+        "to_q",
+        "to_out.0",
+    )  # latent: authors'
     from PIL import Image
 
     with Image.open(m.contents["house"].image_paths[0]) as im:

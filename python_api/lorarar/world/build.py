@@ -233,13 +233,18 @@ def build_world(
 
 def _train_hypernet(root: Path, model, spec: WorldSpec, progress: bool) -> None:
     """The training helper's hypernetwork trainer on the world's training split -> hypernet.safetensors."""
+    from dataclasses import replace
+
     from ..denoisers import default_parts
-    from ..train.hypernet_trainer import HypernetTrainConfig, train_hypernet
+    from ..train.hypernet_trainer import recipe_for, train_hypernet
     from ..train.manifest import load_manifest
 
     manifest = load_manifest(root / "manifest.json")
-    cfg = HypernetTrainConfig(steps=spec.hypernet_steps, hidden=spec.hypernet_hidden, seed=spec.seed,
-                              parts=default_parts(model.unet))  # fmt: skip
+    # `train-hypernet`'s recipe for this model (pixel space: the toy recipe the shipped world's hypernetwork
+    # was trained with; a latent model: the authors', on the architecture's default parts)
+    recipe = recipe_for(model)
+    parts = recipe.parts if model.vae is None else default_parts(model.unet)
+    cfg = replace(recipe, steps=spec.hypernet_steps, hidden=spec.hypernet_hidden, seed=spec.seed, parts=parts)
     train_hypernet(model, manifest, root / "hypernet.safetensors", cfg, progress=progress)
     (root / "hypernet.checkpoint.safetensors").unlink(
         missing_ok=True
