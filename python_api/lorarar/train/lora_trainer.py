@@ -4,7 +4,7 @@ Flux / SD3 transformer's attention (both streams), feed-forward and (Flux) singl
 ``proj_out`` layers, the layer set of diffusers' Flux and SD3 DreamBooth scripts (`tiny_dit.LORA_PARTS`).
 
 The defaults are the LoRA.rar authors' SDXL settings (`LoraTrainConfig`: rank 64, alpha = rank, lr 5e-5
-constant, 1000 steps, AdamW, batch 1); the toy world uses `TOY_LORA` (rank 8, lr 1e-3, fewer steps,
+constant, 1000 steps, AdamW, batch 1); the toy world uses `TOY_LORA` (rank 8, lr 1e-2, fewer steps,
 batch 8). The loss is the plain training loss of the model (`DiffusionModel.loss`: epsilon, v or the
 flow-matching velocity) on the folder's images, encoded once; only the LoRA factors train. The result is
 an `lk.LoRA` (``down = lora_A``, ``up = lora_B``, scale alpha / rank) saved as diffusers/PEFT safetensors
@@ -59,7 +59,9 @@ class LoraTrainConfig:
 
 
 SDXL_LORA = LoraTrainConfig()
-TOY_LORA = LoraTrainConfig(rank=8, lr=1e-3, steps=300, batch=8)
+TOY_LORA = LoraTrainConfig(
+    rank=8, lr=1e-2, steps=300, batch=8
+)  # the shipped world's LoRAs (lr 2e-3 under-trains)
 
 
 def check_prompt(prompt: str, token: str) -> None:
