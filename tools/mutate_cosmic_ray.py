@@ -16,7 +16,8 @@ file name. The scratch copy holds the tracked and untracked (not ignored) files 
 extension; the tests run from it with the project's Python (``PYTHONPATH``; the editable install's import
 hook removed), so the working tree is never touched. Each mutant's pytest run is forked from a server
 process that has imported torch and pytest once (but nothing of the project), which saves seconds per
-mutant; a test run that cannot reach the server runs pytest itself. Prints every survivor with its diff
+mutant; the test files run one at a time, in their order, up to the first that fails; a test run that
+cannot reach the server runs pytest itself. Prints every survivor with its diff
 and the score per file (exit status 1 when a mutant survives); ``--report FILE`` writes the same as
 markdown; ``--keep`` keeps the copy and its session databases. Operators that only rewrite a number's bits
 or swap an operator for a bitwise or exotic one are left out by default (``--all-operators`` keeps them):
@@ -116,15 +117,30 @@ while True:
 _CLIENT = """
 import json, os, socket, subprocess, sys
 sock_path, args = sys.argv[1], sys.argv[2:]
-try:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(sock_path)
-except OSError:  # no server: run pytest here (slower, same answer)
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.exit(subprocess.call([sys.executable, os.path.join(here, "_run_pytest.py"), *args]))
-s.sendall((json.dumps(args) + "\\n").encode())
-reply = s.makefile().readline().strip()
-sys.exit(int(reply) if reply.lstrip("-").isdigit() else 4)
+targets = [a for a in args if os.path.exists(a.split("::")[0])]  # test files (or file::test)
+options = [a for a in args if a not in targets]
+if not targets:
+    sys.exit(f"no test file among {args} (run from the scratch copy)")
+
+
+def pytest_rc(argv):
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_path)
+    except OSError:  # no server: run pytest here (slower, same answer)
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.call([sys.executable, os.path.join(here, "_run_pytest.py"), *argv])
+    s.sendall((json.dumps(argv) + "\\n").encode())
+    reply = s.makefile().readline().strip()
+    return int(reply) if reply.lstrip("-").isdigit() else 4
+
+
+# one test file at a time, stopping at the first that fails (as -x would, without collecting the rest)
+for target in targets:
+    rc = pytest_rc([*options, target])
+    if rc:
+        sys.exit(rc)
+sys.exit(0)
 """
 
 
