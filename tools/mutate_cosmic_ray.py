@@ -51,13 +51,16 @@ EXOTIC = [
 PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
     "engine": {
         "lorarar_kernels/rule.py": (
+            "tests/test_rule_refusals.py",
             "tests/test_rule.py",
             "tests/test_merge_errors.py",
             "tests/test_plan.py",
             "tests/test_rule_transformer_parts.py",
-            "tests/test_robust_inputs.py",
+            "tests/test_robust_inputs.py::test_complex_or_text_coefficients_are_refused",
+            "tests/test_robust_inputs.py::test_a_non_sequence_hyper_parts_is_refused",
+            "tests/test_robust_inputs.py::test_wrong_argument_kinds_are_refused_before_anything_is_written",
         ),
-        "lorarar_kernels/plan.py": ("tests/test_plan.py", "tests/test_rule.py", "tests/test_oracle.py"),
+        "lorarar_kernels/plan.py": ("tests/test_plan.py", "tests/test_rule.py"),
         "lorarar_kernels/target_state.py": (
             "tests/test_transactional.py",
             "tests/test_merge_state.py",
@@ -94,7 +97,10 @@ print("ready", flush=True)
 while True:
     conn, _ = srv.accept()
     with conn:
-        args = json.loads(conn.makefile().readline())
+        try:
+            args = json.loads(conn.makefile().readline())
+        except (OSError, ValueError):  # the client went away before asking
+            continue
         pid = os.fork()
         if pid == 0:
             srv.close()
@@ -111,7 +117,10 @@ while True:
             os._exit(rc)
         _, status = os.waitpid(pid, 0)
         rc = os.waitstatus_to_exitcode(status)
-        conn.sendall(f"{rc}\\n".encode())
+        try:
+            conn.sendall(f"{rc}\\n".encode())
+        except OSError:  # the client was killed (cosmic-ray's timeout): serve the next one
+            pass
 """
 
 _CLIENT = """
