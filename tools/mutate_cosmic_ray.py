@@ -61,16 +61,16 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_robust_inputs.py::test_wrong_argument_kinds_are_refused_before_anything_is_written",
         ),
         "lorarar_kernels/plan.py": ("tests/test_plan.py", "tests/test_rule.py"),
+        "lorarar_kernels/arguments.py": (
+            "tests/test_arguments.py",
+            "tests/test_robust_inputs.py::test_wrong_argument_kinds_are_refused_before_anything_is_written",
+            "tests/test_merge_errors.py",
+        ),
         "lorarar_kernels/target_state.py": (
             "tests/test_transactional.py",
             "tests/test_merge_state.py",
             "tests/test_merge_errors.py",
             "tests/test_merge_in_place.py",
-        ),
-        "lorarar_kernels/arguments.py": (
-            "tests/test_merge_errors.py",
-            "tests/test_robust_inputs.py",
-            "tests/test_merge_state.py",
         ),
         "lorarar_kernels/merge.py": (
             "tests/test_merge_state.py",
