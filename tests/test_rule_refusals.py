@@ -67,7 +67,9 @@ def test_coefficients_that_are_not_a_pair_are_refused(bad, match):
     "m, match",
     [
         ("abc", "m_s is not a vector of numbers"),
-        ([object()] * N_IN, "m_s is not a vector of numbers"),
+        ([object()] * N_IN, "m_s is not a vector of numbers"),  # torch: RuntimeError
+        ([[1.0, 2.0], [3.0]], "m_s is not a vector of numbers"),  # ragged: ValueError
+        ([1.0] + [10**400] * (N_IN - 1), "m_s is not a vector of numbers"),  # OverflowError
         (torch.ones(N_IN, dtype=torch.complex64), r"m_s must be real numbers, got dtype torch.complex64"),
         (torch.ones(N_IN, dtype=torch.bool), r"m_s must be real numbers, got dtype torch.bool"),
         (torch.ones(N_IN, dtype=torch.uint8), r"m_s must be real numbers, got dtype torch.uint8"),
@@ -155,6 +157,8 @@ def test_records_are_frozen_and_in_content_then_style_order():
 def test_part_of_matches_whole_name_components_only():
     assert part_of("a.attn1.to_out.0", ("to_q", "to_out.0")) == "to_out.0"
     assert part_of("to_q", ("to_q",)) == "to_q"
+    built = "".join(["to", "_q"])  # an equal name that is not the same string object
+    assert part_of(built, ("to_q",)) == "to_q" and part_of("a." + built, ("to_q",)) == "to_q"
     assert part_of("a.xto_q", ("to_q",)) is None and part_of("a.to_q.x", ("to_q",)) is None
     assert part_of("blocks.3.proj_out", ("blocks.*.proj_out",)) == "blocks.*.proj_out"
     assert part_of("proj_out", ("blocks.*.proj_out",)) is None
