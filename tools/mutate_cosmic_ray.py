@@ -19,7 +19,8 @@ process that has imported torch and pytest once (but nothing of the project), wh
 mutant; the test files run one at a time, in their order, up to the first that fails; a test run that
 cannot reach the server runs pytest itself. Prints every survivor with its diff
 and the score per file (exit status 1 when a mutant survives); ``--report FILE`` writes the same as
-markdown; ``--keep`` keeps the copy and its session databases. Operators that only rewrite a number's bits
+markdown; ``--dump SQLITE...`` only reports sessions kept with ``--keep`` (or interrupted: the mutants
+not run yet are counted apart); ``--keep`` keeps the copy and its session databases. Operators that only rewrite a number's bits
 or swap an operator for a bitwise or exotic one are left out by default (``--all-operators`` keeps them):
 those mutants crash or are caught as the plain ones are, and they triple the run.
 """
@@ -188,25 +189,38 @@ def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exc
     step(str(cr.parent / "cr-filter-operators"), session, config)
     step(str(cr), "baseline", config)  # the unmutated copy must pass
     step(str(cr), "exec", config, session)
-    killed, survived = [], []
-    for line in step(str(cr), "dump", session).splitlines():
+    r = outcomes(step(str(cr), "dump", session))
+    return {"file": file, "tests": list(tests), **r, "seconds": time.perf_counter() - t0}
+
+
+def outcomes(dump: str) -> dict:
+    """{killed, survived, pending} of a cosmic-ray session from its ``cosmic-ray dump`` output."""
+    killed, survived, pending = 0, [], 0
+    for line in dump.splitlines():
         item, result = json.loads(line)
-        if result is None or result.get("worker_outcome") != "normal":
-            continue  # filtered out (operator left out) or not run
+        if result is None:
+            pending += 1  # not run yet (an interrupted session)
+            continue
+        if result.get("worker_outcome") != "normal":
+            continue  # filtered out (an operator left out)
         (mut,) = item["mutations"]
         diff = "".join(result["diff"]) if isinstance(result["diff"], list) else result["diff"]
-        entry = {"line": mut["start_pos"][0], "operator": mut["operator_name"], "diff": diff.rstrip()}
-        (killed if result["test_outcome"] == "killed" else survived).append(entry)
+        if result["test_outcome"] == "killed":
+            killed += 1
+        else:
+            survived.append(
+                {"line": mut["start_pos"][0], "operator": mut["operator_name"], "diff": diff.rstrip()}
+            )
     survived.sort(key=lambda e: e["line"])
-    return {"file": file, "tests": list(tests), "killed": len(killed), "survived": survived,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {"killed": killed, "survived": survived, "pending": pending}
 
 
 def score_line(r: dict) -> str:
     n = r["killed"] + len(r["survived"])
+    pending = f", {r['pending']} not run" if r.get("pending") else ""
     return (
         f"{r['file']}: {r['killed']}/{n} killed = {100 * r['killed'] / max(n, 1):.1f} % "
-        f"({len(r['survived'])} survived; {r['seconds']:.0f} s; tests {', '.join(r['tests'])})"
+        f"({len(r['survived'])} survived{pending}; {r['seconds']:.0f} s; tests {', '.join(r['tests'])})"
     )
 
 
@@ -222,6 +236,20 @@ def markdown(results) -> str:
     return "\n".join(out)
 
 
+def report(results, path) -> int:
+    """Print every survivor and the scores (and write them to ``path`` as markdown); 0 when none survived."""
+    for r in results:
+        for x in r["survived"]:
+            print(f"SURVIVED {r['file']}:{x['line']} {x['operator']}\n{x['diff']}")
+        print(f"score: {score_line(r)}")
+    k = sum(r["killed"] for r in results)
+    n = k + sum(len(r["survived"]) for r in results)
+    print(f"total: {k}/{n} killed = {100 * k / max(n, 1):.1f} %")
+    if path:
+        Path(path).write_text(markdown(results))
+    return 0 if k == n else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cosmic-ray", default="cosmic-ray", help="the cosmic-ray command (its own venv)")
@@ -235,10 +263,18 @@ def main(argv=None) -> int:
     ap.add_argument("--all-operators", action="store_true", help="keep the exotic operators too")
     ap.add_argument("--report", help="write the scores and every survivor's diff to this markdown file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
+    ap.add_argument("--dump", nargs="+", metavar="SQLITE", help="only report kept (or interrupted) sessions")
     args = ap.parse_args(argv)
     cr = Path(shutil.which(args.cosmic_ray) or args.cosmic_ray)
     if not cr.is_file():
         raise SystemExit(f"mutate_cosmic_ray: {args.cosmic_ray} not found; install cosmic-ray (see --help)")
+    if args.dump:
+        results = []
+        for db in args.dump:
+            out = subprocess.run([str(cr), "dump", db], capture_output=True, text=True, check=True).stdout
+            file = json.loads(out.splitlines()[0])[0]["mutations"][0]["module_path"] if out else db
+            results.append({"file": file, "tests": [], **outcomes(out), "seconds": 0.0})
+        return report(results, args.report)
     if args.profile:
         plan = dict(PROFILES[args.profile])
         if args.only:
@@ -276,15 +312,10 @@ def main(argv=None) -> int:
         for f, tests in plan.items():
             r = run_file(cr, scratch, env, f, tests, args.timeout, exclude)
             results.append(r)
-            for s in r["survived"]:
-                print(f"SURVIVED {f}:{s['line']} {s['operator']}\n{s['diff']}")
             print(f"score: {score_line(r)}", flush=True)
             if args.report:
                 Path(args.report).write_text(markdown(results))
-        k = sum(r["killed"] for r in results)
-        n = k + sum(len(r["survived"]) for r in results)
-        print(f"total: {k}/{n} killed = {100 * k / max(n, 1):.1f} %")
-        return 0 if k == n else 1
+        return report(results, None)
     finally:
         if server is not None:
             server.kill()
