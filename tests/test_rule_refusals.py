@@ -75,6 +75,8 @@ def test_coefficients_that_are_not_a_pair_are_refused(bad, match):
         (torch.ones(N_IN, dtype=torch.uint8), r"m_s must be real numbers, got dtype torch.uint8"),
         (torch.ones(N_IN - 1), rf"m_s has shape \({N_IN - 1},\), expected \({N_IN},\)"),
         (torch.ones(1, N_IN), rf"m_s has shape \(1, {N_IN}\), expected \({N_IN},\)"),
+        (torch.ones(N_IN + 1), rf"m_s has shape \({N_IN + 1},\), expected \({N_IN},\)"),  # longer, too
+        (torch.ones(N_IN, 1), rf"m_s has shape \({N_IN}, 1\), expected \({N_IN},\)"),
         (torch.tensor(0.5), rf"m_s has shape \(\), expected \({N_IN},\)"),
     ],
 )
