@@ -94,6 +94,7 @@ def test_strengths_default_pair_and_one_number_for_one_lora():
         ((1.0, 1 + 2j), True, True, r"finite real numbers"),
         ((torch.tensor(1 + 0j), 1.0), True, True, r"finite real numbers"),
         ((torch.ones(2), 1.0), True, True, r"finite real numbers"),
+        ((torch.ones(0), 1.0), True, True, r"finite real numbers"),  # an empty tensor is no number
         (float("nan"), True, False, r"finite real numbers, got nan"),
     ],
 )
@@ -115,6 +116,8 @@ def test_scaled_multiplies_every_scale_and_shares_the_factors():
     for n in c:
         assert half[n].scale == c[n].scale * 0.5 and half[n].down is c[n].down and half[n].up is c[n].up
     assert scaled(c, 1.25e-7).source == "c (weight 1.25e-07)"
+    double = scaled(c, 2.0)  # above 1 as well as below
+    assert double is not c and all(double[n].scale == 2.0 * c[n].scale for n in c)
 
 
 def test_check_arguments_accepts_the_right_kinds():
