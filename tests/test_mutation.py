@@ -56,3 +56,22 @@ def test_reduced_mutation_run_kills_every_mutant():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "SURVIVED" not in proc.stdout and "killed" in proc.stdout
+
+
+def test_cosmic_ray_profiles_name_files_and_tests_that_exist():
+    """`tools/mutate_cosmic_ray.py --profile engine` (README, "Testing"): every engine file it mutates and
+    every test target it runs exists (a renamed test would otherwise make the documented run fail late),
+    and the scripts it writes into the scratch copy are valid Python."""
+    import mutate_cosmic_ray as cr
+
+    for files in cr.PROFILES.values():
+        assert files
+        for f, tests in files.items():
+            assert (ROOT / f).is_file() and f.startswith("lorarar_kernels/"), f
+            assert tests, f
+            for t in tests:
+                path, _, name = t.partition("::")
+                assert (ROOT / path).is_file(), t
+                assert not name or f"def {name}(" in (ROOT / path).read_text(), t
+    for script in (cr._FORK_SERVER, cr._CLIENT, mutate._RUN_PYTEST):
+        compile(script, "<scratch script>", "exec")

@@ -113,3 +113,18 @@ def test_non_finite_factors_name_the_file_and_layer():
     s[bad].down[0, 3] = float("inf")
     with pytest.raises(lk.LayerMismatchError, match=rf"random-lora-2: layer '{bad}' down has NaN or Inf"):
         plan_pair(c, s, hypernet())
+
+
+def test_options_after_the_hypernetwork_are_keyword_only():
+    """`plan_pair` and `merge_rule` take the pair and the hypernetwork by position (or by name) and every
+    option by name only: a coefficients mapping passed in the option's place is a TypeError, never taken
+    for the next parameter."""
+    c, s = pair()
+    name, _, n_in = SHAPES[1]
+    given = {name: (torch.full((n_in,), 0.5), None)}
+    for fn in (plan_pair, merge_rule):
+        with pytest.raises(TypeError):
+            fn(c, s, None, given)
+    plan = plan_pair(content=c, style=s, hypernet=None, coefficients=given)
+    assert plan[name].mode == "coefficients" and torch.equal(plan[name].col_scale[0], given[name][0])
+    assert merge_rule(content=c, style=s, hypernet=None, coefficients=given).layers[1].mode == "coefficients"

@@ -1,18 +1,27 @@
-"""Generated mutation testing with cosmic-ray over chosen engine files, on a scratch copy of the repository
+"""Generated mutation testing with cosmic-ray over engine files, on a scratch copy of the repository
 (the hand-written mutants of `tools/mutate.py` cover the C++ kernels and the promises; this covers every
 operator, comparison, constant and keyword of the files it is given).
 
 cosmic-ray is not a project dependency: install it in its own virtual environment and pass its command:
 
     python3 -m venv /tmp/cr && /tmp/cr/bin/pip install cosmic-ray
+    python tools/mutate_cosmic_ray.py --cosmic-ray /tmp/cr/bin/cosmic-ray --profile engine
+    python tools/mutate_cosmic_ray.py --cosmic-ray /tmp/cr/bin/cosmic-ray --profile engine --only rule.py
     python tools/mutate_cosmic_ray.py --cosmic-ray /tmp/cr/bin/cosmic-ray \\
         --files lorarar_kernels/plan.py --tests tests/test_plan.py,tests/test_oracle.py
 
-The scratch copy holds the tracked and untracked (not ignored) files and the installed extension; the
-tests run from it with the project's Python (``PYTHONPATH``; the editable install's import hook removed),
-so the working tree is never touched. Prints every survivor with its diff and the
-score (exit status 1 when a mutant survives); ``--keep`` keeps the copy and its session database. Operators that only rewrite a number's bits or
-swap an operator for a bitwise or exotic one are left out by default (``--all-operators`` keeps them):
+``--profile engine`` mutates each engine file of `PROFILES` with its own tests (the test files that
+exercise it, fastest to fail first), one cosmic-ray session per file; ``--only`` picks some of them by
+file name. The scratch copy holds the tracked and untracked (not ignored) files and the installed
+extension; the tests run from it with the project's Python (``PYTHONPATH``; the editable install's import
+hook removed), so the working tree is never touched. Each mutant's pytest run is forked from a server
+process that has imported torch and pytest once (but nothing of the project), which saves seconds per
+mutant; the test files run one at a time, in their order, up to the first that fails; a test run that
+cannot reach the server runs pytest itself. Prints every survivor with its diff
+and the score per file (exit status 1 when a mutant survives); ``--report FILE`` writes the same as
+markdown; ``--dump SQLITE...`` only reports sessions kept with ``--keep`` (or interrupted: the mutants
+not run yet are counted apart); ``--keep`` keeps the copy and its session databases. Operators that only rewrite a number's bits
+or swap an operator for a bitwise or exotic one are left out by default (``--all-operators`` keeps them):
 those mutants crash or are caught as the plain ones are, and they triple the run.
 """
 
@@ -38,79 +47,279 @@ EXOTIC = [
     r"core/NumberReplacer",
 ]
 
+# The engine files and, for each, the test files that exercise it (chosen by what they import and call),
+# ordered so that a wrong mutant usually fails in the first, fastest one (pytest runs with -x).
+PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
+    "engine": {
+        "lorarar_kernels/rule.py": (
+            "tests/test_rule_refusals.py",
+            "tests/test_rule.py",
+            "tests/test_merge_errors.py",
+            "tests/test_plan.py",
+            "tests/test_rule_transformer_parts.py",
+            "tests/test_robust_inputs.py::test_complex_or_text_coefficients_are_refused",
+            "tests/test_robust_inputs.py::test_a_non_sequence_hyper_parts_is_refused",
+            "tests/test_robust_inputs.py::test_wrong_argument_kinds_are_refused_before_anything_is_written",
+        ),
+        "lorarar_kernels/plan.py": ("tests/test_plan.py", "tests/test_rule.py"),
+        "lorarar_kernels/arguments.py": (
+            "tests/test_arguments.py",
+            "tests/test_robust_inputs.py::test_wrong_argument_kinds_are_refused_before_anything_is_written",
+            "tests/test_merge_errors.py",
+        ),
+        "lorarar_kernels/target_state.py": (
+            "tests/test_transactional.py",
+            "tests/test_merge_state.py",
+            "tests/test_merge_errors.py",
+            "tests/test_merge_in_place.py",
+        ),
+        "lorarar_kernels/merge.py": (
+            "tests/test_merge_state.py",
+            "tests/test_merge_errors.py",
+            "tests/test_transactional.py",
+            "tests/test_merge_in_place.py",
+            "tests/test_merge.py",
+        ),
+    },
+}
+
+# pytest forked from a process that imported the heavy libraries once (never the project: each fork
+# imports the mutated copy afresh). One request at a time, over a unix socket: the client sends its argv
+# and gets pytest's exit status back; a fork that runs past the time limit is killed (SIGALRM).
+_FORK_SERVER = """
+import json, os, signal, socket, sys
+sock_path, limit = sys.argv[1], int(float(sys.argv[2]))
+sys.dont_write_bytecode = True
+import torch, numpy, pytest, safetensors  # noqa: F401  (what every test run imports)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(sock_path)
+srv.listen(1)
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        try:
+            args = json.loads(conn.makefile().readline())
+        except (OSError, ValueError):  # the client went away before asking
+            continue
+        pid = os.fork()
+        if pid == 0:
+            srv.close()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1), os.dup2(devnull, 2)
+            signal.alarm(limit)
+            sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable_skbc_")]
+            import lorarar_kernels
+            assert lorarar_kernels.__file__.startswith(os.getcwd()), lorarar_kernels.__file__
+            try:
+                rc = int(pytest.main(args))
+            except BaseException:
+                rc = 3
+            os._exit(rc)
+        _, status = os.waitpid(pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        try:
+            conn.sendall(f"{rc}\\n".encode())
+        except OSError:  # the client was killed (cosmic-ray's timeout): serve the next one
+            pass
+"""
+
+_CLIENT = """
+import json, os, socket, subprocess, sys
+sock_path, args = sys.argv[1], sys.argv[2:]
+targets = [a for a in args if os.path.exists(a.split("::")[0])]  # test files (or file::test)
+options = [a for a in args if a not in targets]
+if not targets:
+    sys.exit(f"no test file among {args} (run from the scratch copy)")
+
+
+def pytest_rc(argv):
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_path)
+    except OSError:  # no server: run pytest here (slower, same answer)
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.call([sys.executable, os.path.join(here, "_run_pytest.py"), *argv])
+    s.sendall((json.dumps(argv) + "\\n").encode())
+    reply = s.makefile().readline().strip()
+    return int(reply) if reply.lstrip("-").isdigit() else 4
+
+
+# one test file at a time, stopping at the first that fails (as -x would, without collecting the rest)
+for target in targets:
+    rc = pytest_rc([*options, target])
+    if rc:
+        sys.exit(rc)
+sys.exit(0)
+"""
+
 
 def toml_list(items) -> str:
     return "[" + ", ".join(repr(str(i)).replace("'", '"') for i in items) + "]"
 
 
+def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exclude) -> dict:
+    """One cosmic-ray session over ``file`` with ``tests``: {file, tests, killed, survived, seconds}."""
+    t0 = time.perf_counter()
+    tag = file.replace("/", "_").removesuffix(".py")
+    test_cmd = " ".join(
+        [sys.executable, str(scratch / "_pytest_client.py"), str(scratch / "_pytest.sock"),
+         "-x", "-q", "-p", "no:cacheprovider", *tests]
+    )  # fmt: skip
+    config, session = f"{tag}.toml", f"{tag}.sqlite"
+    (scratch / config).write_text(
+        "[cosmic-ray]\n"
+        f"module-path = {toml_list([file])}\n"
+        f"timeout = {timeout}\n"
+        "excluded-modules = []\n"
+        f"test-command = {toml_list([test_cmd])[1:-1]}\n\n"
+        '[cosmic-ray.distributor]\nname = "local"\n\n'
+        f"[cosmic-ray.filters.operators-filter]\nexclude-operators = {toml_list(exclude)}\n"
+    )
+
+    def step(*cmd: str) -> str:
+        r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(
+                f"mutate_cosmic_ray: {' '.join(cmd[:2])} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+            )
+        return r.stdout
+
+    step(str(cr), "init", config, session)
+    step(str(cr.parent / "cr-filter-operators"), session, config)
+    step(str(cr), "baseline", config)  # the unmutated copy must pass
+    step(str(cr), "exec", config, session)
+    r = outcomes(step(str(cr), "dump", session))
+    return {"file": file, "tests": list(tests), **r, "seconds": time.perf_counter() - t0}
+
+
+def outcomes(dump: str) -> dict:
+    """{killed, survived, pending} of a cosmic-ray session from its ``cosmic-ray dump`` output."""
+    killed, survived, pending = 0, [], 0
+    for line in dump.splitlines():
+        item, result = json.loads(line)
+        if result is None:
+            pending += 1  # not run yet (an interrupted session)
+            continue
+        if result.get("worker_outcome") != "normal":
+            continue  # filtered out (an operator left out)
+        (mut,) = item["mutations"]
+        diff = "".join(result["diff"]) if isinstance(result["diff"], list) else result["diff"]
+        if result["test_outcome"] == "killed":
+            killed += 1
+        else:
+            survived.append(
+                {"line": mut["start_pos"][0], "operator": mut["operator_name"], "diff": diff.rstrip()}
+            )
+    survived.sort(key=lambda e: e["line"])
+    return {"killed": killed, "survived": survived, "pending": pending}
+
+
+def score_line(r: dict) -> str:
+    n = r["killed"] + len(r["survived"])
+    pending = f", {r['pending']} not run" if r.get("pending") else ""
+    return (
+        f"{r['file']}: {r['killed']}/{n} killed = {100 * r['killed'] / max(n, 1):.1f} % "
+        f"({len(r['survived'])} survived{pending}; {r['seconds']:.0f} s; tests {', '.join(r['tests'])})"
+    )
+
+
+def markdown(results) -> str:
+    out = ["# cosmic-ray run", ""]
+    k = sum(r["killed"] for r in results)
+    n = k + sum(len(r["survived"]) for r in results)
+    out += [f"Total: {k}/{n} killed = {100 * k / max(n, 1):.1f} %", ""]
+    out += [f"- {score_line(r)}" for r in results] + [""]
+    for r in results:
+        for s in r["survived"]:
+            out += [f"## {r['file']}:{s['line']} {s['operator']}", "", "```diff", s["diff"], "```", ""]
+    return "\n".join(out)
+
+
+def report(results, path) -> int:
+    """Print every survivor and the scores (and write them to ``path`` as markdown); 0 when none survived."""
+    for r in results:
+        for x in r["survived"]:
+            print(f"SURVIVED {r['file']}:{x['line']} {x['operator']}\n{x['diff']}")
+        print(f"score: {score_line(r)}")
+    k = sum(r["killed"] for r in results)
+    n = k + sum(len(r["survived"]) for r in results)
+    print(f"total: {k}/{n} killed = {100 * k / max(n, 1):.1f} %")
+    if path:
+        Path(path).write_text(markdown(results))
+    return 0 if k == n else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cosmic-ray", default="cosmic-ray", help="the cosmic-ray command (its own venv)")
-    ap.add_argument("--files", required=True, help="comma-separated files to mutate (repository-relative)")
-    ap.add_argument("--tests", required=True, help="comma-separated pytest targets that should catch them")
+    ap.add_argument(
+        "--profile", choices=sorted(PROFILES), help="mutate each file of a profile with its tests"
+    )
+    ap.add_argument("--only", default="", help="with --profile: comma-separated file names (rule.py,plan.py)")
+    ap.add_argument("--files", help="comma-separated files to mutate (repository-relative)")
+    ap.add_argument("--tests", help="comma-separated pytest targets that should catch them")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant's test run")
     ap.add_argument("--all-operators", action="store_true", help="keep the exotic operators too")
+    ap.add_argument("--report", help="write the scores and every survivor's diff to this markdown file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
+    ap.add_argument("--dump", nargs="+", metavar="SQLITE", help="only report kept (or interrupted) sessions")
     args = ap.parse_args(argv)
     cr = Path(shutil.which(args.cosmic_ray) or args.cosmic_ray)
     if not cr.is_file():
         raise SystemExit(f"mutate_cosmic_ray: {args.cosmic_ray} not found; install cosmic-ray (see --help)")
-    files, tests = args.files.split(","), args.tests.split(",")
-    for f in files + [t.split("::")[0] for t in tests]:
-        if not (ROOT / f).is_file():
-            raise SystemExit(f"mutate_cosmic_ray: {f} does not exist")
+    if args.dump:
+        results = []
+        for db in args.dump:
+            out = subprocess.run([str(cr), "dump", db], capture_output=True, text=True, check=True).stdout
+            file = json.loads(out.splitlines()[0])[0]["mutations"][0]["module_path"] if out else db
+            results.append({"file": file, "tests": [], **outcomes(out), "seconds": 0.0})
+        return report(results, args.report)
+    if args.profile:
+        plan = dict(PROFILES[args.profile])
+        if args.only:
+            wanted = args.only.split(",")
+            plan = {f: t for f, t in plan.items() if Path(f).name in wanted or f in wanted}
+            if len(plan) != len(wanted):
+                raise SystemExit(f"mutate_cosmic_ray: --only {args.only}: not all in profile {args.profile}")
+    elif args.files and args.tests:
+        plan = {f: tuple(args.tests.split(",")) for f in args.files.split(",")}
+    else:
+        raise SystemExit("mutate_cosmic_ray: give --profile, or --files and --tests")
+    for f, tests in plan.items():
+        for p in [f, *(t.split("::")[0] for t in tests)]:
+            if not (ROOT / p).is_file():
+                raise SystemExit(f"mutate_cosmic_ray: {p} does not exist")
 
     scratch = Path(tempfile.mkdtemp(prefix="lorarar-cosmic-ray-"))
-    t0 = time.perf_counter()
+    server = None
+    results = []
     try:
         scratch_copy(scratch)
         shutil.copy2(installed_extension(), scratch / "lorarar_kernels")
         (scratch / "_run_pytest.py").write_text(_RUN_PYTEST)
-        test_cmd = " ".join(
-            [sys.executable, str(scratch / "_run_pytest.py"), "-x", "-q", "-p", "no:cacheprovider", *tests]
-        )
-        exclude = [] if args.all_operators else EXOTIC
-        (scratch / "cosmic-ray.toml").write_text(
-            "[cosmic-ray]\n"
-            f"module-path = {toml_list(files)}\n"
-            f"timeout = {args.timeout}\n"
-            "excluded-modules = []\n"
-            f"test-command = {toml_list([test_cmd])[1:-1]}\n\n"
-            '[cosmic-ray.distributor]\nname = "local"\n\n'
-            f"[cosmic-ray.filters.operators-filter]\nexclude-operators = {toml_list(exclude)}\n"
-        )
+        (scratch / "_pytest_client.py").write_text(_CLIENT)
+        (scratch / "_fork_server.py").write_text(_FORK_SERVER)
         env = env_for(scratch)
-        bin_dir = cr.parent
-
-        def step(*cmd: str) -> str:
-            r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(
-                    f"mutate_cosmic_ray: {' '.join(cmd[:2])} failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
-                )
-            return r.stdout
-
-        step(str(cr), "init", "cosmic-ray.toml", "session.sqlite")
-        step(str(bin_dir / "cr-filter-operators"), "session.sqlite", "cosmic-ray.toml")
-        step(str(cr), "baseline", "cosmic-ray.toml")  # the unmutated copy must pass
-        step(str(cr), "exec", "cosmic-ray.toml", "session.sqlite")
-        killed, survived = [], []
-        for line in step(str(cr), "dump", "session.sqlite").splitlines():
-            item, result = json.loads(line)
-            if result is None or result.get("worker_outcome") != "normal":
-                continue  # filtered out (operator left out) or not run
-            (killed if result["test_outcome"] == "killed" else survived).append((item, result))
-        for item, result in survived:
-            (mut,) = item["mutations"]
-            print(f"SURVIVED {mut['module_path']}:{mut['start_pos'][0]} {mut['operator_name']}")
-            print("".join(result["diff"]).rstrip() if isinstance(result["diff"], list) else result["diff"])
-        n = len(killed) + len(survived)
-        print(
-            f"score: {len(killed)}/{n} killed = {100 * len(killed) / max(n, 1):.1f} % "
-            f"(files {files}; tests {tests}; {time.perf_counter() - t0:.0f} s)"
-        )
-        return 0 if not survived else 1
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        server = subprocess.Popen(
+            [sys.executable, str(scratch / "_fork_server.py"), str(scratch / "_pytest.sock"), str(args.timeout)],
+            cwd=scratch, env=env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        if server.stdout.readline().strip() != "ready":
+            raise SystemExit("mutate_cosmic_ray: the pytest fork server did not start")
+        exclude = [] if args.all_operators else EXOTIC
+        for f, tests in plan.items():
+            r = run_file(cr, scratch, env, f, tests, args.timeout, exclude)
+            results.append(r)
+            print(f"score: {score_line(r)}", flush=True)
+            if args.report:
+                Path(args.report).write_text(markdown(results))
+        return report(results, None)
     finally:
+        if server is not None:
+            server.kill()
+            server.wait()
         if args.keep:
             print(f"scratch copy kept: {scratch}")
         else:
