@@ -67,3 +67,45 @@ def test_restore_of_a_never_merged_target_changes_nothing():
     cur = lk.current(target)
     assert cur is not None and cur.content is lora and cur.style is None
     assert all(not torch.equal(before[n], p) for n, p in target.named_parameters())
+
+
+@pytest.mark.parametrize("step", [1, -1])
+def test_verify_refuses_weights_changed_behind_the_version_counter(step):
+    """verify=True: an unchanged target passes; one bit pattern moved up or down through ``.data`` (no
+    version bump) is refused before anything is written."""
+    target = AttentionStack(SMALL, seed=1)
+    first = lk.merge(target, rand_lora(SMALL, 2, 1), None, verify=True)
+    lk.merge(target, rand_lora(SMALL, 2, 2), None, verify=True)  # untouched since: accepted
+    name = first.layers[0]
+    p = dict(target.named_parameters())[f"{name}.weight"]
+    p.data.view(torch.int32).view(-1)[3] += step
+    changed = weights(target)
+    with pytest.raises(lk.TargetModifiedError, match=rf"{name}.*verify=True"):
+        lk.merge(target, rand_lora(SMALL, 2, 3), None, verify=True)
+    assert all(torch.equal(changed[n], q) for n, q in target.named_parameters())
+
+
+def test_a_rollback_that_keeps_failing_raises_and_leaves_restore_working(monkeypatch):
+    """A swap whose pass fails rolls back; if the rollback fails on each of its three attempts, its error
+    is raised (not the swap's), the target refuses further merges, and restore still puts the original back."""
+    from lorarar_kernels import target_state
+
+    target = AttentionStack(SMALL, seed=1)
+    original = weights(target)
+    lk.merge(target, rand_lora(SMALL, 2, 1), None)
+    attempts = []
+
+    def interrupted(old, layers):
+        attempts.append(1)
+        raise RuntimeError("rollback interrupted")
+
+    monkeypatch.setattr(target_state, "_reapply_runs", interrupted)
+    overflow = rand_lora(SMALL, 2, 2, scale=100.0, amp=1e19)  # finite factors whose product is Inf in fp32
+    with pytest.raises(RuntimeError, match="rollback interrupted"):
+        lk.merge(target, overflow, None)
+    assert len(attempts) == 3
+    monkeypatch.undo()
+    with pytest.raises(lk.TargetModifiedError, match="could not be rolled back"):
+        lk.merge(target, rand_lora(SMALL, 2, 3), None)
+    lk.restore(target)
+    assert all(torch.equal(original[n], q) for n, q in target.named_parameters())
