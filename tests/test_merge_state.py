@@ -109,3 +109,16 @@ def test_a_rollback_that_keeps_failing_raises_and_leaves_restore_working(monkeyp
         lk.merge(target, rand_lora(SMALL, 2, 3), None)
     lk.restore(target)
     assert all(torch.equal(original[n], q) for n, q in target.named_parameters())
+
+
+def test_fused_adapter_change_says_which_way_to_undo_it():
+    """A PEFT fuse after the merge is undone by unfuse_lora(), an unfuse by fuse_lora(); the error names
+    the layer and both adapter lists."""
+    from lorarar_kernels.target_state import _fused_changed
+
+    fused_after = str(_fused_changed("blocks.0.to_q", (), ("diff",)))
+    unfused_after = str(_fused_changed("blocks.0.to_q", ("diff", "other"), ("other",)))
+    assert "first (pipe.unfuse_lora())" in fused_after
+    assert "first (pipe.fuse_lora())" in unfused_after
+    assert "'blocks.0.to_q'" in fused_after and "[] to ['diff']" in fused_after
+    assert "['diff', 'other'] to ['other']" in unfused_after
