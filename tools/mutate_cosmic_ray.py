@@ -72,6 +72,8 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_merge_state.py",
             "tests/test_merge_errors.py",
             "tests/test_merge_in_place.py",
+            # accelerate's real offload hooks move the weights: the only tests of moves_weights / _form
+            "tests/test_pipeline_offload.py",
         ),
         "lorarar_kernels/merge.py": (
             "tests/test_merge_state.py",
