@@ -136,6 +136,17 @@ def test_a_swap_interrupted_anywhere_leaves_the_old_or_the_new_state(backend, ke
             outcomes["new"] += 1
             assert cur is not None and cur.content is B_CONTENT, k
             expected_restore = restored_new
+        # a prepared swap runs at most once: once its pass began (rolled back, or completed with only its
+        # bookkeeping cut short) running it again is refused and changes nothing; interrupted before its pass,
+        # it is still the next swap and running it again completes it
+        try:
+            swap.apply()
+        except lk.StaleSwapError:
+            assert _equal(weights(target), now), f"injection {k}: a refused re-apply wrote the weights"
+        else:
+            assert expected_restore is restored_old, f"injection {k}: a completed swap ran a second time"
+            assert _equal(weights(target), new), k
+            expected_restore = restored_new
         lk.restore(target)
         assert _equal(weights(target), expected_restore), f"injection {k}: restore() not bit-exact"
         if keep != "none":
