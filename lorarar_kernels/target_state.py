@@ -271,8 +271,7 @@ class TargetState:
         with self.lock, self.work_lock:
             if self.broken is not None:
                 why, self.broken = self.broken, None
-                self.layers, self.current, self.writing = {}, None, None
-                self.generation += 1
+                self._forget()
                 raise TargetModifiedError(
                     why + "; the engine forgot this target's merge: reload the model's weights (e.g. "
                     "load_state_dict) before using or merging into it"
@@ -283,16 +282,26 @@ class TargetState:
                     return
                 self.check_untouched(verify=verify)
                 writing = self.layers
+            passed = started = False
             try:
                 self.writing = writing
                 for layer in writing.values():
+                    started = True
                     _restore_layer(layer)
+                passed = True
+                self._forget()
             except BaseException:
-                if self.current is not None and self.current._keep_original == "none":
+                if passed:  # every layer holds its original weights: only the bookkeeping was cut short
+                    self._forget()
+                elif started and self.current is not None and self.current._keep_original == "none":
+                    # a second pass would subtract the deltas of the layers already restored once more
                     self.broken = "a keep_original='none' restore was interrupted (it subtracts the deltas)"
                 raise
-            self.layers, self.current, self.writing = {}, None, None
-            self.generation += 1
+
+    def _forget(self) -> None:
+        """No merge in the weights: records cleared and every prepared swap overtaken, in one statement (an
+        interrupt lands before it or after it, never between a cleared record and the generation)."""
+        self.layers, self.current, self.writing, self.generation = {}, None, None, self.generation + 1
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, TargetState] = weakref.WeakKeyDictionary()

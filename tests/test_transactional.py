@@ -164,6 +164,7 @@ def test_a_restore_interrupted_anywhere_can_be_finished_bit_exactly(backend, kee
         lk.restore(target)
     for k in range(1, count.n + 2):
         target = _start(backend, keep, torch.bfloat16)
+        prepared = lk.prepare(target, B_CONTENT, B_STYLE, backend=backend)  # for the merged state
         try:
             with Injector(k, KeyboardInterrupt()):
                 lk.restore(target)
@@ -176,6 +177,41 @@ def test_a_restore_interrupted_anywhere_can_be_finished_bit_exactly(backend, kee
                 assert _equal(weights(target), orig) == (lk.current(target) is None), k
         lk.restore(target)
         assert _equal(weights(target), orig) and lk.current(target) is None, k
+        with pytest.raises(lk.StaleSwapError, match="stale"):  # overtaken by the restore, however it ended
+            prepared.apply()
+        assert _equal(weights(target), orig), k
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_keep_none_restore_interrupted_anywhere_is_finished_exactly_or_marked_broken(backend):
+    """keep_original="none" restores by subtracting the deltas, so a restore interrupted after it began
+    writing cannot be run again (the layers already restored would lose their delta twice): the target is
+    marked broken and says to reload the weights. Interrupted before its first write or after its last one,
+    a second restore() finishes it, bit for bit as one uninterrupted restore."""
+    target = _start(backend, "none", torch.float32)
+    with Injector(0, None) as count:
+        lk.restore(target)
+    restored = weights(target)
+    seen = {"broken": 0, "finished": 0}
+    for k in range(1, count.n + 2):
+        target = _start(backend, "none", torch.float32)
+        try:
+            with Injector(k, KeyboardInterrupt()):
+                lk.restore(target)
+        except KeyboardInterrupt:
+            if STATE_OF(target).broken is not None:
+                seen["broken"] += 1
+                with pytest.raises(lk.TargetModifiedError, match="reload the model"):
+                    lk.merge(target, B_CONTENT, None)
+                with pytest.raises(lk.TargetModifiedError, match="reload the model"):
+                    lk.restore(target)
+                assert lk.current(target) is None
+                continue
+            seen["finished"] += 1
+            lk.restore(target)
+        assert lk.current(target) is None, k
+        assert _equal(weights(target), restored), f"injection {k}: the finished restore is not bit-exact"
+    assert seen["broken"] > 0 and seen["finished"] > 0, seen
 
 
 def test_a_failed_first_merge_leaves_the_original_weights_and_no_records():

@@ -55,10 +55,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "restore-keeps-generation",
         "lorarar_kernels/target_state.py",
-        (  # the end of TargetState.restore (not the broken-target branch)
+        (  # TargetState._forget, the end of every restore
             (
-                "            self.layers, self.current, self.writing = {}, None, None\n            self.generation += 1",
-                "            self.layers, self.current, self.writing = {}, None, None",
+                "self.layers, self.current, self.writing, self.generation = {}, None, None, self.generation + 1",
+                "self.layers, self.current, self.writing, self.generation = {}, None, None, self.generation",
             ),
         ),
         ORACLE,
@@ -197,8 +197,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "lorarar_kernels/target_state.py",
         (
             (  # TargetState.restore
-                "                for layer in writing.values():\n                    _restore_layer(layer)",
-                "                for layer in list(writing.values())[:-1]:\n                    _restore_layer(layer)",
+                "                for layer in writing.values():\n                    started = True\n                    _restore_layer(layer)",
+                "                for layer in list(writing.values())[:-1]:\n                    started = True\n                    _restore_layer(layer)",
             ),
         ),
         ENGINE,
