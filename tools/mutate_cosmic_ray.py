@@ -84,6 +84,12 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         # the triton kernel runs in triton's interpreter on the CPU; the cuda one only where CUDA is built
         "lorarar_kernels/grouped_coefficients.py": ("tests/test_grouped_coefficients.py",),
+        "lorarar_kernels/foreign_state.py": (
+            "tests/test_foreign_state.py",  # PEFT's layers and accelerate's hooks, read directly
+            "tests/test_merge_state.py",
+            "tests/test_pipeline_offload.py",
+            "tests/test_pipeline_peft_fuse.py",
+        ),
     },
 }
 
