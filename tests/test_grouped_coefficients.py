@@ -11,7 +11,7 @@ import torch
 from coefficient_cases import DEV, HAS_GPU, SHAPES, available_kernels, hypernet, pair
 
 import lorarar_kernels as lk
-from lorarar_kernels import dispatch
+from lorarar_kernels import dispatch, grouped_coefficients
 from lorarar_kernels.plan import plan_pair
 
 
@@ -93,3 +93,49 @@ def test_auto_coefficient_kernel_on_the_cpu_is_the_torch_path(monkeypatch):
     c, s = pair("cpu")
     m = lk.merge(AttentionStack(SHAPES, seed=2), c, s, net)
     assert m.coefficients and ran == []
+
+
+def one_layer_per_width() -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Packed factors ``{name: (up, down, split)}`` of one layer per hypernetwork width (64 and 96)."""
+    gen = torch.Generator().manual_seed(5)
+    return {
+        n: (torch.randn(o, 5, generator=gen), torch.randn(5, i, generator=gen), 3)
+        for n, o, i in SHAPES
+        if n.endswith("attn1.to_q")
+    }
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch", "xpu"])
+def test_a_kernel_grouped_does_not_have_is_refused_by_name(kernel):
+    """Only "cuda" and "triton" are grouped kernels: any other name (before, between or after them in
+    alphabetical order) is refused naming it, and neither kernel runs."""
+    with pytest.raises(lk.LoraRarError, match=f"no grouped kernel '{kernel}'"):
+        grouped_coefficients.grouped(kernel, hypernet("cpu"), one_layer_per_width())
+
+
+def test_the_cuda_kernel_without_projections_is_refused():
+    """The "cuda" kernel reads the cached projections: without them the call is refused before any launch,
+    also when its name was built at run time (as a command-line argument is)."""
+    runtime_name = "".join(["cu", "da"])
+    with pytest.raises(lk.LoraRarError, match="needs the layers' projections"):
+        grouped_coefficients.grouped(runtime_name, hypernet("cpu"), one_layer_per_width(), projections=None)
+
+
+def test_a_kernel_name_read_at_run_time_selects_that_kernel():
+    """The name is compared by value: "triton" built at run time (as a command-line argument is) runs
+    the triton kernel and agrees with the torch path."""
+    if "triton" not in available_kernels():
+        pytest.skip(
+            f"triton coefficients unavailable here: {dispatch.coefficient_unavailable('triton', DEV)}"
+        )
+    runtime_name = "".join(["tri", "ton"])
+    assert runtime_name == "triton" and runtime_name is not "triton"  # noqa: F632 (the point of the test)
+    c, s = pair(DEV)
+    net = hypernet(DEV)
+    with torch.no_grad():
+        want = plan_pair(c, s, net, device=DEV, coefficient_kernel="torch")
+        got = plan_pair(c, s, net, device=DEV, coefficient_kernel=runtime_name)
+    for name, f in got.items():
+        if want[name].col_scale is not None:
+            err = (f.col_scale.double() - want[name].col_scale.double()).abs().max()
+            assert err <= 1e-5 * want[name].col_scale.abs().max(), f"{name}: {err}"

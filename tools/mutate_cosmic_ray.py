@@ -82,6 +82,19 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_merge_in_place.py",
             "tests/test_merge.py",
         ),
+        # the triton kernel runs in triton's interpreter on the CPU; the cuda one only where CUDA is built
+        "lorarar_kernels/grouped_coefficients.py": ("tests/test_grouped_coefficients.py",),
+        "lorarar_kernels/foreign_state.py": (
+            "tests/test_foreign_state.py",  # PEFT's layers and accelerate's hooks, read directly
+            "tests/test_merge_state.py",
+            "tests/test_pipeline_offload.py",
+            "tests/test_pipeline_peft_fuse.py",
+        ),
+        "lorarar_kernels/ops/reference.py": (
+            "tests/test_reference_ops.py",  # against the contract's formula in fp64
+            "tests/test_ops_nonfinite.py",
+            "tests/test_ops_ties.py",
+        ),
     },
 }
 
