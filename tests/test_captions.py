@@ -24,7 +24,7 @@ from lorarar.train.lowrank import PairAdapter
 from lorarar.train.manifest import ManifestError, load_manifest
 from lorarar.train.objective import fixed_draws, pair_targets, prepare_lora
 from lorarar.world import draw
-from lorarar.world.build import style_caption
+from lorarar.world.build import WorldSpec, build_world, style_caption
 from PIL import Image
 
 import lorarar_kernels as lk
@@ -112,8 +112,9 @@ def test_caption_count_must_match_the_images(sd1_dir):
 @pytest.fixture(scope="module")
 def mini_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("cap") / "world"
-    args = ["world", "build", "--mini", "--out", str(out), "--hypernet-steps", "0", "--no-progress"]
-    assert main(args) == 0
+    build_world(
+        out, WorldSpec.mini(style_captions=True, hypernet_steps=0), progress=False, log=lambda _: None
+    )
     return out
 
 
@@ -125,6 +126,11 @@ def test_the_world_captions_its_style_images_with_what_they_show(mini_world):
         assert e.captions == [style_caption(s) for s in shows]
         assert all(c.startswith("a ") and c.endswith(" in zwx style") for c in e.captions)
     assert all(e.captions is None for e in m.contents.values())  # the subject prompt is their caption
+
+
+def test_the_default_world_has_no_captions(tmp_path):
+    build_world(tmp_path / "w", WorldSpec.mini(hypernet_steps=0), progress=False, log=lambda _: None)
+    assert not list((tmp_path / "w" / "images").rglob("*.txt"))
 
 
 def test_the_objective_conditions_each_style_image_on_its_caption(mini_world):
