@@ -1,7 +1,8 @@
 """DreamBooth-style training of one content or one style LoRA from a folder of images and a prompt that
 carries the LoRA's trigger token (or per-image captions with it, ``NN.txt`` beside ``NN.png``): PEFT on a
 UNet's ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, or on a Flux / SD3 transformer's attention (both
-streams), feed-forward and (Flux) single-block ``proj_mlp`` / ``proj_out`` layers, the layer set of diffusers' Flux and SD3 DreamBooth scripts (`tiny_dit.LORA_PARTS`).
+streams), feed-forward and (Flux) single-block ``proj_mlp`` / ``proj_out`` layers, the layer set of
+diffusers' Flux and SD3 DreamBooth scripts (`tiny_dit.LORA_PARTS`).
 
 The defaults are the LoRA.rar authors' SDXL settings (`LoraTrainConfig`: rank 64, alpha = rank, lr 5e-5
 constant, 1000 steps, AdamW, batch 1); the toy world uses `TOY_LORA` (rank 8, lr 1e-2, fewer steps,
