@@ -1,7 +1,8 @@
 """DreamBooth-style training of one content or one style LoRA from a folder of images and a prompt that
-carries the LoRA's trigger token: PEFT on a UNet's ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, or on a
-Flux / SD3 transformer's attention (both streams), feed-forward and (Flux) single-block ``proj_mlp`` /
-``proj_out`` layers, the layer set of diffusers' Flux and SD3 DreamBooth scripts (`tiny_dit.LORA_PARTS`).
+carries the LoRA's trigger token (or per-image captions with it, ``NN.txt`` beside ``NN.png``): PEFT on a
+UNet's ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, or on a Flux / SD3 transformer's attention (both
+streams), feed-forward and (Flux) single-block ``proj_mlp`` / ``proj_out`` layers, the layer set of
+diffusers' Flux and SD3 DreamBooth scripts (`tiny_dit.LORA_PARTS`).
 
 The defaults are the LoRA.rar authors' SDXL settings (`LoraTrainConfig`: rank 64, alpha = rank, lr 5e-5
 constant, 1000 steps, AdamW, batch 1); the toy world uses `TOY_LORA` (rank 8, lr 1e-2, fewer steps,
@@ -29,6 +30,8 @@ from ..shapes import PARTS
 from ..tiny_dit import LORA_PARTS as TRANSFORMER_PARTS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# ``NN.txt`` beside ``NN.png``: that image's caption (the DreamBooth / kohya convention)
+CAPTION_SUFFIX = ".txt"
 ADAPTER = "lorarar_train"
 
 
@@ -71,6 +74,46 @@ def check_prompt(prompt: str, token: str) -> None:
             f"prompt {prompt!r} does not contain the trigger token {token!r}; put the token in the prompt "
             f"(e.g. 'a photo of {token or 'sks'} dog')"
         )
+
+
+def image_captions(folder: str | os.PathLike, token: str | None = None) -> list[str] | None:
+    """The per-image captions of ``folder`` (`read_captions` of its `image_files`): None when it has no
+    caption files (every image then trains under the one prompt)."""
+    try:
+        return read_captions(image_files(folder), token)
+    except lk.LoraRarError as exc:
+        raise type(exc)(f"image folder {Path(folder)}: {exc}") from None
+
+
+def read_captions(images: Sequence[Path], token: str | None = None) -> list[str] | None:
+    """For each image the text of the ``.txt`` file of the same stem beside it, whitespace collapsed; None
+    when no image has one. Only some images with one, an empty caption, or (with ``token``) a caption
+    without the trigger token is an error naming the file."""
+    paths = [Path(f).with_suffix(CAPTION_SUFFIX) for f in images]
+    present = [p.is_file() for p in paths]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [p.name for p, ok in zip(paths, present) if not ok]
+        raise lk.LoraFileError(
+            f"{len(missing)} of {len(paths)} images have no caption file ({', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}); give every image a {CAPTION_SUFFIX} caption or none"
+        )
+    captions = []
+    for path in paths:
+        try:
+            text = " ".join(path.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise lk.LoraFileError(f"caption {path}: unreadable ({type(exc).__name__}: {exc})") from None
+        if not text:
+            raise lk.LoraFileError(f"caption {path}: empty; write the image's caption in it")
+        if token is not None:
+            try:
+                check_prompt(text, token)
+            except lk.LoraRarError as exc:
+                raise lk.LoraRarError(f"caption {path}: {exc}") from None
+        captions.append(text)
+    return captions
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
@@ -190,28 +233,49 @@ def _collect(unet: torch.nn.Module, cfg: LoraTrainConfig, targets: Sequence[str]
     return lk.LoRA(layers, component=denoisers.component(unet))
 
 
+def select_cond(cond: dict, rows: torch.Tensor, count: int) -> dict:
+    """The rows ``rows`` of a conditioning encoded for ``count`` prompts (every tensor whose first axis is
+    ``count``; the others, shared by all prompts, as they are)."""
+    out = {}
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            out[key] = select_cond(value, rows, count)
+        elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count:
+            out[key] = value[rows.to(value.device)]
+        else:
+            out[key] = value
+    return out
+
+
 def train_lora(
     model,
     images: torch.Tensor,
-    prompt: str,
+    prompt: str | Sequence[str],
     cfg: LoraTrainConfig = SDXL_LORA,
     *,
     token: str | None = None,
     progress: bool = True,
     desc: str = "train LoRA",
 ) -> tuple[lk.LoRA, list[float]]:
-    """Train one LoRA on ``images`` (``[n, 3, H, W]`` in [-1, 1]) under ``prompt``; returns the LoRA and
-    the per-step losses. The model's denoiser is left as it was (the PEFT adapter is removed)."""
+    """Train one LoRA on ``images`` (``[n, 3, H, W]`` in [-1, 1]) under ``prompt`` (one for every image,
+    or a sequence of n per-image captions); returns the LoRA and the per-step losses. The model's denoiser
+    is left as it was (the PEFT adapter is removed)."""
     from tqdm.auto import tqdm
 
     cfg = cfg.validated()
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not isinstance(prompt, str) and len(prompts) != images.shape[0]:
+        raise lk.LoraRarError(
+            f"LoRA training: {len(prompts)} captions for {images.shape[0]} images; give one per image"
+        )
     if token is not None:
-        check_prompt(prompt, token)
+        for p in prompts:
+            check_prompt(p, token)
     unet = model.denoiser
     targets = cfg.targets if cfg.targets is not None else default_targets(unet)
     device = model.device
     latents = model.encode_images(images.to(device))
-    cond = model.encode_prompts([prompt])
+    cond = model.encode_prompts(prompts)
     was_training = unet.training
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
@@ -228,10 +292,11 @@ def train_lora(
         unet.train()
         bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
         n = latents.shape[0]
-        batch_cond = model.repeat_cond(cond, cfg.batch)
+        batch_cond = model.repeat_cond(cond, cfg.batch) if len(prompts) == 1 else None
         for _ in bar:
             pick = torch.randint(0, n, (cfg.batch,), generator=gen, device=device)
-            loss = model.loss(latents[pick], batch_cond, gen)
+            step_cond = batch_cond if batch_cond is not None else select_cond(cond, pick, len(prompts))
+            loss = model.loss(latents[pick], step_cond, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -272,10 +337,14 @@ def train_lora_from_folder(
     progress: bool = True,
     desc: str = "train LoRA",
 ) -> tuple[Path, list[float]]:
-    """Check the prompt, read the folder at the model's size, train, save; returns (path, losses)."""
+    """Check the prompt, read the folder at the model's size, train, save; returns (path, losses). Images
+    with ``.txt`` captions beside them (`image_captions`) train under their captions, else all under
+    ``prompt``."""
     check_prompt(prompt, token)
+    captions = image_captions(folder, token)
     images = load_images(folder, image_size(model))
-    lora, losses = train_lora(model, images, prompt, cfg, token=token, progress=progress, desc=desc)
+    prompts = captions if captions is not None else prompt
+    lora, losses = train_lora(model, images, prompts, cfg, token=token, progress=progress, desc=desc)
     return save_lora_file(lora, out), losses
 
 
@@ -285,7 +354,8 @@ def with_overrides(cfg: LoraTrainConfig, **kw) -> LoraTrainConfig:
 
 
 __all__: Sequence[str] = (
-    "LoraTrainConfig", "SDXL_LORA", "TOY_LORA", "check_prompt", "check_images", "image_files", "load_images",
+    "LoraTrainConfig", "SDXL_LORA", "TOY_LORA", "check_prompt", "check_images", "image_captions", "image_files",
+    "load_images", "read_captions", "select_cond",
     "default_targets", "target_modules", "train_lora", "train_lora_from_folder", "save_lora_file",
     "with_overrides",
 )  # fmt: skip

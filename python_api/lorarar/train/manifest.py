@@ -6,9 +6,11 @@
      "styles": [{"name": "stripes", ...}, ...],
      "split": {"train": [["cube", "stripes"], ...], "heldout": [["ring", "dots"], ...]}}
 
-Paths are relative to the manifest file. `load_manifest` validates everything it can without the model
-(files and folders exist, images are readable, each prompt contains its token, LoRA files parse, the split
-names known entries); `Manifest.check_against(unet)` checks every LoRA's layers and shapes against the
+Paths are relative to the manifest file. An image with a ``.txt`` file of the same stem beside it (the
+DreamBooth / kohya convention) has that caption: where a folder has captions, every image needs one, each
+with the entry's token, and the objective uses each image's caption instead of the entry's prompt.
+`load_manifest` validates everything it can without the model (files and folders exist, images are
+readable, each prompt and caption contains its token, LoRA files parse, the split names known entries); `Manifest.check_against(unet)` checks every LoRA's layers and shapes against the
 base model. Every problem is one `LoraRarError` naming the manifest and the entry.
 """
 
@@ -44,6 +46,7 @@ class Entry:
     prompt: str
     token: str
     image_paths: list[Path] = field(default_factory=list)
+    captions: list[str] | None = None  # one per image (its .txt), or None: every image under `prompt`
 
     def load_lora(self) -> lk.LoRA:
         lora = lk.LoRA.load(self.lora_path)
@@ -150,7 +153,13 @@ def _entry(kind: str, raw, root: Path, where: str, check_images: bool) -> Entry:
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ManifestError(f"{where}: image folder {images_dir} holds no PNG/JPEG images")
-    entry = Entry(kind, name, lora_path, images_dir, prompt, token, images)
+    from .lora_trainer import read_captions
+
+    try:
+        captions = read_captions(images, token)
+    except lk.LoraRarError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    entry = Entry(kind, name, lora_path, images_dir, prompt, token, images, captions)
     if check_images:
         from PIL import Image, UnidentifiedImageError
 

@@ -1,7 +1,8 @@
 """The merge objective shared by hypernetwork training, ZipLoRA and the scores.
 
 For a (content, style) pair, with ``x_c`` a noised latent of one of the content LoRA's own images and
-``p_c`` the content LoRA's own prompt (likewise ``x_s``, ``p_s`` for the style LoRA):
+``p_c`` the content LoRA's own prompt, or that image's caption where its images have captions (likewise
+``x_s``, ``p_s`` for the style LoRA):
 
     MSE(merged(x_c, p_c), content_only(x_c, p_c)) + MSE(merged(x_s, p_s), style_only(x_s, p_s))
     + lambda * similarity(m_c, m_s)
@@ -31,13 +32,22 @@ from .manifest import Entry, Manifest
 @dataclass
 class LoraData:
     """One LoRA ready for the objective: the LoRA, its images' latents ``[n, C, h, w]`` and its prompt's
-    conditioning (batch 1)."""
+    conditioning (batch 1), or with ``per_image`` its n images' captions' (batch n)."""
 
     key: str  # "content:name" / "style:name"
     entry: Entry | None
     lora: lk.LoRA
     latents: torch.Tensor
     cond: dict
+    per_image: bool = False
+
+    def cond_for(self, image: int) -> dict:
+        """The conditioning image ``image`` is trained and scored under (batch 1)."""
+        if not self.per_image:
+            return self.cond
+        from .lora_trainer import select_cond
+
+        return select_cond(self.cond, torch.tensor([image]), self.latents.shape[0])
 
 
 @dataclass
@@ -58,11 +68,14 @@ def image_size(model: DiffusionModel) -> int:
 
 
 def prepare_lora(model: DiffusionModel, entry: Entry, lora: lk.LoRA | None = None) -> LoraData:
-    """Read ``entry``'s LoRA and images, encode the images and the prompt once."""
+    """Read ``entry``'s LoRA and images, encode the images and the prompt (or the images' captions) once."""
     lora = lora if lora is not None else entry.load_lora()
     images = entry.load_images(image_size(model))
     latents = torch.cat([model.encode_images(images[i : i + 1]) for i in range(len(images))])
-    return LoraData(f"{entry.kind}:{entry.name}", entry, lora, latents, model.encode_prompts([entry.prompt]))
+    key = f"{entry.kind}:{entry.name}"
+    if entry.captions is not None:
+        return LoraData(key, entry, lora, latents, model.encode_prompts(entry.captions), per_image=True)
+    return LoraData(key, entry, lora, latents, model.encode_prompts([entry.prompt]))
 
 
 def prepare_manifest(
@@ -146,7 +159,7 @@ def pair_mse(
     ):
         noisy, t = _noisy(model, data, i, noise, t)
         with adapter.mode("merged", coefficients), amp:
-            pred = model.predict(noisy, t, data.cond)
+            pred = model.predict(noisy, t, data.cond_for(i))
         out.append(nn.functional.mse_loss(pred.float(), target.float()))
     return out[0], out[1]
 
@@ -177,7 +190,7 @@ def pair_targets(
     ):
         noisy, t = _noisy(model, data, i, noise, t)
         with torch.no_grad(), adapter.mode(mode), amp:
-            out.append(model.predict(noisy, t, data.cond))
+            out.append(model.predict(noisy, t, data.cond_for(i)))
     return out[0], out[1]
 
 

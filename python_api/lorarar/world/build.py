@@ -36,6 +36,13 @@ def style_prompt(name: str) -> str:
     return f"a picture in {STYLE_TOKEN} style"
 
 
+def style_caption(shows: str) -> str:
+    """The caption of one style reference image that shows ``shows`` (``"red circle"``): the base model's
+    words for it with the style's trigger, so the style LoRA learns the style as a modifier of a named
+    object, as merged prompts (`pair_prompt`) use it."""
+    return f"a {shows} in {STYLE_TOKEN} style"
+
+
 def pair_prompt(content: str, style: str) -> str:
     """The prompt of a merged (content, style) image."""
     return f"a {CONTENT_TOKEN} {content} in {STYLE_TOKEN} style"
@@ -60,6 +67,9 @@ class WorldSpec:
     lora_lr: float = 1e-2  # 2e-3 (300 steps) left the ground and the shapes unlearned
     hypernet_steps: int = 200
     hypernet_hidden: int = 32
+    # a NN.txt caption beside each style image (`style_caption`); off: on the shipped base it left merges as
+    # they were (tools/world_gauge.py: held-out direct style 0 % either way), so the shipped world has none
+    style_captions: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -104,17 +114,21 @@ def split_pairs(subjects: Sequence[str], styles: Sequence[str], heldout: int) ->
 
 
 def draw_references(root: Path, spec: WorldSpec, size: int) -> None:
-    """``images/content/<subject>/NN.png`` and ``images/style/<style>/NN.png``, seeded per entry."""
-    for kind, names, fn in (
-        ("content", spec.subjects, draw.subject_image),
-        ("style", spec.styles, draw.style_image),
-    ):
+    """``images/content/<subject>/NN.png`` and ``images/style/<style>/NN.png``, seeded per entry; with
+    ``spec.style_captions`` each style image's caption in ``NN.txt`` beside it."""
+    for kind, names in (("content", spec.subjects), ("style", spec.styles)):
         for name in names:
             d = root / "images" / kind / name
             d.mkdir(parents=True, exist_ok=True)
             rng = random.Random(f"{spec.seed}:{kind}:{name}")
             for i in range(spec.images):
-                fn(name, rng, size).save(d / f"{i:02d}.png")
+                if kind == "content":
+                    draw.subject_image(name, rng, size).save(d / f"{i:02d}.png")
+                    continue
+                img, shows = draw.style_sample(name, rng, size)
+                img.save(d / f"{i:02d}.png")
+                if spec.style_captions:
+                    (d / f"{i:02d}.txt").write_text(style_caption(shows) + "\n", encoding="utf-8")
 
 
 @dataclass

@@ -334,11 +334,18 @@ def subject_image(name: str, rng: random.Random, size: int = 32) -> Image.Image:
     return finish(render_neutral(pose_parts(SUBJECTS[name](), Pose.random(rng))), size)
 
 
-def style_image(name: str, rng: random.Random, size: int = 32) -> Image.Image:
-    """A random generic shape of a random colour, posed at random, rendered in style ``name``."""
+def style_sample(name: str, rng: random.Random, size: int = 32) -> tuple[Image.Image, str]:
+    """A random generic shape of a random colour, posed at random, rendered in style ``name``, and what it
+    shows in the base model's words (``"red circle"``)."""
     shape = rng.choice(GENERIC_SHAPES)
     colour = rng.choice([c for c in GENERIC_COLOURS if c != "white"])
-    return finish(STYLES[name](pose_parts(generic_parts(shape, colour), Pose.random(rng))), size)
+    img = finish(STYLES[name](pose_parts(generic_parts(shape, colour), Pose.random(rng))), size)
+    return img, f"{colour} {shape}"
+
+
+def style_image(name: str, rng: random.Random, size: int = 32) -> Image.Image:
+    """`style_sample`'s picture alone."""
+    return style_sample(name, rng, size)[0]
 
 
 def styled_subject(subject: str, style: str, rng: random.Random, size: int = 32) -> Image.Image:
