@@ -94,6 +94,15 @@ def _references(backend, keep, dtype):
     return orig, old, new, restored_old, weights(target)
 
 
+def _assert_broken(target):
+    """A target marked broken refuses merges, and its restore says to reload the weights and forgets it."""
+    with pytest.raises(lk.TargetModifiedError, match="reload the model"):
+        lk.merge(target, B_CONTENT, None)
+    with pytest.raises(lk.TargetModifiedError, match="reload the model"):
+        lk.restore(target)
+    assert lk.current(target) is None
+
+
 EXCEPTIONS = (KeyboardInterrupt(), torch.OutOfMemoryError("injected out of memory"), RuntimeError("injected"))
 CASES = [(b, k, torch.bfloat16) for b in ("torch", "cpp") for k in ("device", "host", "none")]
 CASES += [("cpp", "device", torch.float32), ("torch", "none", torch.float16)]
@@ -121,11 +130,7 @@ def test_a_swap_interrupted_anywhere_leaves_the_old_or_the_new_state(backend, ke
         state = STATE_OF(target)
         if keep == "none" and state.broken is not None:
             outcomes["broken"] += 1
-            with pytest.raises(lk.TargetModifiedError, match="reload the model"):
-                lk.merge(target, B_CONTENT, None)
-            with pytest.raises(lk.TargetModifiedError, match="reload the model"):
-                lk.restore(target)
-            assert lk.current(target) is None
+            _assert_broken(target)
             continue
         if _equal(now, old):
             outcomes["old"] += 1
@@ -201,11 +206,7 @@ def test_a_keep_none_restore_interrupted_anywhere_is_finished_exactly_or_marked_
         except KeyboardInterrupt:
             if STATE_OF(target).broken is not None:
                 seen["broken"] += 1
-                with pytest.raises(lk.TargetModifiedError, match="reload the model"):
-                    lk.merge(target, B_CONTENT, None)
-                with pytest.raises(lk.TargetModifiedError, match="reload the model"):
-                    lk.restore(target)
-                assert lk.current(target) is None
+                _assert_broken(target)
                 continue
             seen["finished"] += 1
             lk.restore(target)

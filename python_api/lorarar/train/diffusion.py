@@ -329,6 +329,20 @@ class DiffusionModel:
                 out[key] = value.expand(batch, *value.shape[1:])
         return out
 
+    @staticmethod
+    def select_cond(cond: dict, rows: torch.Tensor, count: int) -> dict:
+        """The rows ``rows`` of ``cond`` encoded for ``count`` prompts (every tensor whose first axis is
+        ``count``; the others, shared by all prompts, as they are)."""
+        out = {}
+        for key, value in cond.items():
+            if isinstance(value, dict):
+                out[key] = DiffusionModel.select_cond(value, rows, count)
+            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count:
+                out[key] = value[rows.to(value.device)]
+            else:
+                out[key] = value
+        return out
+
     def loss(self, latents: torch.Tensor, cond: dict, generator: torch.Generator) -> torch.Tensor:
         """The plain diffusion loss ``MSE(unet(x_t, t, cond), target)`` in fp32 for one fresh draw."""
         noisy, t, target = self.noised(latents, generator)

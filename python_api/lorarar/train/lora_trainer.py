@@ -233,20 +233,6 @@ def _collect(unet: torch.nn.Module, cfg: LoraTrainConfig, targets: Sequence[str]
     return lk.LoRA(layers, component=denoisers.component(unet))
 
 
-def select_cond(cond: dict, rows: torch.Tensor, count: int) -> dict:
-    """The rows ``rows`` of a conditioning encoded for ``count`` prompts (every tensor whose first axis is
-    ``count``; the others, shared by all prompts, as they are)."""
-    out = {}
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            out[key] = select_cond(value, rows, count)
-        elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == count:
-            out[key] = value[rows.to(value.device)]
-        else:
-            out[key] = value
-    return out
-
-
 def train_lora(
     model,
     images: torch.Tensor,
@@ -295,7 +281,7 @@ def train_lora(
         batch_cond = model.repeat_cond(cond, cfg.batch) if len(prompts) == 1 else None
         for _ in bar:
             pick = torch.randint(0, n, (cfg.batch,), generator=gen, device=device)
-            step_cond = batch_cond if batch_cond is not None else select_cond(cond, pick, len(prompts))
+            step_cond = batch_cond if batch_cond is not None else model.select_cond(cond, pick, n)
             loss = model.loss(latents[pick], step_cond, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -355,7 +341,7 @@ def with_overrides(cfg: LoraTrainConfig, **kw) -> LoraTrainConfig:
 
 __all__: Sequence[str] = (
     "LoraTrainConfig", "SDXL_LORA", "TOY_LORA", "check_prompt", "check_images", "image_captions", "image_files",
-    "load_images", "read_captions", "select_cond",
+    "load_images", "read_captions",
     "default_targets", "target_modules", "train_lora", "train_lora_from_folder", "save_lora_file",
     "with_overrides",
 )  # fmt: skip

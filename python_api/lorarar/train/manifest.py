@@ -10,8 +10,8 @@ Paths are relative to the manifest file. An image with a ``.txt`` file of the sa
 DreamBooth / kohya convention) has that caption: where a folder has captions, every image needs one, each
 with the entry's token, and the objective uses each image's caption instead of the entry's prompt.
 `load_manifest` validates everything it can without the model (files and folders exist, images are
-readable, each prompt and caption contains its token, LoRA files parse, the split names known entries); `Manifest.check_against(unet)` checks every LoRA's layers and shapes against the
-base model. Every problem is one `LoraRarError` naming the manifest and the entry.
+readable, each prompt and caption contains its token, LoRA files parse, the split names known entries);
+`Manifest.check_against(unet)` checks every LoRA's layers and shapes against the base model. Every problem is one `LoraRarError` naming the manifest and the entry.
 """
 
 from __future__ import annotations

@@ -45,9 +45,7 @@ class LoraData:
         """The conditioning image ``image`` is trained and scored under (batch 1)."""
         if not self.per_image:
             return self.cond
-        from .lora_trainer import select_cond
-
-        return select_cond(self.cond, torch.tensor([image]), self.latents.shape[0])
+        return DiffusionModel.select_cond(self.cond, torch.tensor([image]), self.latents.shape[0])
 
 
 @dataclass
