@@ -68,6 +68,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_merge_errors.py",
         ),
         "lorarar_kernels/target_state.py": (
+            "tests/test_merge_promises.py",
             "tests/test_transactional.py",
             "tests/test_merge_state.py",
             "tests/test_merge_errors.py",
@@ -76,11 +77,13 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_pipeline_offload.py",
         ),
         "lorarar_kernels/merge.py": (
+            "tests/test_merge_promises.py",
             "tests/test_merge_state.py",
             "tests/test_merge_errors.py",
             "tests/test_transactional.py",
             "tests/test_merge_in_place.py",
             "tests/test_merge.py",
+            "tests/test_robust_inputs.py",  # meta, tied, conv-kernel refusals
         ),
         # the triton kernel runs in triton's interpreter on the CPU; the cuda one only where CUDA is built
         "lorarar_kernels/grouped_coefficients.py": ("tests/test_grouped_coefficients.py",),
@@ -94,6 +97,24 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_reference_ops.py",  # against the contract's formula in fp64
             "tests/test_ops_nonfinite.py",
             "tests/test_ops_ties.py",
+        ),
+        "lorarar_kernels/lora.py": (
+            "tests/test_lora_promises.py",
+            "tests/test_formats_loading.py",
+            "tests/test_formats_transformers.py",  # scaled(), the transformer component
+            "tests/test_formats_peft.py",
+            "tests/test_robust_inputs.py",
+            "tests/test_conveniences.py",
+        ),
+        "lorarar_kernels/hypernet.py": (
+            "tests/test_hypernet.py",  # against an fp64 re-derivation and the authors' checkpoints
+            "tests/test_merge.py",
+            "tests/test_dispatch.py",
+        ),
+        "lorarar_kernels/factors.py": (
+            "tests/test_factors.py",
+            "tests/test_fused_qkv.py",
+            "tests/test_merge.py",
         ),
     },
 }
