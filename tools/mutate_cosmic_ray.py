@@ -107,6 +107,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_conveniences.py",
         ),
         "lorarar_kernels/hypernet.py": (
+            "tests/test_hypernet_promises.py",
             "tests/test_hypernet.py",  # against an fp64 re-derivation and the authors' checkpoints
             "tests/test_merge.py",
             "tests/test_dispatch.py",
