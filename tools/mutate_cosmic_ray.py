@@ -117,6 +117,24 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_fused_qkv.py",
             "tests/test_merge.py",
         ),
+        "lorarar_kernels/materialise.py": (
+            "tests/test_layering.py",
+            "tests/test_plan.py",
+            "tests/test_merge_promises.py",
+            "tests/test_merge.py",
+            "tests/test_fused_qkv.py",
+        ),
+        "lorarar_kernels/dispatch.py": (
+            "tests/test_dispatch.py",
+            "tests/test_grouped_coefficients.py",
+            "tests/test_ops_ties.py",
+            "tests/test_merge.py",
+        ),
+        "lorarar_kernels/ops/validate.py": (
+            "tests/test_ops_validate.py",
+            "tests/test_merge_errors.py",
+            "tests/test_robust_inputs.py",
+        ),
     },
 }
 
