@@ -66,3 +66,14 @@ def term_size(job) -> torch.Tensor:
 
 def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def assert_refused_untouched(target, fn, match, error=None):
+    """``fn()`` raises ``error`` (any `lk.LoraRarError` by default) matching ``match``, and leaves every weight
+    of ``target`` bit for bit as it was and no merge current on it."""
+    before = weights(target)
+    with pytest.raises(error or lk.LoraRarError, match=match):
+        fn()
+    after = weights(target)
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert lk.current(target) is None

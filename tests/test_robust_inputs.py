@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from engine_helpers import assert_refused_untouched as _untouched
 from engine_helpers import rand_lora, weights
 from engine_models import AttentionStack, attention_shapes
 from safetensors.torch import save_file
@@ -154,14 +155,6 @@ def test_hypernet_load_of_garbage_is_a_lora_file_error(tmp_path):
 # --- the merge API ---------------------------------------------------------------------------------------
 
 
-def _untouched(target, fn, match):
-    before = weights(target)
-    with pytest.raises(lk.LoraRarError, match=match):
-        fn()
-    after = weights(target)
-    assert all(torch.equal(before[n], after[n]) for n in before)
-
-
 def test_wrong_argument_kinds_are_refused_before_anything_is_written(tmp_path):
     target = AttentionStack(SHAPES, seed=2)
     c = rand_lora(SHAPES, 2, 1)
@@ -176,12 +169,12 @@ def test_wrong_argument_kinds_are_refused_before_anything_is_written(tmp_path):
     )
 
 
-def test_tied_weights_are_refused():
-    target = AttentionStack(SHAPES, seed=2)
-    q, k = SHAPES[0][0], SHAPES[1][0]
-    mods = dict(target.named_modules())
-    mods[k].weight = mods[q].weight
-    _untouched(target, lambda: lk.merge(target, rand_lora(SHAPES[:2], 2, 1), None), "tied")
+def test_tied_weights_are_refused_whichever_name_comes_first():
+    for order in (SHAPES[:2], SHAPES[1::-1]):  # the LoRA lists the two layers in either order
+        target = AttentionStack(SHAPES, seed=2)
+        mods = dict(target.named_modules())
+        mods[SHAPES[1][0]].weight = mods[SHAPES[0][0]].weight
+        _untouched(target, lambda t=target, order=order: lk.merge(t, rand_lora(order, 2, 1), None), "tied")
 
 
 def test_a_conv_lora_on_a_linear_layer_and_the_reverse_are_refused():
@@ -193,6 +186,19 @@ def test_a_conv_lora_on_a_linear_layer_and_the_reverse_are_refused():
     convnet.add_module("c", nn.Conv2d(4, 16, 3, bias=False))
     lin = lk.LoRA({"c": lk.LoRALayer(torch.randn(2, 36, generator=gen), torch.randn(16, 2, generator=gen))})
     _untouched(convnet, lambda: lk.merge(convnet, lin, None), "linear LoRA layer for a")
+
+
+def test_a_conv_lora_on_a_kernel_of_another_size_is_refused():
+    """A 3x3 LoRA on a 2x2 kernel of as many inputs (and the reverse) is another model's, however its sizes add up."""
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Module()
+    net.add_module("c3", nn.Conv2d(4, 16, 3, bias=False))
+    net.add_module("c2", nn.Conv2d(9, 16, 2, bias=False))  # 9 * 2 * 2 = 4 * 3 * 3 inputs
+    down, up = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(16, 2, 1, 1, generator=gen)
+    big = lk.LoRA({"c2": lk.LoRALayer(down, up)})
+    _untouched(net, lambda: lk.merge(net, big, None), r"\(3, 3\) conv LoRA layer for a \(2, 2\) conv")
+    small = lk.LoRA({"c3": lk.LoRALayer(torch.randn(2, 9, 2, 2, generator=gen), up)})
+    _untouched(net, lambda: lk.merge(net, small, None), r"\(2, 2\) conv LoRA layer for a \(3, 3\) conv")
 
 
 def test_meta_and_inference_mode_weights_are_refused():
