@@ -70,8 +70,27 @@ def test_tensor_stamp_and_the_finiteness_cache():
     s0 = tensor_stamp(t)
     factors._mark_finite(t, 2.0)
     assert factors._known_finite(t, 2.0) and not factors._known_finite(t, 3.0)
+    assert not factors._known_finite(t, 1.0) and not factors._known_finite(t, -2.0)  # any other scale
     t.add_(1.0)
     assert tensor_stamp(t) != s0 and not factors._known_finite(t, 2.0)
     key = id(t)
     del t
     assert key not in factors._FINITE  # an entry dies with its tensor
+
+
+def test_a_factor_checked_at_one_scale_is_checked_again_at_another():
+    """The finiteness cache keys on the scale: the same factor tensors at a scale that overflows fp32 (here
+    a negative one, smaller than the one they were checked at) are refused at plan time, naming the layer,
+    before any weight is written."""
+    name = "attn.to_q"
+    target = torch.nn.Module()
+    target.add_module("attn", torch.nn.Module())
+    target.attn.add_module("to_q", torch.nn.Linear(20, 12, bias=False, dtype=torch.float16))
+    x = layer(12, 20, 3, scale=1.0)
+    lk.merge(target, lk.LoRA({name: x}), None).restore()  # x's factors are now known finite at scale 1
+    before = target.attn.to_q.weight.clone()
+    for scale in (-1e40, 1e40):
+        huge = lk.LoRA({name: lk.LoRALayer(x.down, x.up, scale)}, source="huge.safetensors")
+        with pytest.raises(lk.LayerMismatchError, match=f"{name!r}.*overflow fp32"):
+            lk.merge(target, huge, None)
+        assert torch.equal(target.attn.to_q.weight, before) and lk.current(target) is None

@@ -114,3 +114,19 @@ def test_bad_input_is_one_line_and_writes_nothing(sd1_dir, tmp_path, capsys, cas
             "no token": "trigger token", "bad out": ".safetensors"}[case]  # fmt: skip
     assert word in err[0]
     assert list(tmp_path.glob("o*")) == [] and list(tmp_path.glob(".o*")) == []
+
+
+def test_targets_train_only_the_named_layers(sd1_dir, tmp_path, capsys):
+    images, out = _folder(tmp_path / "imgs", n=2), tmp_path / "x.safetensors"
+    base = ["train-lora", "--model", str(sd1_dir), "--images", str(images), "--prompt", "a sks dog", "--token",
+            "sks", "--out", str(out), "--steps", "1", "--rank", "2", "--no-progress"]  # fmt: skip
+    assert main([*base, "--targets", "attn2.to_k, attn2.to_v"]) == 0
+    attn = tiny.attention_linears(tiny.build_tiny_pipeline(0, kind="sd1").unet)
+    want = {n for n in attn if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    assert want and set(lk.LoRA.load(out).unet_layers()) == want
+    out.unlink()
+    capsys.readouterr()
+    for bad, word in ((" , ", "at least one layer part"), ("attn9.to_q", "no linear layers named")):
+        assert main([*base, "--targets", bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0] and not out.exists()

@@ -1,6 +1,7 @@
 """Gauge a built toy world with the toy judge: does each LoRA alone draw its subject / paint its style?
 
     python tools/world_gauge.py --world WORLD [--images 8] [--steps 20] [--guidance G] [--out grid.png]
+        [--strengths 1,1 0.7,1.5] [--base DIR] [--content-loras DIR] [--style-loras DIR] [--no-train-pairs]
 
 For every content LoRA alone under its own prompt (``a sks <subject>``): the share of images the toy
 judge's subject head calls that subject. For every style LoRA alone under its own prompt: the share the
@@ -8,6 +9,13 @@ style head calls that style. For every held-out pair, the direct merge (``dW_c +
 world has one, the hypernetwork merge under the pair prompt: subject, style and both-approved shares.
 The base model alone under each subject prompt is the floor (it never saw a subject). Fixed seeds; the
 same noise for every row. Optionally writes a grid PNG (one row per LoRA / pair, one column per image).
+
+Probes without rebuilding the world: ``--strengths`` runs the direct merge at each (content, style) weight
+pair (`lk.merge(..., weights=(w_c, w_s))`); ``--base`` gauges another base model directory (one fine-tuned
+from the world's, say); ``--content-loras`` / ``--style-loras`` take ``NAME.safetensors`` from a folder in
+place of the world's LoRA of that name where the folder has one (LoRAs retrained with
+``lorarar train-lora --targets attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0``, say); the rest are the
+world's.
 """
 
 from __future__ import annotations
@@ -31,7 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="grid PNG to write")
     ap.add_argument("--json", default=None, help="figures as JSON to write")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--strengths", nargs="+", default=["1,1"], metavar="WC,WS",
+                    help="direct-merge weight pairs (content, style) to gauge (1,1)")  # fmt: skip
+    ap.add_argument("--base", default=None, metavar="DIR", help="base model directory (default: the world's)")
+    ap.add_argument(
+        "--content-loras", default=None, metavar="DIR", help="NAME.safetensors here replace the world's"
+    )
+    ap.add_argument(
+        "--style-loras", default=None, metavar="DIR", help="NAME.safetensors here replace the world's"
+    )
+    ap.add_argument("--no-train-pairs", action="store_true", help="held-out pairs only")
     args = ap.parse_args(argv)
+    try:
+        strengths = [tuple(float(w) for w in text.split(",")) for text in args.strengths]
+    except ValueError:
+        strengths = []
+    if not strengths or any(len(w) != 2 for w in strengths):
+        ap.error(f"--strengths: give weight pairs like 1,1 0.7,1.5, got {' '.join(args.strengths)}")
     torch.set_num_threads(args.threads)
 
     from lorarar.eval.toy_judge import ToyJudge
@@ -49,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     guidance = args.guidance
     if guidance is None:
         guidance = float(raw.get("world", {}).get("sample_guidance", 1.0))
-    model = DiffusionModel.from_directory(manifest.base_model)
+    model = DiffusionModel.from_directory(args.base or manifest.base_model)
+    replaced = {"content": args.content_loras, "style": args.style_loras}
+
+    def lora_of(kind: str, entry):
+        folder = replaced[kind]
+        if folder is not None and (Path(folder) / f"{entry.name}.safetensors").is_file():
+            return lk.LoRA.load(Path(folder) / f"{entry.name}.safetensors")
+        return entry.load_lora()
+
     unet = model.unet
     judge = ToyJudge.load()
     hyper_path = Path(args.hypernet) if args.hypernet else world / "hypernet.safetensors"
@@ -81,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"base: {entry.prompt}", x))
     for kind, table in (("content", manifest.contents), ("style", manifest.styles)):
         for name, entry in table.items():
-            lora = entry.load_lora()
+            lora = lora_of(kind, entry)
             with torch.no_grad():
                 m = lk.merge(unet, lora if kind == "content" else None, lora if kind == "style" else None)
             try:
@@ -91,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             figures[kind][name] = verdict(x, name if kind == "content" else None,
                                           name if kind == "style" else None)  # fmt: skip
             rows.append((f"{kind} {name}", x))
-    for split in ("heldout", "train"):
+    for split in ("heldout",) if args.no_train_pairs else ("heldout", "train"):
         pairs = manifest.pairs(split)
         if split == "train":
             pairs = [
@@ -100,19 +132,19 @@ def main(argv: list[str] | None = None) -> int:
                 if list(manifest.contents).index(c.name) == list(manifest.styles).index(s.name)
             ][:4]  # a few training pairs too
         for c, s in pairs:
-            cl, sl = c.load_lora(), s.load_lora()
-            for method, h in (("direct", None), ("hypernet", hyper)):
-                if method == "hypernet" and h is None:
-                    continue
+            cl, sl = lora_of("content", c), lora_of("style", s)
+            runs = [("direct", None, w) for w in strengths] + ([("hypernet", hyper, None)] if hyper else [])
+            for method, h, w in runs:
                 with torch.no_grad():
-                    kw = {"hyper_parts": h.parts} if h is not None else {}
+                    kw = {"hyper_parts": h.parts} if h is not None else {"weights": w}
                     m = lk.merge(unet, cl, sl, h, **kw)
                 try:
                     x = sample(pair_prompt(c.name, s.name))
                 finally:
                     m.restore()
-                figures[method][f"{split}:{c.name}__{s.name}"] = verdict(x, c.name, s.name)
-                rows.append((f"{method} {c.name}x{s.name}", x))
+                tag = method if w is None or w == (1.0, 1.0) else f"direct@{w[0]:g},{w[1]:g}"
+                figures.setdefault(tag, {})[f"{split}:{c.name}__{s.name}"] = verdict(x, c.name, s.name)
+                rows.append((f"{tag} {c.name}x{s.name}", x))
 
     def mean(d: dict, key: str, prefix: str = "") -> float:
         vals = [v[key] for k, v in d.items() if k.startswith(prefix) and key in v]
@@ -123,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "content_subject_acc": mean(figures["content"], "subject_acc"),
         "style_style_acc": mean(figures["style"], "style_acc"),
     }
-    for method in ("direct", "hypernet"):
+    methods = [k for k in figures if k.startswith(("direct", "hypernet"))]
+    for method in methods:
         for split in ("heldout", "train"):
             for key in ("subject_acc", "style_acc", "both_acc"):
                 summary[f"{method}_{split}_{key}"] = mean(figures[method], key, f"{split}:")
@@ -131,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, key in (("base", "subject_acc"), ("content", "subject_acc"), ("style", "style_acc")):
         per = ", ".join(f"{k} {v[key]:.2f}" for k, v in figures[kind].items())
         print(f"  {kind:8s} {key}: mean {mean(figures[kind], key):.3f}  ({per})")
-    for method in ("direct", "hypernet"):
+    for method in methods:
         for k, v in figures[method].items():
             print(f"  {method:8s} {k}: subject {v['subject_acc']:.2f} style {v['style_acc']:.2f} "
                   f"both {v['both_acc']:.2f}  (judged {v['subjects'][:4]} / {v['styles'][:4]})")  # fmt: skip

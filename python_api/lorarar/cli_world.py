@@ -26,8 +26,9 @@ to_k, to_v, to_out.0 (Flux / SD3: both streams' attention, feed-forward, Flux si
 and proj_out; flow-matching loss); the plain diffusion loss on the folder's images (PNG/JPEG, centre-cropped and
 resized to the model's resolution) under one prompt that must contain --token. Only the LoRA trains.
 Defaults: the LoRA.rar authors' SDXL recipe (rank 64, alpha = rank, lr 5e-5, 1000 steps, AdamW,
-batch 1); for a pixel-space model (the toy world's base) the toy recipe (rank 8, lr 1e-3, 300 steps,
-batch 8). Writes diffusers/PEFT safetensors (unet.<module>.lora_A/B.weight, alpha metadata) that
+batch 1); for a pixel-space model (the toy world's base) the toy recipe (rank 8, lr 1e-2, 300 steps,
+batch 8). --targets trains other layers instead (engine part names: a name's ending, e.g. attn2.to_k for
+the cross-attention keys only; a * stands for one name component). Writes diffusers/PEFT safetensors (unet.<module>.lora_A/B.weight, alpha metadata) that
 lk.LoRA.load and diffusers' load_lora_weights read at the same scale."""
 
 
@@ -128,8 +129,15 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         raise LoraRarError(f"--out {args.out}: LoRAs are written as .safetensors; name it so")
     model, where = _load_model(args.model, args.device)
     preset = TOY_LORA if model.vae is None else SDXL_LORA
+    targets = None
+    if args.targets is not None:
+        targets = tuple(p.strip() for p in args.targets.split(",") if p.strip())
+        if not targets:
+            from lorarar_kernels import LoraRarError
+
+            raise LoraRarError(f"--targets {args.targets!r}: name at least one layer part (e.g. to_q,to_k)")
     cfg = with_overrides(preset, rank=args.rank, lr=args.lr, steps=args.steps, batch=args.batch,
-                         seed=args.seed, alpha=args.alpha)  # fmt: skip
+                         seed=args.seed, alpha=args.alpha, targets=targets)  # fmt: skip
     t0 = time.perf_counter()
     out, losses = train_lora_from_folder(model, args.images, args.prompt, args.token, args.out, cfg,
                                          progress=not args.no_progress)  # fmt: skip
@@ -190,10 +198,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, metavar="FILE", help="output .safetensors")
     t.add_argument("--rank", type=_positive_int, help="LoRA rank (64; toy 8)")
     t.add_argument("--alpha", type=float, help="LoRA alpha (= rank)")
-    t.add_argument("--lr", type=float, help="learning rate (5e-5; toy 1e-3)")
+    t.add_argument("--lr", type=float, help="learning rate (5e-5; toy 1e-2)")
     t.add_argument("--steps", type=_positive_int, help="optimiser steps (1000; toy 300)")
     t.add_argument("--batch", type=_positive_int, help="images per step (1; toy 8)")
     t.add_argument("--seed", type=int, help="seed (0)")
+    t.add_argument("--targets", metavar="PARTS",
+                   help="comma-separated layer parts to train (default: the attention projections above)")  # fmt: skip
     t.add_argument("--device", help="cuda, cpu (default: cuda if available)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_lora)
