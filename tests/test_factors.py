@@ -4,13 +4,18 @@ finiteness cache."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import lorarar_kernels as lk
 from lorarar_kernels import factors
 from lorarar_kernels.factors import LayerFactors, Workspace, source_of, tensor_stamp
-from lorarar_kernels.ops import pack_sources
+from lorarar_kernels.ops import native, pack_sources
+
+WHY = native.CPP.unavailable(torch.device("cpu"))
+needs_cpp = pytest.mark.skipif(WHY is not None, reason=f"cpp backend unavailable: {WHY}")
 
 GEN = torch.Generator().manual_seed(11)
 
@@ -94,3 +99,61 @@ def test_a_factor_checked_at_one_scale_is_checked_again_at_another():
         with pytest.raises(lk.LayerMismatchError, match=f"{name!r}.*overflow fp32"):
             lk.merge(target, huge, None)
         assert torch.equal(target.attn.to_q.weight, before) and lk.current(target) is None
+
+
+def _one_linear(out_f=12, in_f=20, dtype=torch.float16):
+    target = torch.nn.Module()
+    target.add_module("attn", torch.nn.Module())
+    target.attn.add_module("to_q", torch.nn.Linear(in_f, out_f, bias=False, dtype=dtype))
+    return target
+
+
+@needs_cpp
+def test_a_swap_remembers_the_lora_factors_it_checked_where_they_are():
+    """The cpp kernel reads a linear LoRA's own factor tensors in place, so a swap back to that LoRA checks
+    nothing again: the cache holds those very tensors (not copies or views of them)."""
+    x = layer(12, 20, 3, scale=1.5)
+    target = _one_linear()
+    assert not factors._known_finite(x.up, 1.5) and not factors._known_finite(x.down, None)
+    lk.merge(target, lk.LoRA({"attn.to_q": x}), None, backend="cpp").restore()
+    assert factors._known_finite(x.up, 1.5) and factors._known_finite(x.down, None)
+    assert source_of(x).up is x.up and source_of(x).down is x.down
+
+
+@needs_cpp
+def test_fp64_factors_the_native_pass_cannot_read_are_packed_and_merged():
+    x = layer(12, 20, 3, torch.float64, scale=1.5)
+    target = _one_linear(dtype=torch.float32)
+    before = target.attn.to_q.weight.detach().double()
+    lk.merge(target, lk.LoRA({"attn.to_q": x}), None, backend="cpp")
+    want = before + 1.5 * x.up @ x.down
+    torch.testing.assert_close(target.attn.to_q.weight.double(), want, rtol=0, atol=1e-6)
+
+
+def test_layer_factors_are_frozen():
+    f = LayerFactors("l", "sum", None, 3, (20,), (source_of(layer(12, 20, 3)), None))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        f.mode = "content"
+
+
+def test_a_factor_whose_storage_was_replaced_is_seen_whatever_the_new_address():
+    """``t.data = other`` keeps the tensor object (and may keep its version): the stamp's address changes,
+    and a plan reading it in place sees that, whether the new storage lies below or above the old."""
+    x = layer(12, 20, 3)
+    old = x.up.data
+    spare = [old.clone() for _ in range(16)]
+    below = [t for t in spare if t.data_ptr() < old.data_ptr()]
+    above = [t for t in spare if t.data_ptr() > old.data_ptr()]
+    for new in (
+        min(below, key=torch.Tensor.data_ptr, default=None),
+        max(above, key=torch.Tensor.data_ptr, default=None),
+    ):
+        if new is None:
+            continue
+        x.up.data = old
+        f = LayerFactors("l", "sum", None, 3, (20,), (source_of(x), None))
+        x.up.data = new
+        assert f.sources_changed
+        with pytest.raises(lk.StaleSwapError):
+            _ = f.up
+    assert below or above

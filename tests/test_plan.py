@@ -107,12 +107,19 @@ def test_caller_coefficients_and_workspace():
     assert ws.buffer.numel() == total
 
 
-def test_non_finite_factors_name_the_file_and_layer():
+@pytest.mark.parametrize(
+    "how", [{}, {"grad": True}, {"reads_lora_factors": True}], ids=["native", "torch-autograd", "in-place"]
+)
+def test_non_finite_factors_name_the_file_and_layer(how):
+    """Whichever way the factors are packed (natively, by torch under autograd) or left in place, a NaN /
+    Inf in one is refused at plan time, naming its file and layer."""
     c, s = pair()
     bad = SHAPES[2][0]
     s[bad].down[0, 3] = float("inf")
     with pytest.raises(lk.LayerMismatchError, match=rf"random-lora-2: layer '{bad}' down has NaN or Inf"):
-        plan_pair(c, s, hypernet())
+        plan_pair(c, s, hypernet(), **how)
+    with pytest.raises(lk.LayerMismatchError, match=rf"random-lora-2: layer '{bad}' down has NaN or Inf"):
+        plan_pair(c, s, None, **how)  # plain sums: nothing but the packing checks them
 
 
 def test_options_after_the_hypernetwork_are_keyword_only():
