@@ -157,3 +157,14 @@ def test_a_factor_whose_storage_was_replaced_is_seen_whatever_the_new_address():
         with pytest.raises(lk.StaleSwapError):
             _ = f.up
     assert below or above
+
+
+@needs_cpp
+def test_a_refused_factor_is_refused_again_and_never_remembered_finite():
+    x = layer(12, 20, 3)
+    x.down[1, 4] = float("nan")
+    target = _one_linear()
+    for _ in range(2):  # the second swap must check again, not trust a remembered verdict
+        with pytest.raises(lk.LayerMismatchError, match=r"bad\.safetensors: layer 'attn\.to_q' down has NaN"):
+            lk.merge(target, lk.LoRA({"attn.to_q": x}, source="bad.safetensors"), None, backend="cpp")
+        assert not factors._known_finite(x.down, None) and lk.current(target) is None
