@@ -66,6 +66,8 @@ def test_workspace_reserve_reuses_and_grows():
     first = ws.buffer
     ws.reserve(8, torch.device("cpu"))
     assert ws.buffer is first  # big enough: reused
+    ws.reserve(10, torch.device("cpu"))
+    assert ws.buffer is first  # exactly big enough: reused
     ws.reserve(11, torch.device("cpu"))
     assert ws.buffer is not first and ws.buffer.numel() == 11
 
@@ -168,3 +170,16 @@ def test_a_refused_factor_is_refused_again_and_never_remembered_finite():
         with pytest.raises(lk.LayerMismatchError, match=r"bad\.safetensors: layer 'attn\.to_q' down has NaN"):
             lk.merge(target, lk.LoRA({"attn.to_q": x}, source="bad.safetensors"), None, backend="cpp")
         assert not factors._known_finite(x.down, None) and lk.current(target) is None
+
+
+def test_an_exported_layer_owns_its_tensors():
+    """`as_lora_layer` copies: the export of a plan whose factors sit in a reused workspace never changes
+    when the workspace is handed out again."""
+    x = layer(12, 20, 3)
+    up, down = pack_sources((source_of(x), None))
+    f = LayerFactors("l", "content", None, 3, (20,), (source_of(x), None), packed=(up, down))
+    out = f.as_lora_layer()
+    assert out.up.data_ptr() != up.data_ptr() and out.down.data_ptr() != down.data_ptr()
+    keep = out.up.clone(), out.down.clone()
+    up.fill_(7.0), down.fill_(7.0)  # the workspace reused by the next swap
+    assert torch.equal(out.up, keep[0]) and torch.equal(out.down, keep[1])
