@@ -183,3 +183,11 @@ def test_an_exported_layer_owns_its_tensors():
     keep = out.up.clone(), out.down.clone()
     up.fill_(7.0), down.fill_(7.0)  # the workspace reused by the next swap
     assert torch.equal(out.up, keep[0]) and torch.equal(out.down, keep[1])
+
+
+def test_layer_factors_compare_by_identity_and_hash():
+    """Plans hold tensors: two LayerFactors are equal only when they are the same object (tensors have no
+    truth value to compare fields by), and each can key a dict."""
+    src = (source_of(layer(12, 20, 3)), None)
+    f, g = LayerFactors("l", "sum", None, 3, (20,), src), LayerFactors("l", "sum", None, 3, (20,), src)
+    assert f == f and f != g and len({f: 1, g: 2}) == 2

@@ -53,7 +53,9 @@ def cmd_world_build(args: argparse.Namespace) -> int:
     from .world.build import WorldSpec, build_world
 
     spec = WorldSpec.mini() if args.mini else WorldSpec()
-    for key in ("seed", "images", "base_steps", "lora_steps", "lora_rank", "lora_lr", "hypernet_steps"):
+    keys = ("seed", "images", "base_steps", "base_lr", "base_styled", "base_from", "lora_steps", "lora_rank",
+            "lora_lr", "hypernet_steps")  # fmt: skip
+    for key in keys:
         value = getattr(args, key)
         if value is not None:
             setattr(spec, key, value)
@@ -61,11 +63,17 @@ def cmd_world_build(args: argparse.Namespace) -> int:
         spec.subjects = tuple(args.subjects.split(","))
     if args.styles:
         spec.styles = tuple(args.styles.split(","))
+    if args.style_captions:
+        spec.style_captions = True
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     model = None
+    if args.model is not None and (args.base_from is not None or args.base_styled is not None):
+        from lorarar_kernels import LoraRarError
+
+        raise LoraRarError("--model uses that model as it is: --base-from and --base-styled train a toy base")
     if args.model is not None:
         model = Path(args.model)
         if not (model / "model_index.json").is_file():
@@ -171,6 +179,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--styles", help="comma-separated styles (default: all 10)")
     b.add_argument("--images", type=_positive_int, help="reference images per subject/style (8)")
     b.add_argument("--base-steps", type=_positive_int, help="base model training steps (4000)")
+    b.add_argument("--base-lr", type=_positive_float, help="base model learning rate (2e-3)")
+    b.add_argument("--base-styled", type=float, metavar="SHARE",
+                   help="share of base pictures drawn in a training style and named so (0: flat colours only)")  # fmt: skip
+    b.add_argument(
+        "--base-from",
+        metavar="DIR",
+        help="continue training this base (a world's base/) instead of a fresh one",
+    )
+    b.add_argument("--style-captions", action="store_true",
+                   help="caption each style image with what it shows (a red circle in zwx style)")  # fmt: skip
     b.add_argument("--lora-steps", type=_positive_int, help="steps per LoRA (300)")
     b.add_argument("--lora-rank", type=_positive_int, help="LoRA rank (8)")
     b.add_argument("--lora-lr", type=_positive_float, help="LoRA learning rate (1e-2)")

@@ -115,10 +115,21 @@ def to_images(x: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-def base_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """``n`` generic training pictures and their captions, deterministic from ``seed``."""
+def base_dataset(
+    n: int, seed: int, styled: float = 0.0, styles: tuple[str, ...] = ()
+) -> tuple[torch.Tensor, list[str]]:
+    """``n`` generic training pictures and their captions, deterministic from ``seed``: flat shapes
+    (``"a red circle"``), and a share ``styled`` of them drawn in one of ``styles`` and named so
+    (``"a red circle in stripes style"``)."""
+    if styled > 0 and not styles:
+        raise ValueError("base_dataset: a styled share needs styles to draw in")
     rng = random.Random(seed)
-    samples = [draw.base_sample(rng, IMAGE_SIZE) for _ in range(n)]
+    samples = [
+        draw.styled_base_sample(rng.choice(styles), rng, IMAGE_SIZE)
+        if styled > 0 and rng.random() < styled
+        else draw.base_sample(rng, IMAGE_SIZE)
+        for _ in range(n)
+    ]
     return to_tensor([s[0] for s in samples]), [s[1] for s in samples]
 
 
@@ -132,9 +143,13 @@ def train_base(
     seed: int = 0,
     uncond: float = UNCOND_SHARE,
     ema: float = EMA_DECAY,
+    styled: float = 0.0,
+    styles: tuple[str, ...] = (),
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train the base UNet (text encoder frozen) on ``images`` generic pictures; returns the losses.
+    """Train the base UNet (text encoder frozen) on ``images`` generic pictures (`base_dataset`: a share
+    ``styled`` of them in ``styles``); returns the losses. Starts from the model's weights as they are (a
+    fresh `build_base_model`, or a trained base to continue).
 
     AdamW with a short linear warm-up and cosine decay; the captions are encoded once. A share
     ``uncond`` of the captions is replaced by the empty prompt, so the model can be sampled with
@@ -144,7 +159,7 @@ def train_base(
     """
     from .sample import UNCOND_PROMPT
 
-    x, captions = base_dataset(images, seed)
+    x, captions = base_dataset(images, seed, styled, styles)
     unique = [*sorted(set(captions)), UNCOND_PROMPT]
     cond_all = model.encode_prompts(unique)["encoder_hidden_states"]
     index = torch.tensor([unique.index(c) for c in captions])

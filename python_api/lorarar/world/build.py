@@ -60,6 +60,12 @@ class WorldSpec:
     base_batch: int = 16
     base_images: int = 2048
     base_uncond: float = 0.1  # share of base captions dropped to "" (classifier-free guidance)
+    base_lr: float = 2e-3
+    # share of base pictures drawn in one of the *training* styles and captioned with its name ("a red
+    # circle in stripes style"), so the base knows "<object> in <style> style" as SDXL does; the held-out
+    # styles never appear. 0: flat colours only (the shipped world)
+    base_styled: float = 0.0
+    base_from: str | None = None  # a trained base model directory to continue training instead of a fresh one
     sample_guidance: float = 1.0  # what `lorarar demo` and `eval` sample with (LoRAs alone: 1 beats 2 and 3)
     lora_rank: int = 8
     lora_steps: int = 300
@@ -84,6 +90,11 @@ class WorldSpec:
             setattr(spec, k, v)
         return spec
 
+    @property
+    def base_styles(self) -> tuple[str, ...]:
+        """The styles the base may see (`base_styled`): the training ones, never a held-out style."""
+        return tuple(self.styles[: -self.heldout])
+
     def check(self) -> None:
         unknown = [s for s in self.subjects if s not in draw.SUBJECTS] + [
             s for s in self.styles if s not in draw.STYLES
@@ -100,6 +111,15 @@ class WorldSpec:
             )
         if min(self.images, self.base_steps, self.lora_steps, self.lora_rank) < 1:
             raise lk.LoraRarError("world: images, steps and rank must be >= 1")
+        if not 0 <= self.base_styled <= 1 or not self.base_lr > 0:
+            raise lk.LoraRarError(
+                f"world: base_styled must be in [0, 1] and base_lr > 0, got {self.base_styled}, {self.base_lr}"
+            )
+        if self.base_from is not None and not (Path(self.base_from) / "model_index.json").is_file():
+            raise lk.LoraFileError(
+                f"world: base_from {self.base_from}: not a base model directory (no model_index.json); give "
+                "a world's base/ folder"
+            )
 
 
 def split_pairs(subjects: Sequence[str], styles: Sequence[str], heldout: int) -> dict[str, list[list[str]]]:
@@ -181,7 +201,11 @@ def build_world(
     clock = _Clock(log)
     try:
         if model_dir is None:
-            model = build_base_model(spec.seed)
+            if spec.base_from is not None:
+                model = DiffusionModel.from_directory(spec.base_from)
+                model.unet.float()  # a packed (fp16) base trains in fp32
+            else:
+                model = build_base_model(spec.seed)
 
             def base() -> None:
                 bar = tqdm(total=spec.base_steps, desc="world: train base", disable=not progress, leave=False)
@@ -192,7 +216,8 @@ def build_world(
                         bar.set_postfix(loss=f"{loss:.4f}")
 
                 train_base(model, steps=spec.base_steps, batch=spec.base_batch, images=spec.base_images,
-                           seed=spec.seed, uncond=spec.base_uncond, progress=tick)  # fmt: skip
+                           lr=spec.base_lr, seed=spec.seed, uncond=spec.base_uncond, styled=spec.base_styled,
+                           styles=spec.base_styles, progress=tick)  # fmt: skip
                 bar.close()
                 model.save(tmp / "base")
 

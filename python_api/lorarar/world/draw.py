@@ -361,3 +361,10 @@ def base_sample(rng: random.Random, size: int = 32) -> tuple[Image.Image, str]:
     ground = tuple(rng.randint(150, 235) for _ in range(3))
     img = render_neutral(pose_parts(generic_parts(shape, colour), Pose.random(rng)), ground)  # type: ignore[arg-type]
     return finish(img, size), f"a {colour} {shape}"
+
+
+def styled_base_sample(style: str, rng: random.Random, size: int = 32) -> tuple[Image.Image, str]:
+    """One styled training picture of the base model: `style_sample`'s, captioned in the base's words with
+    the style's own name (``"a red circle in stripes style"``)."""
+    img, shows = style_sample(style, rng, size)
+    return img, f"a {shows} in {style} style"
