@@ -116,9 +116,11 @@ def test_non_finite_factors_name_the_file_and_layer(how):
     c, s = pair()
     bad = SHAPES[2][0]
     s[bad].down[0, 3] = float("inf")
-    with pytest.raises(lk.LayerMismatchError, match=rf"random-lora-2: layer '{bad}' down has NaN or Inf"):
+    n = s[bad].down.numel()
+    want = rf"random-lora-2: layer '{bad}' down has NaN or Inf values \(1 of {n}\)"
+    with pytest.raises(lk.LayerMismatchError, match=want):
         plan_pair(c, s, hypernet(), **how)
-    with pytest.raises(lk.LayerMismatchError, match=rf"random-lora-2: layer '{bad}' down has NaN or Inf"):
+    with pytest.raises(lk.LayerMismatchError, match=want):
         plan_pair(c, s, None, **how)  # plain sums: nothing but the packing checks them
 
 
@@ -135,3 +137,36 @@ def test_options_after_the_hypernetwork_are_keyword_only():
     plan = plan_pair(content=c, style=s, hypernet=None, coefficients=given)
     assert plan[name].mode == "coefficients" and torch.equal(plan[name].col_scale[0], given[name][0])
     assert merge_rule(content=c, style=s, hypernet=None, coefficients=given).layers[1].mode == "coefficients"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["native", "torch-autograd"])
+def test_caller_coefficients_are_checked_finite_and_zero_is_fine(grad):
+    """Given coefficients join the finiteness check whichever way the factors are packed: Inf or NaN in
+    one is refused naming the layer; all-zero coefficients (a layer switched off) are fine."""
+    c, s = pair()
+    name, _, n_in = SHAPES[1]
+    for bad in (float("inf"), float("nan")):
+        m_s = torch.ones(n_in)
+        m_s[3] = bad
+        with pytest.raises(lk.LayerMismatchError, match=rf"layer '{name}' coefficients has NaN or Inf"):
+            plan_pair(c, s, None, coefficients={name: (torch.ones(n_in), m_s)}, grad=grad)
+    zero = torch.zeros(n_in)
+    plan = plan_pair(c, s, None, coefficients={name: (zero, zero)}, grad=grad)
+    assert torch.equal(plan[name].col_scale, torch.zeros(2, n_in))
+
+
+def test_materialise_keeps_no_autograd_graph_unless_asked():
+    c, s = pair()
+    net = hypernet()
+    plan = materialise(merge_rule(c, s, net), net)
+    assert not any(f.col_scale.requires_grad for f in plan.values() if f.col_scale is not None)
+    trained = materialise(merge_rule(c, s, net), net, grad=True)
+    assert any(f.col_scale.requires_grad for f in trained.values() if f.col_scale is not None)
+
+
+def test_an_explicit_coefficient_kernel_that_cannot_run_is_refused_only_when_a_hypernetwork_runs():
+    c, s = pair()
+    with pytest.raises(lk.BackendUnavailableError, match="coefficient kernel 'cuda' is unavailable"):
+        plan_pair(c, s, hypernet(), coefficient_kernel="cuda")
+    plan = plan_pair(c, s, None, coefficient_kernel="cuda")  # no hypernetwork layer: nothing runs it
+    assert {f.mode for f in plan.values()} == {"sum"}
