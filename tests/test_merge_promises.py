@@ -163,3 +163,39 @@ def test_a_weight_written_hundreds_of_times_before_its_first_merge_swaps_and_res
     lk.merge(target, rand_lora(SHAPES, 2, 5), None)
     lk.restore(target)
     assert all(torch.equal(before[n], p) for n, p in weights(target).items())
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["literal", "built-at-run-time"])
+def test_keep_none_subtracts_its_own_copy_of_the_factors_even_if_the_lora_changes_after(built):
+    """With keep_original="none" the restore subtracts the delta that was written, so the engine keeps its
+    own copy of the factors: a LoRA changed in place after the merge cannot change what is taken back."""
+    keep = "".join(["no", "ne"]) if built else "none"
+    target = AttentionStack(SHAPES, seed=2)
+    before = weights(target)
+    c, s = _pair()
+    lk.merge(target, c, s, keep_original=keep)  # auto: the cpp kernel where it runs
+    with torch.no_grad():
+        for x in (*c.values(), *s.values()):
+            x.up.mul_(3.0)
+    lk.restore(target)
+    assert all(torch.allclose(before[n], p, atol=1e-6) for n, p in weights(target).items())
+
+
+def test_verify_is_off_unless_asked_and_a_verified_swap_needs_a_verified_write_before_it():
+    """merge() and restore() verify only when asked (it costs a read of every touched weight); a verify=True
+    swap after a merge made without it has no checksum to compare with and says so, changing nothing."""
+    target = AttentionStack(SHAPES, seed=2)
+    lk.merge(target, *_pair())
+    written = weights(target)
+    again = rand_lora(SHAPES, 2, 5)
+    current = lk.current(target)
+    with pytest.raises(lk.LoraRarError, match="last written without verify=True"):
+        lk.merge(target, again, None, verify=True)
+    assert all(torch.equal(written[n], p) for n, p in weights(target).items())
+    assert lk.current(target) is current
+    with pytest.raises(lk.LoraRarError, match="last written without verify=True"):
+        lk.restore(target, verify=True)
+    lk.restore(target)
+    lk.merge(target, again, None, verify=True)  # a verified write leaves checksums: verified swaps work
+    lk.merge(target, *_pair(), verify=True)
+    lk.restore(target, verify=True)
