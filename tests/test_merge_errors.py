@@ -118,18 +118,31 @@ def test_weights_changed_behind_the_engines_back_are_refused():
     with torch.no_grad():
         module.get_submodule(Q).weight.add_(1.0)  # e.g. someone else's fuse
     before = weights(module)
-    with pytest.raises(lk.TargetModifiedError, match="changed outside lorarar"):
+    with pytest.raises(lk.TargetModifiedError, match=r"changed outside lorarar .*storage moved: False\)"):
         lk.merge(module, rand_lora(SHAPES, 2, 5), None)
     with pytest.raises(lk.TargetModifiedError):
         lk.restore(module)
     assert all(torch.equal(before[n], p) for n, p in weights(module).items())
 
 
-def test_moved_storage_is_refused():
+@pytest.mark.parametrize("where", ["below", "above"])
+def test_moved_storage_is_refused(where):
+    """A weight whose storage was replaced (what offloading or `.to()` does: same Parameter, new storage) is
+    refused and the message says it moved, wherever the new storage lies."""
     module = setup_merged()
     weight = module.get_submodule(Q).weight
-    weight.data = weight.data.clone()  # what offloading or `.to()` does: same Parameter, new storage
-    with pytest.raises(lk.TargetModifiedError, match=Q):
+    spare = [weight.data.clone() for _ in range(16)]
+    lower = [t for t in spare if t.data_ptr() < weight.data_ptr()]
+    higher = [t for t in spare if t.data_ptr() > weight.data_ptr()]
+    pick = (
+        min(lower, key=torch.Tensor.data_ptr, default=None)
+        if where == "below"
+        else max(higher, key=torch.Tensor.data_ptr, default=None)
+    )
+    if pick is None:
+        pytest.skip(f"the allocator placed no copy {where} the weight")
+    weight.data = pick
+    with pytest.raises(lk.TargetModifiedError, match=rf"{Q}.*storage moved: True\)"):
         lk.merge(module, rand_lora(SHAPES, 2, 5), None)
 
 

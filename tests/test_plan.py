@@ -137,6 +137,8 @@ def test_options_after_the_hypernetwork_are_keyword_only():
     plan = plan_pair(content=c, style=s, hypernet=None, coefficients=given)
     assert plan[name].mode == "coefficients" and torch.equal(plan[name].col_scale[0], given[name][0])
     assert merge_rule(content=c, style=s, hypernet=None, coefficients=given).layers[1].mode == "coefficients"
+    with pytest.raises(TypeError):  # materialise(rule, hypernet, *, device, ...): a device by position too
+        materialise(merge_rule(c, s, None), None, "cpu")
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["native", "torch-autograd"])
@@ -156,9 +158,12 @@ def test_caller_coefficients_are_checked_finite_and_zero_is_fine(grad):
 
 
 def test_materialise_keeps_no_autograd_graph_unless_asked():
+    """By default a plan packs every layer's factors (leaving them where the LoRAs keep them is the cpp
+    kernel's option) and keeps no autograd graph (training asks for one)."""
     c, s = pair()
     net = hypernet()
     plan = materialise(merge_rule(c, s, net), net)
+    assert all(f.packed is not None for f in plan.values())
     assert not any(f.col_scale.requires_grad for f in plan.values() if f.col_scale is not None)
     trained = materialise(merge_rule(c, s, net), net, grad=True)
     assert any(f.col_scale.requires_grad for f in trained.values() if f.col_scale is not None)
@@ -170,3 +175,14 @@ def test_an_explicit_coefficient_kernel_that_cannot_run_is_refused_only_when_a_h
         plan_pair(c, s, hypernet(), coefficient_kernel="cuda")
     plan = plan_pair(c, s, None, coefficient_kernel="cuda")  # no hypernetwork layer: nothing runs it
     assert {f.mode for f in plan.values()} == {"sum"}
+
+
+def test_large_finite_factors_and_coefficients_are_not_mistaken_for_overflow():
+    """The finiteness check adds each layer's sums; values near fp32's top that a product would overflow
+    are still finite and pass, under either packing."""
+    c, s = pair()
+    name, _, n_in = SHAPES[1]
+    big = lk.LoRA({n: lk.LoRALayer(x.down.abs() * 1e17, x.up.abs() * 1e17, 1.0) for n, x in c.items()})
+    for grad in (False, True):
+        plan = plan_pair(big, s, None, coefficients={name: (torch.full((n_in,), 1e20), None)}, grad=grad)
+        assert torch.isfinite(plan[name].col_scale).all() and torch.isfinite(plan[name].up).all()
