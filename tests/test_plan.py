@@ -186,3 +186,15 @@ def test_large_finite_factors_and_coefficients_are_not_mistaken_for_overflow():
     for grad in (False, True):
         plan = plan_pair(big, s, None, coefficients={name: (torch.full((n_in,), 1e20), None)}, grad=grad)
         assert torch.isfinite(plan[name].col_scale).all() and torch.isfinite(plan[name].up).all()
+
+
+def test_a_coefficient_kernel_named_at_run_time_is_the_same_kernel():
+    """A kernel name read from a config (an equal string, not the literal) picks the same kernel."""
+    c, s = pair()
+    built = "".join(["to", "rch"])
+    assert built == "torch" and built is not "torch"  # noqa: F632
+    a, b = (
+        plan_pair(c, s, hypernet(), coefficient_kernel="torch"),
+        plan_pair(c, s, hypernet(), coefficient_kernel=built),
+    )
+    assert all(torch.equal(a[n].col_scale, b[n].col_scale) for n in a if a[n].col_scale is not None)

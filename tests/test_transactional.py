@@ -227,3 +227,34 @@ def test_a_failed_first_merge_leaves_the_original_weights_and_no_records():
     assert _equal(weights(target), orig)
     m = lk.merge(target, B_CONTENT, B_STYLE, backend="torch")  # and the target is usable again
     assert m.is_current
+
+
+class FirstLineOf(Injector):
+    """Raises ``exc`` at the first line event of the engine function named ``name`` (once)."""
+
+    def __init__(self, name: str, exc: BaseException) -> None:
+        super().__init__(0, exc)
+        self.name, self.fired = name, False
+
+    def _local(self, frame, event, arg):
+        if event == "line" and not self.fired and frame.f_code.co_name == self.name:
+            self.fired = True
+            raise self.exc
+        return self._local
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_keep_none_swap_cut_short_in_its_bookkeeping_records_the_new_pair(backend):
+    """With keep_original="none" there is no snapshot to roll back to, but once the pass over the weights has
+    completed the weights hold the new pair: an interrupt in the records' update (`_finish`) must record it,
+    not mark the target broken."""
+    *_, new, _, restored_new = _references(backend, "none", torch.float16)
+    target = _start(backend, "none", torch.float16)
+    swap = lk.prepare(target, B_CONTENT, B_STYLE, backend=backend)
+    with FirstLineOf("_finish", KeyboardInterrupt()) as inj, pytest.raises(KeyboardInterrupt):
+        swap.apply()
+    assert inj.fired
+    assert STATE_OF(target).broken is None and lk.current(target).content is B_CONTENT
+    assert _equal(weights(target), new)
+    lk.restore(target)
+    assert _equal(weights(target), restored_new)
