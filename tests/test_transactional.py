@@ -6,6 +6,7 @@ The injector is a `sys.settrace` hook counting the line events of the engine's o
 per-layer restores, the backends' plan runs, the bookkeeping) and raising at the k-th, for every k.
 """
 
+import linecache
 import sys
 from pathlib import Path
 
@@ -243,13 +244,51 @@ class FirstLineOf(Injector):
         return self._local
 
 
+class AtLine(Injector):
+    """Raises ``exc`` at the line event of engine function ``name`` whose source line holds ``text`` (once)."""
+
+    def __init__(self, name: str, text: str, exc: BaseException) -> None:
+        super().__init__(0, exc)
+        self.name, self.text, self.fired = name, text, False
+
+    def _local(self, frame, event, arg):
+        if event == "line" and not self.fired and frame.f_code.co_name == self.name:
+            if self.text in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
+                self.fired = True
+                raise self.exc
+        return self._local
+
+
+@pytest.mark.parametrize("keep", ["device", "none"])
+def test_a_swap_is_complete_once_current_is_set_and_swaps_prepared_before_stay_stale(keep):
+    """Cut short after `current` names the new merge (before the generation is bumped) a swap is complete:
+    the new pair stays, and neither it nor a swap prepared before an earlier merge can run again."""
+    target = _start("cpp", keep, torch.bfloat16)
+    early = lk.prepare(target, B_CONTENT, None, backend="cpp")
+    lk.merge(target, A_CONTENT, None, backend="cpp", keep_original=keep)  # `early` is stale from here
+    swap = lk.prepare(target, B_CONTENT, B_STYLE, backend="cpp")
+    with AtLine("_finish", "self.generation = swap._generation + 1", KeyboardInterrupt()) as inj:
+        with pytest.raises(KeyboardInterrupt):
+            swap.apply()
+    assert inj.fired and lk.current(target).content is B_CONTENT
+    now = weights(target)
+    for stale in (early, swap):
+        with pytest.raises(lk.StaleSwapError):
+            stale.apply()
+        assert _equal(weights(target), now) and lk.current(target).content is B_CONTENT
+    lk.restore(target)
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["literal", "built-at-run-time"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_a_keep_none_swap_cut_short_in_its_bookkeeping_records_the_new_pair(backend):
+def test_a_keep_none_swap_cut_short_in_its_bookkeeping_records_the_new_pair(backend, built):
     """With keep_original="none" there is no snapshot to roll back to, but once the pass over the weights has
     completed the weights hold the new pair: an interrupt in the records' update (`_finish`) must record it,
-    not mark the target broken."""
+    not mark the target broken (also with the mode read at run time: an equal string, not the literal)."""
     *_, new, _, restored_new = _references(backend, "none", torch.float16)
-    target = _start(backend, "none", torch.float16)
+    target = AttentionStack(SHAPES, dtype=torch.float16, seed=5)
+    keep = "".join(["no", "ne"]) if built else "none"
+    lk.merge(target, A_CONTENT, A_STYLE, backend=backend, keep_original=keep)
     swap = lk.prepare(target, B_CONTENT, B_STYLE, backend=backend)
     with FirstLineOf("_finish", KeyboardInterrupt()) as inj, pytest.raises(KeyboardInterrupt):
         swap.apply()
