@@ -100,3 +100,34 @@ def test_bad_kernel_choices_say_why():
         c, s = pair("cpu")
         with pytest.raises(BackendUnavailableError):
             plan_pair(c, s, net, coefficient_kernel="cuda")
+
+
+def test_backends_default_to_the_gpu_if_there_is_one_else_the_cpu():
+    assert lk.backends() == lk.backends("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_auto_rule_takes_the_first_available_candidate_not_the_fallback(monkeypatch):
+    """An unavailable candidate is skipped, not the end of the list: with ("cuda", "cpp", "torch") on the
+    CPU, cpp (where it runs) is chosen, not torch."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, ("cpu", torch.float32), ("cuda", "cpp", "torch"))
+    want = "cpp" if lk.backends(CPU)["cpp"] is None else "torch"
+    assert dispatch.choose("auto", CPU, torch.float32)[0] == want
+
+
+def test_coefficient_kernel_availability_says_why_per_kernel():
+    meta = torch.device("meta")
+    assert dispatch.coefficient_unavailable("torch", meta) is None  # torch runs anywhere
+    assert dispatch.coefficient_unavailable("triton", meta) is not None  # no GPU and no CPU: no Triton
+    for bad in ("xyz", "zzz"):  # sorted after "triton" or not: an unknown name is unknown
+        assert dispatch.coefficient_unavailable(bad, CPU).startswith("unknown coefficient kernel")
+
+
+def test_coefficient_kernel_names_read_at_run_time_are_the_same_kernels():
+    """Names from a config file (equal strings, not the literals) choose as the literals do."""
+    net = hypernet("cpu")
+    auto, torch_, cuda = ("".join(list(k)) for k in ("auto", "torch", "cuda"))
+    assert auto is not "auto" and torch_ is not "torch"  # noqa: F632
+    assert dispatch.choose_coefficients(auto, CPU, net, grad=False) == "torch"
+    assert dispatch.choose_coefficients(torch_, CPU, net, grad=True) == "torch"  # torch has autograd
+    why = dispatch.coefficient_unavailable(cuda, CPU)
+    assert why is not None and not why.startswith("unknown")
