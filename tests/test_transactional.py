@@ -188,19 +188,22 @@ def test_a_restore_interrupted_anywhere_can_be_finished_bit_exactly(backend, kee
         assert _equal(weights(target), orig), k
 
 
+@pytest.mark.parametrize("built", [False, True], ids=["literal", "built-at-run-time"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_a_keep_none_restore_interrupted_anywhere_is_finished_exactly_or_marked_broken(backend):
+def test_a_keep_none_restore_interrupted_anywhere_is_finished_exactly_or_marked_broken(backend, built):
     """keep_original="none" restores by subtracting the deltas, so a restore interrupted after it began
     writing cannot be run again (the layers already restored would lose their delta twice): the target is
     marked broken and says to reload the weights. Interrupted before its first write or after its last one,
-    a second restore() finishes it, bit for bit as one uninterrupted restore."""
-    target = _start(backend, "none", torch.float32)
+    a second restore() finishes it, bit for bit as one uninterrupted restore. (Also with the mode read at run
+    time: an equal string, not the literal.)"""
+    keep = "".join(["no", "ne"]) if built else "none"
+    target = _start(backend, keep, torch.float32)
     with Injector(0, None) as count:
         lk.restore(target)
     restored = weights(target)
     seen = {"broken": 0, "finished": 0}
     for k in range(1, count.n + 2):
-        target = _start(backend, "none", torch.float32)
+        target = _start(backend, keep, torch.float32)
         try:
             with Injector(k, KeyboardInterrupt()):
                 lk.restore(target)
