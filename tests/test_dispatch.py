@@ -131,3 +131,21 @@ def test_coefficient_kernel_names_read_at_run_time_are_the_same_kernels():
     assert dispatch.choose_coefficients(torch_, CPU, net, grad=True) == "torch"  # torch has autograd
     why = dispatch.coefficient_unavailable(cuda, CPU)
     assert why is not None and not why.startswith("unknown")
+
+
+def test_the_cuda_coefficient_limit_refuses_only_widths_above_it():
+    for hidden in (8, native.COEFF_MAX_HIDDEN):
+        why = dispatch.coefficient_unavailable("cuda", DEV, lk.Hypernet(widths=(64,), hidden=hidden))
+        assert why is None or "hidden width" not in why
+
+
+def test_triton_coefficients_that_cannot_be_imported_are_reported_not_raised(monkeypatch):
+    import sys
+
+    from lorarar_kernels import ops
+
+    monkeypatch.delattr(ops, "triton_coeff", raising=False)
+    monkeypatch.setitem(sys.modules, "lorarar_kernels.ops.triton_coeff", None)  # as if Triton were absent
+    why = dispatch.coefficient_unavailable("triton", CPU)
+    assert why.startswith("Triton coefficients cannot be imported")
+    assert dispatch.choose_coefficients("auto", CPU, hypernet("cpu"), grad=False) == "torch"
