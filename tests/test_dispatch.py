@@ -118,19 +118,48 @@ def test_coefficient_kernel_availability_says_why_per_kernel():
     meta = torch.device("meta")
     assert dispatch.coefficient_unavailable("torch", meta) is None  # torch runs anywhere
     assert dispatch.coefficient_unavailable("triton", meta) is not None  # no GPU and no CPU: no Triton
-    for bad in ("xyz", "zzz"):  # sorted after "triton" or not: an unknown name is unknown
+    for bad in ("abc", "tz", "xyz"):  # sorted before or after the known names: an unknown name is unknown
         assert dispatch.coefficient_unavailable(bad, CPU).startswith("unknown coefficient kernel")
+        with pytest.raises(BackendUnavailableError, match="unknown backend"):
+            dispatch.choose(bad, CPU, torch.float32)
+    try:
+        from lorarar_kernels.ops import triton_coeff
+    except Exception:  # Triton absent: nothing more to compare
+        return
+    # where Triton runs (its interpreter here) its own answer, not another kernel's
+    assert dispatch.coefficient_unavailable("triton", CPU) == triton_coeff.unavailable(CPU)
 
 
 def test_coefficient_kernel_names_read_at_run_time_are_the_same_kernels():
     """Names from a config file (equal strings, not the literals) choose as the literals do."""
     net = hypernet("cpu")
-    auto, torch_, cuda = ("".join(list(k)) for k in ("auto", "torch", "cuda"))
+    auto, torch_, cuda, triton = ("".join(list(k)) for k in ("auto", "torch", "cuda", "triton"))
     assert auto is not "auto" and torch_ is not "torch"  # noqa: F632
     assert dispatch.choose_coefficients(auto, CPU, net, grad=False) == "torch"
     assert dispatch.choose_coefficients(torch_, CPU, net, grad=True) == "torch"  # torch has autograd
-    why = dispatch.coefficient_unavailable(cuda, CPU)
-    assert why is not None and not why.startswith("unknown")
+    assert dispatch.coefficient_unavailable(torch_, CPU) is None
+    for name in (cuda, triton):
+        why = dispatch.coefficient_unavailable(name, torch.device("meta"))
+        assert why is not None and not why.startswith("unknown")
+    assert dispatch.choose(auto, CPU, torch.float32) == dispatch.choose("auto", CPU, torch.float32)
+
+
+def test_an_explicit_coefficient_kernel_needs_the_hypernetwork_on_the_weights_device():
+    with pytest.raises(LoraRarError, match="needs the hypernetwork on cpu, not meta"):
+        dispatch.choose_coefficients("triton", CPU, hypernet("cpu").to("meta"), grad=False)
+
+
+def test_a_backend_module_that_cannot_be_imported_is_reported_not_raised(monkeypatch):
+    import sys
+
+    dispatch._load.cache_clear()
+    monkeypatch.setitem(sys.modules, "lorarar_kernels.ops.triton_backend", None)  # as if Triton were absent
+    try:
+        impl, why = dispatch._load("triton")
+        assert impl is None and "could not be imported" in why
+        assert "could not be imported" in lk.backends(CPU)["triton"]
+    finally:
+        dispatch._load.cache_clear()
 
 
 def test_the_cuda_coefficient_limit_refuses_only_widths_above_it():
