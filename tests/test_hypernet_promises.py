@@ -97,3 +97,50 @@ def test_a_hypernetwork_file_whose_metadata_widths_disagree_with_its_tensors_is_
     save_file(sd, str(path), metadata=meta)
     with pytest.raises(lk.LoraFileError, match=r"metadata widths .* disagree with tensors \(8, 12\)"):
         lk.Hypernet.load(path)
+
+
+def test_a_one_dimensional_input_weight_is_refused_with_its_shape(tmp_path):
+    sd = {k: v.detach().clone() for k, v in _net(widths=(8,)).state_dict().items()}
+    flat = dict(sd, **{"input_1.weight": sd["input_1.weight"].flatten()})
+    with pytest.raises(
+        lk.LoraFileError, match=r"input_1.weight has shape \(96,\), expected \[hidden, 2\*width\]"
+    ):
+        lk.Hypernet.load(_checkpoint(tmp_path, **flat))
+
+
+def _with_metadata(tmp_path, meta):
+    path = tmp_path / "h.safetensors"
+    _net().save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+def test_metadata_widths_are_read_only_from_lorarars_own_format(tmp_path):
+    """Widths in metadata are checked only when the file says it is lorarar's format (read at run time, an
+    equal string); a lorarar file without them, or another tool's with its own widths entry, loads."""
+    from lorarar_kernels.hypernet import HYPERNET_FORMAT
+
+    ours = "".join(list(HYPERNET_FORMAT))
+    assert lk.Hypernet.load(_with_metadata(tmp_path, {"format": ours})).widths == (8, 12)
+    assert lk.Hypernet.load(_with_metadata(tmp_path, {"format": "other/1", "widths": "3"})).widths == (8, 12)
+    with pytest.raises(lk.LoraFileError, match="disagree"):
+        lk.Hypernet.load(_with_metadata(tmp_path, {"format": ours, "widths": "3"}))
+
+
+def test_a_conv_layer_on_either_side_of_a_hypernetwork_pair_is_refused_naming_where():
+    from lorarar_kernels.hypernet import check_pair
+
+    gen = torch.Generator().manual_seed(4)
+    lin = rand_layer(8, 12, 2, gen)
+    conv = lk.LoRALayer(torch.randn(2, 3, 2, 2, generator=gen), torch.randn(8, 2, generator=gen))
+    for c, s in ((conv, lin), (lin, conv)):
+        with pytest.raises(
+            lk.LayerMismatchError, match=r"^layer x: hypernetwork coefficients apply to linear"
+        ):
+            check_pair(c, s, "layer x")
+        with pytest.raises(lk.LayerMismatchError, match=r"^hypernetwork coefficients apply to linear"):
+            check_pair(c, s)
