@@ -22,6 +22,9 @@ class Mutant:
     fast: bool = False
     accepted: str = ""
     every: bool = False
+    # the cpp kernel path (`lorarar_kernels.ops.cpu_isa.PATHS`) the mutated code runs on, when only one does:
+    # on a CPU without it no test can reach the mutant, which is then reported "not run here", not survived
+    cpu_path: str = ""
 
     def edits(self) -> list[tuple[str, str, str]]:
         """``[(file, old, new)]``."""
@@ -313,6 +316,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (("_mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))", "_mm512_set1_epi32(0x8000)"),),
         TIES[:1],
         fast=True,
+        cpu_path="avx512",
     ),
     Mutant(
         "cpp-bf16-truncates",
@@ -343,6 +347,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         TIES,
+        cpu_path="avx512",
     ),
     Mutant(
         "cpp-col-scale-wrong-row",
@@ -388,6 +393,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         NATIVE,
+        cpu_path="avx512",
     ),
     Mutant(
         "cpp-src-not-added",
@@ -400,6 +406,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         NATIVE,
+        cpu_path="avx512",
     ),
     Mutant(
         "cpp-pack-scale-dropped",

@@ -11,8 +11,10 @@ The working tree is never touched: the scratch copy holds the tracked and untrac
 and imports come from it (``PYTHONPATH``; the editable install's import hook is removed). Python mutants reuse the installed
 extension; C++ mutants build it once with CMake (CUDA off) and rebuild the mutated file per mutant (a mutant
 that does not compile counts as stillborn, not killed). Before the mutants, the unmutated copy must pass
-every selected test (else the run stops: a failing baseline kills everything). Exit status 0 when every
-mutant is killed or accepted (`Mutant.accepted`, with the reason), 1 otherwise.
+every selected test (else the run stops: a failing baseline kills everything). A mutant of a cpp kernel
+path this CPU cannot run (`Mutant.cpu_path`, e.g. the AVX-512 write-back on an AVX2 machine) is reported
+"not run" with the reason and left out of the score: no test here can reach it. Exit status 0 when every
+mutant run is killed or accepted (`Mutant.accepted`, with the reason), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -155,6 +157,15 @@ def apply(scratch: Path, mutant: Mutant) -> dict[str, str]:
     return originals
 
 
+def cannot_run_here(m) -> str | None:
+    """Why the cpp kernel path a mutant lives on (`Mutant.cpu_path`) cannot run on this CPU, else None."""
+    if not m.cpu_path:
+        return None
+    from lorarar_kernels.ops import cpu_isa
+
+    return cpu_isa.available()[m.cpu_path]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
@@ -209,6 +220,11 @@ def main(argv=None) -> int:
         results = []
         for m in sorted(chosen, key=lambda m: m.native):
             t0 = time.perf_counter()
+            why = cannot_run_here(m)
+            if why is not None:
+                results.append((m, "not run", why))
+                log(f"{'not run':9s} {m.id}  (its {m.cpu_path} kernel path cannot run on this CPU: {why})")
+                continue
             originals = apply(scratch, m)
             try:
                 if m.native:
@@ -232,7 +248,8 @@ def main(argv=None) -> int:
         log(
             f"score: {killed}/{len(counted)} killed = {100 * killed / max(len(counted), 1):.1f} % "
             f"({sum(r[1] == 'accepted' for r in results)} accepted survivors, "
-            f"{sum(r[1] == 'stillborn' for r in results)} stillborn; {time.perf_counter() - t_start:.0f} s)"
+            f"{sum(r[1] == 'stillborn' for r in results)} stillborn, "
+            f"{sum(r[1] == 'not run' for r in results)} not run on this CPU; {time.perf_counter() - t_start:.0f} s)"
         )
         for m, verdict, _ in results:
             if verdict == "accepted":
