@@ -77,3 +77,13 @@ def assert_refused_untouched(target, fn, match, error=None):
     after = weights(target)
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     assert lk.current(target) is None
+
+
+def storage_elsewhere(t: torch.Tensor, where: str) -> torch.Tensor | None:
+    """A copy of ``t`` whose storage lies ``"below"`` or ``"above"`` ``t``'s own (the lowest / highest of a
+    few copies), or None when the allocator placed none there: for tests that replace ``.data`` and must
+    see the move whichever way the address goes."""
+    spare = [t.detach().clone() for _ in range(16)]
+    if where == "below":
+        return min((s for s in spare if s.data_ptr() < t.data_ptr()), key=torch.Tensor.data_ptr, default=None)
+    return max((s for s in spare if s.data_ptr() > t.data_ptr()), key=torch.Tensor.data_ptr, default=None)

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from engine_helpers import storage_elsewhere
 
 import lorarar_kernels as lk
 from lorarar_kernels import factors
@@ -143,22 +144,15 @@ def test_a_factor_whose_storage_was_replaced_is_seen_whatever_the_new_address():
     and a plan reading it in place sees that, whether the new storage lies below or above the old."""
     x = layer(12, 20, 3)
     old = x.up.data
-    spare = [old.clone() for _ in range(16)]
-    below = [t for t in spare if t.data_ptr() < old.data_ptr()]
-    above = [t for t in spare if t.data_ptr() > old.data_ptr()]
-    for new in (
-        min(below, key=torch.Tensor.data_ptr, default=None),
-        max(above, key=torch.Tensor.data_ptr, default=None),
-    ):
-        if new is None:
-            continue
+    moves = [n for n in (storage_elsewhere(old, "below"), storage_elsewhere(old, "above")) if n is not None]
+    for new in moves:
         x.up.data = old
         f = LayerFactors("l", "sum", None, 3, (20,), (source_of(x), None))
         x.up.data = new
         assert f.sources_changed
         with pytest.raises(lk.StaleSwapError):
             _ = f.up
-    assert below or above
+    assert moves
 
 
 @needs_cpp

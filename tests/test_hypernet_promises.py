@@ -88,13 +88,10 @@ def test_a_pair_of_layers_of_different_shapes_is_refused_in_either_order():
 def test_a_hypernetwork_file_whose_metadata_widths_disagree_with_its_tensors_is_refused(tmp_path, declared):
     from safetensors import safe_open
 
-    path = tmp_path / "h.safetensors"
-    _net().save(path)
-    with safe_open(str(path), "pt") as f:
+    _net().save(tmp_path / "h.safetensors")
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
         meta = dict(f.metadata())
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    meta["widths"] = "".join(list(declared))
-    save_file(sd, str(path), metadata=meta)
+    path = _with_metadata(tmp_path, dict(meta, widths="".join(list(declared))))
     with pytest.raises(lk.LoraFileError, match=r"metadata widths .* disagree with tensors \(8, 12\)"):
         lk.Hypernet.load(path)
 

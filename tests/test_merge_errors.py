@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from engine_helpers import rand_lora, weights
+from engine_helpers import rand_lora, storage_elsewhere, weights
 from engine_models import AttentionStack, attention_shapes
 
 import lorarar_kernels as lk
@@ -131,14 +131,7 @@ def test_moved_storage_is_refused(where):
     refused and the message says it moved, wherever the new storage lies."""
     module = setup_merged()
     weight = module.get_submodule(Q).weight
-    spare = [weight.data.clone() for _ in range(16)]
-    lower = [t for t in spare if t.data_ptr() < weight.data_ptr()]
-    higher = [t for t in spare if t.data_ptr() > weight.data_ptr()]
-    pick = (
-        min(lower, key=torch.Tensor.data_ptr, default=None)
-        if where == "below"
-        else max(higher, key=torch.Tensor.data_ptr, default=None)
-    )
+    pick = storage_elsewhere(weight.data, where)
     if pick is None:
         pytest.skip(f"the allocator placed no copy {where} the weight")
     weight.data = pick
