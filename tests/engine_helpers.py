@@ -79,11 +79,12 @@ def assert_refused_untouched(target, fn, match, error=None):
     assert lk.current(target) is None
 
 
-def storage_elsewhere(t: torch.Tensor, where: str) -> torch.Tensor | None:
-    """A copy of ``t`` whose storage lies ``"below"`` or ``"above"`` ``t``'s own (the lowest / highest of a
-    few copies), or None when the allocator placed none there: for tests that replace ``.data`` and must
-    see the move whichever way the address goes."""
-    spare = [t.detach().clone() for _ in range(16)]
-    if where == "below":
-        return min((s for s in spare if s.data_ptr() < t.data_ptr()), key=torch.Tensor.data_ptr, default=None)
-    return max((s for s in spare if s.data_ptr() > t.data_ptr()), key=torch.Tensor.data_ptr, default=None)
+def storage_around(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Moves ``t``'s values into the middle third of a fresh buffer (``t.data = ...``: same tensor, same
+    version) and returns copies of them in the lower and the upper third, ``{"below": ..., "above": ...}``:
+    for tests that replace ``.data`` again and must see the move whichever way the address goes."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    buffer = torch.cat([flat, flat, flat])
+    t.data = buffer[n : 2 * n].view(t.shape)
+    return {"below": buffer[:n].view(t.shape), "above": buffer[2 * n :].view(t.shape)}

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from engine_helpers import rand_lora, storage_elsewhere, weights
+from engine_helpers import rand_lora, storage_around, weights
 from engine_models import AttentionStack, attention_shapes
 
 import lorarar_kernels as lk
@@ -129,14 +129,29 @@ def test_weights_changed_behind_the_engines_back_are_refused():
 def test_moved_storage_is_refused(where):
     """A weight whose storage was replaced (what offloading or `.to()` does: same Parameter, new storage) is
     refused and the message says it moved, wherever the new storage lies."""
-    module = setup_merged()
+    module = AttentionStack(SHAPES, dtype=torch.float16)
     weight = module.get_submodule(Q).weight
-    pick = storage_elsewhere(weight.data, where)
-    if pick is None:
-        pytest.skip(f"the allocator placed no copy {where} the weight")
+    pick = storage_around(weight)[where]
+    lk.merge(module, rand_lora(SHAPES, 2, 1), rand_lora(SHAPES, 3, 2), None)  # as setup_merged
     weight.data = pick
     with pytest.raises(lk.TargetModifiedError, match=rf"{Q}.*storage moved: True\)"):
         lk.merge(module, rand_lora(SHAPES, 2, 5), None)
+
+
+@pytest.mark.parametrize("where", ["below", "above"])
+def test_a_swap_prepared_before_a_weight_moved_is_stale_wherever_the_new_storage_lies(where):
+    """A prepared swap holds the addresses it will write; a weight given new storage since (first merge: no
+    layer recorded yet) makes it stale, named by the layer, and nothing is written."""
+    module = AttentionStack(SHAPES)
+    weight = module.get_submodule(Q).weight
+    pick = storage_around(weight)[where]
+    prepared = lk.prepare(module, rand_lora(SHAPES, 2, 5), None)
+    weight.data = pick
+    before = weights(module)
+    with pytest.raises(lk.StaleSwapError, match=rf"layer '{Q}' moved to new storage"):
+        prepared.apply()
+    assert all(torch.equal(before[n], p) for n, p in weights(module).items())
+    assert lk.current(module) is None
 
 
 def test_dtype_conversion_is_refused():

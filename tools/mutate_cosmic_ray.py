@@ -75,6 +75,8 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_merge_in_place.py",
             # accelerate's real offload hooks move the weights: the only tests of moves_weights / _form
             "tests/test_pipeline_offload.py",
+            # PEFT's fuse_lora / unfuse_lora while a pair is merged: the only tests of the fused-adapter check
+            "tests/test_pipeline_peft_fuse.py",
         ),
         "lorarar_kernels/merge.py": (
             "tests/test_merge_promises.py",
