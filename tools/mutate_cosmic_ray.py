@@ -47,6 +47,18 @@ EXOTIC = [
     r"core/NumberReplacer",
 ]
 
+# every formats file: the format tests, fastest first
+FORMAT_TESTS = (
+    "tests/test_formats_names.py",
+    "tests/test_formats_loading.py",
+    "tests/test_formats_legacy.py",
+    "tests/test_formats_kohya.py",
+    "tests/test_formats_peft.py",
+    "tests/test_formats_transformers.py",
+    "tests/test_formats_oracles.py",  # against diffusers / PEFT / kohya's own loaders, on their files
+    "tests/test_robust_inputs.py",
+)
+
 # The engine files and, for each, the test files that exercise it (chosen by what they import and call),
 # ordered so that a wrong mutant usually fails in the first, fastest one (pytest runs with -x).
 PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -140,6 +152,56 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_merge_errors.py",
             "tests/test_robust_inputs.py",
         ),
+        "lorarar_kernels/ops/native.py": (
+            "tests/test_ops_native.py",
+            "tests/test_ops_pack.py",
+            "tests/test_ops_native_sources.py",  # the cpp kernel reading the LoRAs' own tensors
+            "tests/test_ops_nonfinite.py",
+            "tests/test_ops_ties.py",
+            "tests/test_merge_in_place.py",
+            "tests/test_factors.py",
+            "tests/test_ops_cpu_isa.py",
+        ),
+        "lorarar_kernels/ops/cpu_isa.py": ("tests/test_ops_cpu_isa.py", "tests/test_ops_native.py"),
+        "lorarar_kernels/ops/__init__.py": (
+            "tests/test_ops_validate.py",
+            "tests/test_reference_ops.py",
+            "tests/test_ops_pack.py",
+            "tests/test_ops_native.py",
+            "tests/test_ops_nonfinite.py",
+            "tests/test_dispatch.py",
+            "tests/test_merge.py",
+        ),
+        "lorarar_kernels/lora_layer.py": (
+            "tests/test_lora_promises.py",
+            "tests/test_robust_inputs.py",
+            "tests/test_formats_loading.py",
+            "tests/test_formats_peft.py",
+            "tests/test_factors.py",
+            "tests/test_conveniences.py",
+        ),
+        "lorarar_kernels/safeio.py": (
+            "tests/test_formats_loading.py",
+            "tests/test_robust_inputs.py",
+            "tests/test_hypernet_promises.py",
+            "tests/test_formats_peft.py",
+            "tests/test_robust_cli.py",
+        ),
+        "lorarar_kernels/fused_projections.py": (
+            "tests/test_fused_qkv.py",
+            "tests/test_formats_transformers.py",
+        ),
+        "lorarar_kernels/errors.py": ("tests/test_robust_inputs.py", "tests/test_merge_errors.py"),
+        "lorarar_kernels/formats/__init__.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/adapter_config.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/common.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/flux_names.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/kohya.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/legacy.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/names.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/peft.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/sgm_names.py": FORMAT_TESTS,
+        "lorarar_kernels/formats/xlabs.py": FORMAT_TESTS,
     },
 }
 
