@@ -148,6 +148,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_merge.py",
         ),
         "lorarar_kernels/ops/validate.py": (
+            "tests/test_ops_validate_refusals.py",  # every check at its edge and one step past it
             "tests/test_ops_validate.py",
             "tests/test_merge_errors.py",
             "tests/test_robust_inputs.py",
