@@ -67,6 +67,7 @@ def strided(rows: int, cols: int, row_stride: int, col_stride: int) -> torch.Ten
         (1, 5, 5, 2, False),  # one row, but its columns not adjacent
         (4, 2, 1, 1, False),  # row stride below the width of 2
         (0, 5, 1, 1, True),  # no rows: its stride is never used
+        (4, 0, 1, 3, True),  # no columns: neither stride is used
     ],
 )
 def test_rows_ok_is_unit_column_stride_and_row_stride_at_least_the_width(
@@ -136,8 +137,13 @@ def test_packed_factors_must_be_float32(field, shape, dtype):
     [
         ((OUT * RANK,), (RANK, IN)),  # a 1-D up
         ((OUT, RANK), (RANK * IN,)),  # a 1-D down
+        ((OUT,), (1, IN)),  # a 1-D up as long as the weight
+        ((OUT, RANK, 1), (RANK, IN)),  # a 3-D up
+        ((OUT, RANK), (RANK, IN, 1)),  # a 3-D down
         ((OUT + 1, RANK), (RANK, IN)),  # up's rows are not the weight's
+        ((OUT - 1, RANK), (RANK, IN)),
         ((OUT, RANK), (RANK, IN - 1)),  # down's columns are not the weight's
+        ((OUT, RANK), (RANK, IN + 1)),
     ],
 )
 def test_packed_factors_must_multiply_to_the_weights_shape(up, down):
@@ -185,13 +191,39 @@ def test_a_sources_dtype_must_be_a_weight_dtype(which, factor):
     [
         ((OUT * 2,), (2, IN)),
         ((OUT, 2), (2 * IN,)),
+        ((OUT,), (1, IN)),  # a 1-D up as long as the weight
+        ((OUT, 2, 1), (2, IN)),
+        ((OUT, 2), (2, IN, 1)),
         ((OUT - 1, 2), (2, IN)),
+        ((OUT + 1, 2), (2, IN)),
         ((OUT, 2), (2, IN + 1)),
+        ((OUT, 2), (2, IN - 1)),
     ],
 )
 def test_a_source_must_multiply_to_the_weights_shape(up, down):
     bad = FactorSource(torch.randn(up), 1.0, torch.randn(down))
     refused(reading(source(1), bad), f"source 1: up {up} @ down {down} is not [{OUT}, {IN}]", sources=True)
+
+
+def test_a_bad_second_source_is_refused_after_a_missing_first():
+    bad = FactorSource(torch.randn(OUT, 2), 1.0, torch.randn(2, IN + 1))
+    refused(
+        reading("none", bad),
+        f"source 1: up ({OUT}, 2) @ down (2, {IN + 1}) is not [{OUT}, {IN}]",
+        sources=True,
+    )
+
+
+def test_large_shapes_are_accepted_packed_and_read_in_place():
+    """Sizes past 256 (ints Python does not cache: every comparison must be by value)."""
+    out_f, in_f, rc, rs = 300, 280, 257, 3
+    w = torch.randn(out_f, in_f, generator=GEN)
+    c, s = source(rc, out_f=out_f, in_f=in_f), source(rs, out_f=out_f, in_f=in_f)
+    cs = torch.rand(2, in_f, generator=GEN)
+    check_job(ApplyJob(NAME, w, w, None, None, cs, rc, (c, s)), "cpu", sources=True, index_limit=out_f * in_f)
+    up, down = torch.cat([c.up, s.up], 1), torch.cat([c.down, s.down], 0)
+    check_job(ApplyJob(NAME, w, w, up, down, cs, rc), "cpu", index_limit=out_f * in_f)
+    check_job(ApplyJob(NAME, w, w, up, down, cs, rc + rs), "cpu")
 
 
 def test_a_source_must_share_its_rank():
@@ -241,6 +273,11 @@ def test_sources_on_another_device_are_refused():
 def test_the_backends_device_type_is_enforced_and_none_takes_any():
     check_job(packed(), None)
     refused(packed(), "dst is on cpu, this backend runs on cuda", device_type="cuda")
+    job = packed()
+    on_meta = {f: getattr(job, f).to("meta") for f in ("dst", "up", "down", "col_scale")}
+    on_meta["src"] = on_meta["dst"]
+    check_job(packed(**on_meta), None)
+    refused(packed(**on_meta), "dst is on meta, this backend runs on cpu", device_type="cpu")
 
 
 @pytest.mark.parametrize("field", ["dst", "src", "up", "down", "col_scale"])
