@@ -75,3 +75,31 @@ def test_cosmic_ray_profiles_name_files_and_tests_that_exist():
                 assert not name or f"def {name}(" in (ROOT / path).read_text(), t
     for script in (cr._FORK_SERVER, cr._CLIENT, mutate._RUN_PYTEST):
         compile(script, "<scratch script>", "exec")
+
+
+def test_cosmic_ray_recheck_reads_the_survivors_and_compares_diffs_by_their_changed_lines():
+    """``--recheck`` takes only the survived mutants of a session (not the killed, the filtered or the not
+    run ones) and calls a re-applied mutant "moved" unless its changed lines are the recorded ones."""
+    import json
+
+    import mutate_cosmic_ray as cr
+
+    def line(outcome, op="core/AddNot", occurrence=0, worker="normal"):
+        mut = {"module_path": "lorarar_kernels/plan.py", "operator_name": op, "occurrence": occurrence,
+               "start_pos": [7, 4], "end_pos": [7, 9]}  # fmt: skip
+        diff = "--- mutation diff ---\n--- a/x\n+++ b/x\n@@ -7 +7 @@\n-    a = 1\n+    a = 2\n"
+        result = (
+            None if outcome is None else {"worker_outcome": worker, "test_outcome": outcome, "diff": diff}
+        )
+        return json.dumps([{"mutations": [mut]}, result])
+
+    dump = "\n".join(
+        [line("killed"), line("survived", occurrence=3), line(None), line("survived", worker="skipped")]
+    )
+    (only,) = cr.survivors(dump)
+    assert (only["module_path"], only["operator"], only["occurrence"], only["line"]) == (
+        "lorarar_kernels/plan.py", "core/AddNot", 3, 7,
+    )  # fmt: skip
+    same = "--- -\n+++ lorarar_kernels/plan.py\n@@ -7,1 +7,1 @@\n-    a = 1\n+    a = 2\n"
+    assert cr._changed_lines(same) == cr._changed_lines(only["diff"]) == ["-    a = 1", "+    a = 2"]
+    assert cr._changed_lines(same.replace("a = 2", "a = 3")) != cr._changed_lines(only["diff"])

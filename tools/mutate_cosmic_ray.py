@@ -20,7 +20,11 @@ mutant; the test files run one at a time, in their order, up to the first that f
 cannot reach the server runs pytest itself. Prints every survivor with its diff
 and the score per file (exit status 1 when a mutant survives); ``--report FILE`` writes the same as
 markdown; ``--dump SQLITE...`` only reports sessions kept with ``--keep`` (or interrupted: the mutants
-not run yet are counted apart); ``--keep`` keeps the copy and its session databases. Operators that only rewrite a number's bits
+not run yet are counted apart); ``--keep`` keeps the copy and its session databases. ``--recheck
+SQLITE...`` runs each survivor of kept sessions again, against the tests as they are now (the file's
+tests of ``--profile`` or ``--tests``), on a fresh scratch copy: it re-applies the mutant with ``cosmic-ray
+apply``, checks that the diff is the one recorded (else the file changed since and the mutant is reported
+"moved"), and reports which are killed since and which still survive. Operators that only rewrite a number's bits
 or swap an operator for a bitwise or exotic one are left out by default (``--all-operators`` keeps them):
 those mutants crash or are caught as the plain ones are, and they triple the run.
 """
@@ -338,6 +342,51 @@ def outcomes(dump: str) -> dict:
     return {"killed": killed, "survived": survived, "pending": pending}
 
 
+def survivors(dump: str) -> list[dict]:
+    """The survived mutants of a ``cosmic-ray dump``: {module_path, operator, occurrence, line, diff}."""
+    out = []
+    for line in dump.splitlines():
+        item, result = json.loads(line)
+        if result is None or result.get("worker_outcome") != "normal" or result["test_outcome"] == "killed":
+            continue
+        (mut,) = item["mutations"]
+        diff = "".join(result["diff"]) if isinstance(result["diff"], list) else result["diff"]
+        out.append(
+            {"module_path": mut["module_path"], "operator": mut["operator_name"], "occurrence": mut["occurrence"],
+             "line": mut["start_pos"][0], "diff": diff.rstrip()}
+        )  # fmt: skip
+    return out
+
+
+def _changed_lines(diff: str) -> list[str]:
+    return [x for x in diff.splitlines() if x[:1] in "+-" and not x.startswith(("+++", "---"))]
+
+
+def recheck(cr: Path, scratch: Path, env, survivor: dict, tests, timeout: float) -> str:
+    """Re-apply one survivor in ``scratch`` and run ``tests``: "killed", "survived", "moved" or "timeout"."""
+    path = scratch / survivor["module_path"]
+    pristine = path.read_text()
+    try:
+        subprocess.run(
+            [str(cr), "apply", survivor["module_path"], survivor["operator"], str(survivor["occurrence"])],
+            cwd=scratch, env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        now = subprocess.run(
+            ["diff", "-u", "-", str(path)], input=pristine, capture_output=True, text=True
+        ).stdout
+        if _changed_lines(now) != _changed_lines(survivor["diff"]):
+            return "moved"
+        cmd = [sys.executable, str(scratch / "_pytest_client.py"), str(scratch / "_pytest.sock"),
+               "-x", "-q", "-p", "no:cacheprovider", *tests]  # fmt: skip
+        try:
+            rc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+        return "killed" if rc else "survived"
+    finally:
+        path.write_text(pristine)
+
+
 def score_line(r: dict) -> str:
     n = r["killed"] + len(r["survived"])
     pending = f", {r['pending']} not run" if r.get("pending") else ""
@@ -387,6 +436,12 @@ def main(argv=None) -> int:
     ap.add_argument("--report", help="write the scores and every survivor's diff to this markdown file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy (its path is printed)")
     ap.add_argument("--dump", nargs="+", metavar="SQLITE", help="only report kept (or interrupted) sessions")
+    ap.add_argument(
+        "--recheck",
+        nargs="+",
+        metavar="SQLITE",
+        help="run the survivors of kept sessions against today's tests",
+    )
     args = ap.parse_args(argv)
     cr = Path(shutil.which(args.cosmic_ray) or args.cosmic_ray)
     if not cr.is_file():
@@ -398,6 +453,17 @@ def main(argv=None) -> int:
             file = json.loads(out.splitlines()[0])[0]["mutations"][0]["module_path"] if out else db
             results.append({"file": file, "tests": [], **outcomes(out), "seconds": 0.0})
         return report(results, args.report)
+    sessions: dict[str, list[dict]] = {}
+    for db in args.recheck or []:
+        out = subprocess.run([str(cr), "dump", db], capture_output=True, text=True, check=True).stdout
+        for x in survivors(out):
+            sessions.setdefault(x["module_path"], []).append(x)
+    if args.recheck and not args.tests:
+        args.profile = args.profile or "engine"
+        args.only = ",".join(sessions)
+    if args.recheck and not sessions:
+        print("no survivors in those sessions")
+        return 0
     if args.profile:
         plan = dict(PROFILES[args.profile])
         if args.only:
@@ -431,6 +497,8 @@ def main(argv=None) -> int:
         )  # fmt: skip
         if server.stdout.readline().strip() != "ready":
             raise SystemExit("mutate_cosmic_ray: the pytest fork server did not start")
+        if args.recheck:
+            return _recheck_all(cr, scratch, env, plan, sessions, args.timeout, args.report)
         exclude = [] if args.all_operators else EXOTIC
         for f, tests in plan.items():
             r = run_file(cr, scratch, env, f, tests, args.timeout, exclude)
@@ -447,6 +515,27 @@ def main(argv=None) -> int:
             print(f"scratch copy kept: {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _recheck_all(cr, scratch, env, plan, sessions, timeout, path) -> int:
+    lines, still = ["# cosmic-ray survivors rechecked", ""], 0
+    for f, found in sessions.items():
+        tests = plan[f]
+        counts: dict[str, int] = {}
+        for x in found:
+            verdict = recheck(cr, scratch, env, x, tests, timeout)
+            counts[verdict] = counts.get(verdict, 0) + 1
+            still += verdict != "killed"
+            print(f"{verdict.upper():8} {f}:{x['line']} {x['operator']}", flush=True)
+            lines += [f"- {verdict}: `{f}:{x['line']}` {x['operator']}"]
+            if verdict != "killed":
+                lines += ["", "```diff", x["diff"], "```", ""]
+        summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+        print(f"recheck: {f}: {len(found)} survivors: {summary} (tests {', '.join(tests)})")
+        lines.insert(2, f"- {f}: {len(found)} survivors: {summary}")
+    if path:
+        Path(path).write_text("\n".join(lines) + "\n")
+    return 1 if still else 0
 
 
 if __name__ == "__main__":
