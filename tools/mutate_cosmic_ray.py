@@ -178,6 +178,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_merge.py",
         ),
         "lorarar_kernels/lora_layer.py": (
+            "tests/test_lora_layer_refusals.py",
             "tests/test_lora_promises.py",
             "tests/test_robust_inputs.py",
             "tests/test_formats_loading.py",

@@ -1,0 +1,73 @@
+"""`LoRALayer`'s construction checks, each at its edge: what it accepts and what it refuses, with the text
+(pure: no model, no file)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorarar_kernels.errors import LayerMismatchError
+from lorarar_kernels.lora_layer import LoRALayer
+
+GEN = torch.Generator().manual_seed(4)
+
+
+def factors(out_f=5, in_f=7, rank=2):
+    return torch.randn(rank, in_f, generator=GEN), torch.randn(out_f, rank, generator=GEN)
+
+
+@pytest.mark.parametrize("which", ["down", "up"])
+@pytest.mark.parametrize("bad", [None, [[1.0, 2.0]], 3.0])
+def test_either_factor_not_a_tensor_is_refused(which, bad):
+    down, up = factors()
+    kwargs = {"down": down, "up": up, which: bad}
+    with pytest.raises(LayerMismatchError, match=r"^LoRALayer: down and up must be tensors$"):
+        LoRALayer(**kwargs)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 3), (3, 1), (0, 1), (2, 2)])
+def test_a_conv_up_must_be_one_by_one(kernel):
+    down = torch.randn(2, 4, 3, 3, generator=GEN)
+    up = torch.randn(6, 2, *kernel, generator=GEN)
+    with pytest.raises(
+        LayerMismatchError, match=rf"conv up must be \[out, r, 1, 1\], got \(6, 2, {kernel[0]}, {kernel[1]}\)"
+    ):
+        LoRALayer(down, up)
+
+
+def test_a_conv_layer_with_a_one_by_one_up_is_accepted():
+    layer = LoRALayer(torch.randn(2, 4, 3, 3, generator=GEN), torch.randn(6, 2, 1, 1, generator=GEN))
+    assert layer.is_conv and (layer.rank, layer.in_features, layer.out_features) == (2, 36, 6)
+
+
+def test_rank_zero_is_refused():
+    with pytest.raises(
+        LayerMismatchError, match=r"^LoRALayer: rank 0 \(empty factors\); leave the layer out"
+    ):
+        LoRALayer(torch.zeros(0, 7), torch.zeros(5, 0))
+
+
+def test_rank_one_is_accepted():
+    assert LoRALayer(*factors(rank=1)).rank == 1
+
+
+@pytest.mark.parametrize("scale, value", [(torch.tensor(0.25), 0.25), (torch.tensor([0.5]), 0.5),
+                                          (torch.tensor([[2.0]], dtype=torch.float16), 2.0), (3, 3.0)])  # fmt: skip
+def test_a_one_element_real_tensor_scale_becomes_its_float(scale, value):
+    layer = LoRALayer(*factors(), scale=scale)
+    assert type(layer.scale) is float and layer.scale == value
+
+
+@pytest.mark.parametrize(
+    "scale",
+    [
+        torch.tensor([]),
+        torch.tensor([1.0, 2.0]),
+        torch.tensor(1 + 2j),
+        torch.tensor([1.0 + 0j]),
+        torch.tensor(float("nan")),
+    ],
+)
+def test_a_tensor_scale_that_is_not_one_finite_real_number_is_refused(scale):
+    with pytest.raises(LayerMismatchError, match=r"^LoRALayer: scale must be a finite real number, got "):
+        LoRALayer(*factors(), scale=scale)
