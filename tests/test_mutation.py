@@ -67,7 +67,7 @@ def test_cosmic_ray_profiles_name_files_and_tests_that_exist():
     for files in cr.PROFILES.values():
         assert files
         for f, tests in files.items():
-            assert (ROOT / f).is_file() and f.startswith("lorarar_kernels/"), f
+            assert (ROOT / f).is_file() and f.startswith(("lorarar_kernels/", "python_api/lorarar/")), f
             assert tests, f
             for t in tests:
                 path, _, name = t.partition("::")

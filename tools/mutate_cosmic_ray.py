@@ -209,6 +209,20 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
         "lorarar_kernels/formats/sgm_names.py": FORMAT_TESTS,
         "lorarar_kernels/formats/xlabs.py": FORMAT_TESTS,
     },
+    # the integration's swap code: the diffusers swapper (real tiny pipelines, real accelerate and PEFT)
+    "integration": {
+        "python_api/lorarar/pipeline.py": (
+            "tests/test_pipeline_peft_fuse.py",
+            "tests/test_pipeline_offload.py",
+            "tests/test_pipeline.py",
+            "tests/test_conveniences.py",
+        ),
+        "python_api/lorarar/pipeline_targets.py": (
+            "tests/test_pipeline.py",
+            "tests/test_pipeline_dit.py",
+            "tests/test_fused_qkv.py",
+        ),
+    },
 }
 
 # pytest forked from a process that imported the heavy libraries once (never the project: each fork
@@ -459,7 +473,9 @@ def main(argv=None) -> int:
         out = subprocess.run([str(cr), "dump", db], capture_output=True, text=True, check=True).stdout
         for x in survivors(out):
             sessions.setdefault(x["module_path"], []).append(x)
-    if args.recheck and not args.tests:
+    if args.recheck and args.tests:
+        args.files = ",".join(sessions)
+    elif args.recheck:
         args.profile = args.profile or "engine"
         args.only = ",".join(sessions)
     if args.recheck and not sessions:
