@@ -61,6 +61,7 @@ def strided(rows: int, cols: int, row_stride: int, col_stride: int) -> torch.Ten
         (4, 5, 7, 1, True),  # rows of a wider buffer
         (4, 5, 4, 1, False),  # rows overlapping by one element
         (4, 5, 5, 2, False),  # columns not adjacent
+        (4, 5, 5, 0, False),  # a broadcast row (column stride 0)
         (4, 1, 1, 3, True),  # one column: its stride is never used
         (4, 1, 1, 1, True),  # one column, row stride = width exactly
         (1, 5, 2, 1, True),  # one row: its stride is never used
@@ -115,10 +116,11 @@ def test_dst_must_be_2d_and_src_its_shape():
         packed(dst=cube, src=cube),
         f"dst (1, {OUT}, {IN}) and src (1, {OUT}, {IN}) must be the same 2-D shape",
     )
-    refused(
-        packed(src=torch.randn(OUT, IN + 1, generator=GEN)),
-        f"dst ({OUT}, {IN}) and src ({OUT}, {IN + 1}) must be the same 2-D shape",
-    )
+    for shape in ((OUT, IN + 1), (OUT, IN - 1), (OUT - 1, IN)):
+        refused(
+            packed(src=torch.randn(shape, generator=GEN)),
+            f"dst ({OUT}, {IN}) and src {shape} must be the same 2-D shape",
+        )
 
 
 @pytest.mark.parametrize("field", ["up", "down"])
@@ -229,6 +231,8 @@ def test_large_shapes_are_accepted_packed_and_read_in_place():
 def test_a_source_must_share_its_rank():
     bad = FactorSource(torch.randn(OUT, 2), 1.0, torch.randn(3, IN))
     refused(reading(bad, split=3), "source 0: up has rank 2 but down has 3 rows", sources=True)
+    bad = FactorSource(torch.randn(OUT, 3), 1.0, torch.randn(2, IN))
+    refused(reading(source(1), bad), "source 1: up has rank 3 but down has 2 rows", sources=True)
 
 
 def test_split_is_the_rank_of_the_first_source_or_zero_without_one():
@@ -339,6 +343,7 @@ def test_the_index_limit_is_the_largest_of_the_three_products(out_f, in_f, rank)
     )
     largest = max(out_f * in_f, out_f * rank, rank * in_f)
     check_job(job, "cpu", index_limit=largest)
+    check_job(job, "cpu", index_limit=largest + 1)
     refused(
         job,
         f"dst ({out_f}, {in_f}) with rank {rank} is too large for 32-bit indexing",
@@ -355,6 +360,7 @@ def test_src_may_be_dst_itself_or_another_tensor_but_not_an_overlapping_view():
     flat = torch.randn(OUT * (OUT + 2), generator=GEN)
     rows, wider = flat.as_strided((OUT, OUT), (OUT, 1)), flat.as_strided((OUT, OUT), (OUT + 2, 1))
     refused(packed(dst=rows, src=wider, **square), "src aliases dst with different strides")
+    refused(packed(dst=wider, src=rows, **square), "src aliases dst with different strides")
     buffer = torch.randn(OUT + 1, OUT, generator=GEN)
     refused(
         packed(dst=buffer[1:], src=buffer[:-1], **square),
@@ -364,3 +370,8 @@ def test_src_may_be_dst_itself_or_another_tensor_but_not_an_overlapping_view():
         packed(dst=buffer[:-1], src=buffer[1:], **square),
         "src and dst share storage without being the same view",
     )
+
+
+def test_the_backend_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        check_job(reading(), "cpu", True)
