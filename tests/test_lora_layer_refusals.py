@@ -71,3 +71,31 @@ def test_a_one_element_real_tensor_scale_becomes_its_float(scale, value):
 def test_a_tensor_scale_that_is_not_one_finite_real_number_is_refused(scale):
     with pytest.raises(LayerMismatchError, match=r"^LoRALayer: scale must be a finite real number, got "):
         LoRALayer(*factors(), scale=scale)
+
+
+@pytest.mark.parametrize("down_rank, up_rank", [(2, 3), (3, 2)])
+def test_the_two_factors_must_share_their_rank_either_way(down_rank, up_rank):
+    with pytest.raises(
+        LayerMismatchError, match=rf"rank mismatch, down \({down_rank}, 7\) has rank {down_rank}, "
+    ):
+        LoRALayer(torch.randn(down_rank, 7), torch.randn(5, up_rank))
+
+
+def test_a_rank_past_256_is_compared_by_value():
+    assert LoRALayer(torch.randn(300, 7), torch.randn(5, 300)).rank == 300
+
+
+def test_meta_and_sparse_factors_are_refused_and_named():
+    down, up = factors()
+    with pytest.raises(LayerMismatchError, match=r"dense tensors with data, got torch\.strided on meta$"):
+        LoRALayer(down.to("meta"), up)
+    with pytest.raises(LayerMismatchError, match=r"dense tensors with data, got torch\.sparse_coo$"):
+        LoRALayer(down, up.to_sparse())
+
+
+@pytest.mark.parametrize(
+    "scale", [True, False, "0.5", "abc", 1j, float("nan"), float("inf"), -float("inf"), None]
+)
+def test_a_scale_that_is_not_a_finite_real_number_is_refused(scale):
+    with pytest.raises(LayerMismatchError, match=r"^LoRALayer: scale must be a finite real number, got "):
+        LoRALayer(*factors(), scale=scale)
