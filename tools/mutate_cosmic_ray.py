@@ -51,6 +51,52 @@ EXOTIC = [
     r"core/NumberReplacer",
 ]
 
+# Top-level definitions whose code runs only on a CUDA GPU with the extension built for it: on any other
+# machine their mutants are left out of the run (no test can reach them; each would survive after running
+# every test file) and reported apart as "GPU only, not run".
+GPU_ONLY: dict[str, tuple[str, ...]] = {
+    "lorarar_kernels/ops/native.py": ("CudaPlan", "_Cuda", "cuda_coefficients"),
+}
+
+
+def gpu_usable() -> bool:
+    """Whether this machine runs the cuda kernels (a CUDA device and an extension built with CUDA)."""
+    code = "import torch, lorarar_kernels.ops.native as n; print(torch.cuda.is_available() and n.compiled_with_cuda())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    return out.stdout.strip() == "True"
+
+
+def kept_lines(path: Path, names) -> list[str]:
+    """``"a-b"`` line ranges of ``path`` outside its top-level definitions ``names`` (cr-filter-lines keeps
+    the mutants inside the ranges)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    spans = sorted(
+        (min([n.lineno, *(d.lineno for d in getattr(n, "decorator_list", []))]), n.end_lineno)
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.name in names
+    )
+    missing = set(names) - {n.name for n in tree.body if hasattr(n, "name")}
+    if missing:
+        raise SystemExit(f"mutate_cosmic_ray: GPU_ONLY names {sorted(missing)} not defined in {path}")
+    ranges, start = [], 1
+    for a, b in spans:
+        if a > start:
+            ranges.append(f"{start}-{a - 1}")
+        start = b + 1
+    last = len(path.read_text().splitlines())
+    if start <= last:
+        ranges.append(f"{start}-{last}")
+    return ranges
+
+
+def _live(dump: str) -> int:
+    return sum(
+        1 for line in dump.splitlines() if (json.loads(line)[1] or {}).get("worker_outcome") != "skipped"
+    )
+
+
 # every formats file: the format tests, fastest first
 FORMAT_TESTS = (
     "tests/test_formats_names.py",
@@ -300,8 +346,9 @@ def toml_list(items) -> str:
     return "[" + ", ".join(repr(str(i)).replace("'", '"') for i in items) + "]"
 
 
-def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exclude) -> dict:
-    """One cosmic-ray session over ``file`` with ``tests``: {file, tests, killed, survived, seconds}."""
+def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exclude, gpu: bool) -> dict:
+    """One cosmic-ray session over ``file`` with ``tests``: {file, tests, killed, survived, gpu_only,
+    seconds}; without a usable GPU (``gpu`` False) the mutants of `GPU_ONLY` code are not run."""
     t0 = time.perf_counter()
     tag = file.replace("/", "_").removesuffix(".py")
     test_cmd = " ".join(
@@ -318,6 +365,13 @@ def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exc
         '[cosmic-ray.distributor]\nname = "local"\n\n'
         f"[cosmic-ray.filters.operators-filter]\nexclude-operators = {toml_list(exclude)}\n"
     )
+    gpu_names = () if gpu else GPU_ONLY.get(file, ())
+    if gpu_names:
+        ranges = kept_lines(scratch / file, gpu_names)
+        with open(scratch / config, "a") as f:
+            f.write(
+                f"\n[cosmic-ray.filters.line-filter.lines]\n{toml_list([file])[1:-1]} = {toml_list(ranges)}\n"
+            )
 
     def step(*cmd: str) -> str:
         r = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True)
@@ -329,10 +383,21 @@ def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exc
 
     step(str(cr), "init", config, session)
     step(str(cr.parent / "cr-filter-operators"), session, config)
+    gpu_only = 0
+    if gpu_names:
+        before = _live(step(str(cr), "dump", session))
+        step(str(cr.parent / "cr-filter-lines"), session, "--config", config)
+        gpu_only = before - _live(step(str(cr), "dump", session))
     step(str(cr), "baseline", config)  # the unmutated copy must pass
     step(str(cr), "exec", config, session)
     r = outcomes(step(str(cr), "dump", session))
-    return {"file": file, "tests": list(tests), **r, "seconds": time.perf_counter() - t0}
+    return {
+        "file": file,
+        "tests": list(tests),
+        **r,
+        "gpu_only": gpu_only,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def outcomes(dump: str) -> dict:
@@ -405,6 +470,7 @@ def recheck(cr: Path, scratch: Path, env, survivor: dict, tests, timeout: float)
 def score_line(r: dict) -> str:
     n = r["killed"] + len(r["survived"])
     pending = f", {r['pending']} not run" if r.get("pending") else ""
+    pending += f", {r['gpu_only']} GPU only, not run" if r.get("gpu_only") else ""
     return (
         f"{r['file']}: {r['killed']}/{n} killed = {100 * r['killed'] / max(n, 1):.1f} % "
         f"({len(r['survived'])} survived{pending}; {r['seconds']:.0f} s; tests {', '.join(r['tests'])})"
@@ -517,8 +583,9 @@ def main(argv=None) -> int:
         if args.recheck:
             return _recheck_all(cr, scratch, env, plan, sessions, args.timeout, args.report)
         exclude = [] if args.all_operators else EXOTIC
+        gpu = gpu_usable()
         for f, tests in plan.items():
-            r = run_file(cr, scratch, env, f, tests, args.timeout, exclude)
+            r = run_file(cr, scratch, env, f, tests, args.timeout, exclude, gpu)
             results.append(r)
             print(f"score: {score_line(r)}", flush=True)
             if args.report:
