@@ -99,3 +99,20 @@ def test_meta_and_sparse_factors_are_refused_and_named():
 def test_a_scale_that_is_not_a_finite_real_number_is_refused(scale):
     with pytest.raises(LayerMismatchError, match=r"^LoRALayer: scale must be a finite real number, got "):
         LoRALayer(*factors(), scale=scale)
+
+
+@pytest.mark.parametrize(
+    "down_shape, up_shape",
+    [((2, 7, 1), (5, 2)), ((2, 7), (5, 2, 1)), ((2,), (5, 2)), ((2, 7), (5, 2, 1, 1, 1))],
+)
+def test_either_factor_of_another_dimension_count_is_refused(down_shape, up_shape):
+    with pytest.raises(LayerMismatchError, match=r"must be 2-D \(linear\) or 4-D \(conv\)$"):
+        LoRALayer(torch.randn(down_shape), torch.randn(up_shape))
+
+
+def test_a_layer_is_frozen():
+    import dataclasses
+
+    layer = LoRALayer(*factors())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layer.scale = 2.0
