@@ -204,6 +204,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_robust_inputs.py",
         ),
         "lorarar_kernels/ops/native.py": (
+            "tests/test_ops_native_refusals.py",
             "tests/test_ops_native.py",
             "tests/test_ops_pack.py",
             "tests/test_ops_native_sources.py",  # the cpp kernel reading the LoRAs' own tensors
