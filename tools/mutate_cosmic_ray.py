@@ -234,6 +234,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_conveniences.py",
         ),
         "lorarar_kernels/safeio.py": (
+            "tests/test_safeio.py",
             "tests/test_formats_loading.py",
             "tests/test_robust_inputs.py",
             "tests/test_hypernet_promises.py",
