@@ -242,6 +242,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_robust_cli.py",
         ),
         "lorarar_kernels/fused_projections.py": (
+            "tests/test_fused_blocks.py",
             "tests/test_fused_qkv.py",
             "tests/test_formats_transformers.py",
         ),
