@@ -116,3 +116,12 @@ def test_pack_factors_destinations_must_be_cpu_rows(which):
         down_dst = down_dst.to("meta")
     with pytest.raises(LoraRarError, match=r"destinations must be CPU rows with unit column stride"):
         native.pack_factors([(up, scale, down, up_dst, down_dst)])
+
+
+@needs_cpp
+@pytest.mark.parametrize("where", ["up", "down"])
+def test_can_pack_takes_cpu_factors_only(where):
+    up, _, down, _, _ = _part()
+    assert native.can_pack(up, down)
+    moved = (up.to("meta"), down) if where == "up" else (up, down.to("meta"))
+    assert not native.can_pack(*moved)

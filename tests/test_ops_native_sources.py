@@ -34,11 +34,14 @@ def source(out_f, in_f, rank, dtype, scale, gen):
     return FactorSource(up, scale, down)
 
 
-def job(shape, wdtype, fdtypes, *, col_scale=True, inplace=False, seed=0):
+def job(shape, wdtype, fdtypes, *, col_scale=True, inplace=False, seed=0, scales=(0.75, 1 / 3)):
     out_f, in_f, r_c, r_s = shape
     gen = torch.Generator().manual_seed(seed)
     src = torch.randn(out_f, in_f, generator=gen).to(wdtype)
-    srcs = (source(out_f, in_f, r_c, fdtypes[0], 0.75, gen), source(out_f, in_f, r_s, fdtypes[1], 1 / 3, gen))
+    srcs = (
+        source(out_f, in_f, r_c, fdtypes[0], scales[0], gen),
+        source(out_f, in_f, r_s, fdtypes[1], scales[1], gen),
+    )
     cs = torch.rand(2, in_f, generator=gen) * 2 - 0.5 if col_scale else None
     dst = src if inplace else torch.full_like(src, float("nan"))
     return ApplyJob("layer", dst, src, None, None, cs, r_c, sources=srcs)
@@ -72,6 +75,18 @@ def test_sources_equal_packed_bit_for_bit(wdtype, shape, fdtypes):
         terms = p.up.double().abs() @ (p.down.double().abs() * (2.0 if col_scale else 1.0))
         slack = 1e-5 + 2.5 * cpu_isa.operand_rounding(wdtype) * terms
         assert ((a.dst.double() - want.double()).abs() <= spacing.double() + slack).all()
+
+
+@pytest.mark.parametrize("scales", [(-0.75, 1 / 3), (0.75, -1 / 3), (-0.75, -1 / 3), (-2.0, 1e-3)])
+def test_negative_lora_scales_of_either_source_equal_packed_bit_for_bit(scales):
+    """Each source's fp32 scale travels as 32 bits of one signed 64-bit field (the second in the top half):
+    a negative second scale sets the field's sign bit."""
+    for shape in ((40, 48, 3, 5), (7, 9, 2, 1)):
+        a = job(shape, torch.float32, (torch.float32, torch.float16), scales=scales)
+        b = twin(a)
+        native.CPP.apply([a])
+        native.CPP.apply([b])
+        assert torch.equal(a.dst, b.dst), (scales, shape)
 
 
 def test_sources_read_row_strided_views_and_many_layers_in_one_call():
