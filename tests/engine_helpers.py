@@ -80,11 +80,12 @@ def assert_refused_untouched(target, fn, match, error=None):
 
 
 def storage_around(t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Moves ``t``'s values into the middle third of a fresh buffer (``t.data = ...``: same tensor, same
-    version) and returns copies of them in the lower and the upper third, ``{"below": ..., "above": ...}``:
-    for tests that replace ``.data`` again and must see the move whichever way the address goes."""
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    buffer = torch.cat([flat, flat, flat])
-    t.data = buffer[n : 2 * n].view(t.shape)
-    return {"below": buffer[:n].view(t.shape), "above": buffer[2 * n :].view(t.shape)}
+    """Gives ``t`` new storage between two others (``t.data = ...``: same tensor, same version): of three
+    fresh copies of its values, the middle one by address becomes ``t``'s, and the lower and the higher are
+    returned as ``{"below": ..., "above": ...}``, for tests that replace ``.data`` again and must see the move
+    whichever way the address goes (three separate storages: their addresses and bases are all distinct)."""
+    low, mid, high = sorted(
+        (t.detach().clone() for _ in range(3)), key=lambda c: c.untyped_storage().data_ptr()
+    )
+    t.data = mid
+    return {"below": low, "above": high}

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from engine_helpers import storage_around
 from torch import nn
 
 from lorarar_kernels.errors import LayerMismatchError, TargetModifiedError
@@ -16,9 +17,9 @@ from lorarar_kernels.fused_projections import FusedBlock, fused_blocks, is_block
 BLOCK = "mid.attn1.to_qkv[to_k]"
 
 
-def attention(fused_rows=12, cols=8, kind="to_qkv"):
+def attention(fused_rows=12, cols=8, kind="to_qkv", rows=4):
     parts = ("to_q", "to_k", "to_v") if kind == "to_qkv" else ("to_k", "to_v")
-    modules = {f"mid.attn1.{p}": nn.Linear(cols, 4, bias=False) for p in parts}
+    modules = {f"mid.attn1.{p}": nn.Linear(cols, rows, bias=False) for p in parts}
     modules[f"mid.attn1.{kind}"] = nn.Linear(cols, fused_rows, bias=False)
     weights = {n: (m, m.weight) for n, m in modules.items() if not n.endswith(kind)}
     return modules, weights
@@ -76,7 +77,7 @@ def test_a_separate_layer_without_a_weight_is_refused():
         fused_blocks(weights, modules, {})
 
 
-@pytest.mark.parametrize("rows, cols", [(13, 8), (11, 8), (12, 9)])
+@pytest.mark.parametrize("rows, cols", [(13, 8), (11, 8), (12, 9), (12, 7)])
 def test_a_fused_weight_that_does_not_stack_its_layers_is_refused(rows, cols):
     modules, weights = attention()
     modules["mid.attn1.to_qkv"].weight = nn.Parameter(torch.randn(rows, cols))
@@ -107,3 +108,23 @@ def test_a_fused_weight_the_engine_cannot_write_is_refused(how):
     text = "must be contiguous, with the dtype" if how in ("dtype", "strided") else "inference or meta tensor"
     with pytest.raises(LayerMismatchError, match=text):
         fused_blocks(weights, modules, {})
+
+
+def test_blocks_of_layers_past_256_rows_are_found():
+    """Sizes Python does not cache as ints: every comparison must be by value."""
+    modules, weights = attention(fused_rows=900, rows=300)
+    name, (block, view) = fused_blocks(weights, modules, {})["mid.attn1.to_qkv[to_v]"]
+    assert view.data_ptr() == modules["mid.attn1.to_qkv"].weight[600].data_ptr()
+
+
+@pytest.mark.parametrize("where", ["below", "above"])
+def test_a_block_of_a_fused_weight_whose_storage_was_replaced_is_no_longer_its_view(where):
+    """``fused.weight.data = other`` keeps the Parameter but not its storage: the block stands for the
+    module's weight again (the engine then refuses it as replaced), wherever the new storage lies."""
+    modules, weights = attention()
+    fused = modules["mid.attn1.to_qkv"].weight
+    moved = storage_around(fused)[where]
+    block, view = fused_blocks(weights, modules, {})[BLOCK][1]
+    assert block.weight is view
+    fused.data = moved
+    assert block.weight is fused
