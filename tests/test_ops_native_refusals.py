@@ -125,3 +125,25 @@ def test_can_pack_takes_cpu_factors_only(where):
     assert native.can_pack(up, down)
     moved = (up.to("meta"), down) if where == "up" else (up, down.to("meta"))
     assert not native.can_pack(*moved)
+
+
+@pytest.mark.skipif(native._C is None, reason="native extension not built")
+@pytest.mark.skipif(
+    "LORARAR_CPU_PATH" in __import__("os").environ, reason="a forced CPU path may not run here"
+)
+def test_the_cpp_backend_is_available_on_the_cpu_once_built():
+    """Every test that needs the cpp backend skips when it reports itself unavailable: this one does not, so
+    a backend that wrongly refuses the CPU fails here instead of skipping everywhere."""
+    if native._C.cpu_unsupported() is not None:
+        pytest.skip(native._C.cpu_unsupported())
+    assert native.CPP.unavailable(torch.device("cpu")) is None
+    assert native.CPP.unavailable("".join(["c", "p", "u"])) is None  # a device named at run time
+    assert native.CPP.unavailable(torch.device("meta")) == "the cpp backend runs on CPU tensors only"
+
+
+@needs_cpp
+def test_can_pack_takes_two_dimensional_factors_only():
+    up, _, down, _, _ = _part()
+    assert not native.can_pack(up.reshape(-1), down)
+    assert not native.can_pack(up, down.reshape(-1))
+    assert not native.can_pack(up[..., None], down)
