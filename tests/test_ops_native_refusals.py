@@ -3,6 +3,8 @@ it reports for one-row tensors, the C++ errors renamed to layers, and `compiled_
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -128,9 +130,7 @@ def test_can_pack_takes_cpu_factors_only(where):
 
 
 @pytest.mark.skipif(native._C is None, reason="native extension not built")
-@pytest.mark.skipif(
-    "LORARAR_CPU_PATH" in __import__("os").environ, reason="a forced CPU path may not run here"
-)
+@pytest.mark.skipif("LORARAR_CPU_PATH" in os.environ, reason="a forced CPU path may not run here")
 def test_the_cpp_backend_is_available_on_the_cpu_once_built():
     """Every test that needs the cpp backend skips when it reports itself unavailable: this one does not, so
     a backend that wrongly refuses the CPU fails here instead of skipping everywhere."""
