@@ -246,7 +246,11 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_fused_qkv.py",
             "tests/test_formats_transformers.py",
         ),
-        "lorarar_kernels/errors.py": ("tests/test_robust_inputs.py", "tests/test_merge_errors.py"),
+        "lorarar_kernels/errors.py": (
+            "tests/test_errors.py",
+            "tests/test_robust_inputs.py",
+            "tests/test_merge_errors.py",
+        ),
         "lorarar_kernels/formats/__init__.py": FORMAT_TESTS,
         "lorarar_kernels/formats/adapter_config.py": FORMAT_TESTS,
         "lorarar_kernels/formats/common.py": FORMAT_TESTS,
