@@ -87,12 +87,14 @@ def test_a_fused_weight_that_does_not_stack_its_layers_is_refused(rows, cols):
         fused_blocks(weights, modules, {})
 
 
-@pytest.mark.parametrize("how", ["dtype", "strided", "inference", "meta"])
+@pytest.mark.parametrize("how", ["dtype", "device", "strided", "inference", "meta"])
 def test_a_fused_weight_the_engine_cannot_write_is_refused(how):
     modules, weights = attention()
     fused = modules["mid.attn1.to_qkv"]
     if how == "dtype":
         fused.half()
+    elif how == "device":  # the fused layer elsewhere than the separate ones (meta: the CPU's other device)
+        fused.to("meta")
     elif how == "strided":
         fused.weight = nn.Parameter(torch.randn(8, 12).T)
     elif how == "inference":
@@ -105,7 +107,9 @@ def test_a_fused_weight_the_engine_cannot_write_is_refused(how):
         for name, (m, _) in list(weights.items()):
             m.to("meta")
             weights[name] = (m, m.weight)
-    text = "must be contiguous, with the dtype" if how in ("dtype", "strided") else "inference or meta tensor"
+    text = (
+        "must be contiguous, with the dtype" if how in ("dtype", "device", "strided") else "inference or meta"
+    )
     with pytest.raises(LayerMismatchError, match=text):
         fused_blocks(weights, modules, {})
 
