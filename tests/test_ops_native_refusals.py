@@ -147,3 +147,4 @@ def test_can_pack_takes_two_dimensional_factors_only():
     assert not native.can_pack(up.reshape(-1), down)
     assert not native.can_pack(up, down.reshape(-1))
     assert not native.can_pack(up[..., None], down)
+    assert not native.can_pack(up, down[..., None])
