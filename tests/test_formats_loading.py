@@ -88,3 +88,23 @@ def test_save_refuses_what_it_cannot_write(tmp_path):
         save_lora(synthetic_lora(), tmp_path / "x.pth")
     with pytest.raises(LoraRarError, match="no layers"):
         save_lora(lk.LoRA({}), tmp_path / "x.safetensors")
+
+
+def test_a_directory_holding_exactly_one_safetensors_file_loads_it(tmp_path):
+    """A folder without one of the standard file names is read when it holds one `.safetensors` file, and
+    refused (by name) with none or two."""
+    folder = tmp_path / "my_lora"
+    folder.mkdir()
+    with pytest.raises(LoraFileError, match=r"my_lora: directory without one LoRA file"):
+        lk.formats.read_lora(folder)
+    save_file(kohya_pair(), str(folder / "subject_v3.safetensors"))
+    layers, source, _ = lk.formats.read_lora(folder)
+    assert source.endswith("subject_v3.safetensors") and len(layers) == 1
+    save_file(kohya_pair(), str(folder / "subject_v4.safetensors"))
+    with pytest.raises(LoraFileError, match=r"my_lora: directory without one LoRA file"):
+        lk.formats.read_lora(folder)
+
+
+def test_read_lora_takes_unet_config_by_keyword_only(tmp_path):
+    with pytest.raises(TypeError):
+        lk.formats.read_lora(kohya_pair(), None)

@@ -32,7 +32,7 @@ def test_a_cpp_error_names_its_layer_or_says_the_table_was_refused():
     assert (
         str(native._reraise(ValueError("job 1: rows: empty weight"), names)) == "b.to_k: rows: empty weight"
     )
-    for msg in ("job 2: beyond the names", "something else", ""):
+    for msg in ("job 2: beyond the names", "job 7: far beyond them", "something else", ""):
         err = native._reraise(ValueError(msg), names)
         assert isinstance(err, LayerMismatchError)
         assert str(err) == f"native kernel refused the job table: {msg}"

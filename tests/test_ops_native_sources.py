@@ -77,7 +77,9 @@ def test_sources_equal_packed_bit_for_bit(wdtype, shape, fdtypes):
         assert ((a.dst.double() - want.double()).abs() <= spacing.double() + slack).all()
 
 
-@pytest.mark.parametrize("scales", [(-0.75, 1 / 3), (0.75, -1 / 3), (-0.75, -1 / 3), (-2.0, 1e-3)])
+@pytest.mark.parametrize(
+    "scales", [(-0.75, 1 / 3), (0.75, -1 / 3), (-0.75, -1 / 3), (-2.0, 1e-3), (0.0, -0.0)]
+)
 def test_negative_lora_scales_of_either_source_equal_packed_bit_for_bit(scales):
     """Each source's fp32 scale travels as 32 bits of one signed 64-bit field (the second in the top half):
     a negative second scale sets the field's sign bit."""
