@@ -108,3 +108,10 @@ def test_a_directory_holding_exactly_one_safetensors_file_loads_it(tmp_path):
 def test_read_lora_takes_unet_config_by_keyword_only(tmp_path):
     with pytest.raises(TypeError):
         lk.formats.read_lora(kohya_pair(), None)
+
+
+def test_write_lora_takes_its_options_by_keyword_only(tmp_path):
+    layers, _, _ = lk.formats.read_lora(kohya_pair())
+    with pytest.raises(TypeError):
+        lk.formats.write_lora(layers, tmp_path / "out.safetensors", torch.float16)
+    assert not (tmp_path / "out.safetensors").exists()
