@@ -24,7 +24,8 @@ not run yet are counted apart); ``--keep`` keeps the copy and its session databa
 SQLITE...`` runs each survivor of kept sessions again, against the tests as they are now (the file's
 tests of ``--profile`` or ``--tests``), on a fresh scratch copy: it re-applies the mutant with ``cosmic-ray
 apply``, checks that the diff is the one recorded (else the file changed since and the mutant is reported
-"moved"), and reports which are killed since and which still survive. Operators that only rewrite a number's bits
+"moved"), and reports which are killed since and which still survive. On a machine without a usable GPU
+the mutants of the `GPU_ONLY` definitions are left out (cr-filter-lines) and counted apart. Operators that only rewrite a number's bits
 or swap an operator for a bitwise or exotic one are left out by default (``--all-operators`` keeps them):
 those mutants crash or are caught as the plain ones are, and they triple the run.
 """
