@@ -6,6 +6,7 @@ mismatched layers refused in either order."""
 import pytest
 import torch
 from engine_helpers import rand_layer
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lorarar_kernels as lk
@@ -84,14 +85,20 @@ def test_a_pair_of_layers_of_different_shapes_is_refused_in_either_order():
             net.coefficients(c, s)
 
 
+def _with_metadata(tmp_path, meta):
+    """A saved `_net()` whose metadata is replaced by ``meta``, or by what ``meta`` returns given the file's own."""
+    path = tmp_path / "h.safetensors"
+    _net().save(path)
+    with safe_open(str(path), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        own = dict(f.metadata())
+    save_file(sd, str(path), metadata=meta(own) if callable(meta) else meta)
+    return path
+
+
 @pytest.mark.parametrize("declared", ["8,10", "8,14", "8"])
 def test_a_hypernetwork_file_whose_metadata_widths_disagree_with_its_tensors_is_refused(tmp_path, declared):
-    from safetensors import safe_open
-
-    _net().save(tmp_path / "h.safetensors")
-    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
-        meta = dict(f.metadata())
-    path = _with_metadata(tmp_path, dict(meta, widths="".join(list(declared))))
+    path = _with_metadata(tmp_path, lambda own: dict(own, widths="".join(list(declared))))
     with pytest.raises(lk.LoraFileError, match=r"metadata widths .* disagree with tensors \(8, 12\)"):
         lk.Hypernet.load(path)
 
@@ -103,17 +110,6 @@ def test_a_one_dimensional_input_weight_is_refused_with_its_shape(tmp_path):
         lk.LoraFileError, match=r"input_1.weight has shape \(96,\), expected \[hidden, 2\*width\]"
     ):
         lk.Hypernet.load(_checkpoint(tmp_path, **flat))
-
-
-def _with_metadata(tmp_path, meta):
-    path = tmp_path / "h.safetensors"
-    _net().save(path)
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(sd, str(path), metadata=meta)
-    return path
 
 
 def test_metadata_widths_are_read_only_from_lorarars_own_format(tmp_path):

@@ -77,29 +77,22 @@ def test_pack_factors_refuses_factors_of_different_ranks():
 
 
 @needs_cpp
-@pytest.mark.parametrize("which", ["up", "down"])
-def test_pack_factors_needs_both_destinations_or_neither(which):
+@pytest.mark.parametrize(
+    "which, bad, text",
+    [
+        ("up", lambda t: None, r"give both destinations or neither"),
+        ("down", lambda t: None, r"give both destinations or neither"),
+        ("up", lambda t: t.half(), r"destinations must be float32"),
+        ("down", lambda t: t.half(), r"destinations must be float32"),
+        ("up", lambda t: torch.zeros(7, 2), r"^pack_factors: up \(6, 2\) -> \("),
+        ("down", lambda t: torch.zeros(2, 4), r"^pack_factors: up \(6, 2\) -> \("),
+    ],
+)
+def test_pack_factors_refuses_one_bad_destination_and_writes_nothing(which, bad, text):
+    """Either destination alone missing, not float32, or not the shape of its source."""
     up, scale, down, up_dst, down_dst = _part()
-    dst = (None, down_dst) if which == "up" else (up_dst, None)
-    with pytest.raises(LoraRarError, match=r"give both destinations or neither"):
-        native.pack_factors([(up, scale, down, *dst)])
-
-
-@needs_cpp
-@pytest.mark.parametrize("which", ["up", "down"])
-def test_pack_factors_destinations_must_be_float32(which):
-    up, scale, down, up_dst, down_dst = _part()
-    dst = (up_dst.half(), down_dst) if which == "up" else (up_dst, down_dst.half())
-    with pytest.raises(LoraRarError, match=r"destinations must be float32"):
-        native.pack_factors([(up, scale, down, *dst)])
-
-
-@needs_cpp
-@pytest.mark.parametrize("which", ["up", "down"])
-def test_pack_factors_destinations_must_have_the_sources_shapes(which):
-    up, scale, down, up_dst, down_dst = _part()
-    dst = (torch.zeros(7, 2), down_dst) if which == "up" else (up_dst, torch.zeros(2, 4))
-    with pytest.raises(LoraRarError, match=r"^pack_factors: up \(6, 2\) -> \("):
+    dst = (bad(up_dst), down_dst) if which == "up" else (up_dst, bad(down_dst))
+    with pytest.raises(LoraRarError, match=text):
         native.pack_factors([(up, scale, down, *dst)])
     assert torch.isnan(up_dst).all() and torch.isnan(down_dst).all()  # nothing written
 

@@ -217,6 +217,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "lorarar_kernels/ops/cpu_isa.py": ("tests/test_ops_cpu_isa.py", "tests/test_ops_native.py"),
         "lorarar_kernels/ops/__init__.py": (
+            "tests/test_ops_contract.py",
             "tests/test_ops_validate.py",
             "tests/test_reference_ops.py",
             "tests/test_ops_pack.py",
@@ -359,10 +360,7 @@ def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exc
     seconds}; without a usable GPU (``gpu`` False) the mutants of `GPU_ONLY` code are not run."""
     t0 = time.perf_counter()
     tag = file.replace("/", "_").removesuffix(".py")
-    test_cmd = " ".join(
-        [sys.executable, str(scratch / "_pytest_client.py"), str(scratch / "_pytest.sock"),
-         "-x", "-q", "-p", "no:cacheprovider", *tests]
-    )  # fmt: skip
+    test_cmd = " ".join(_test_command(scratch, tests))
     config, session = f"{tag}.toml", f"{tag}.sqlite"
     (scratch / config).write_text(
         "[cosmic-ray]\n"
@@ -410,23 +408,13 @@ def run_file(cr: Path, scratch: Path, env, file: str, tests, timeout: float, exc
 
 def outcomes(dump: str) -> dict:
     """{killed, survived, pending} of a cosmic-ray session from its ``cosmic-ray dump`` output."""
-    killed, survived, pending = 0, [], 0
-    for line in dump.splitlines():
-        item, result = json.loads(line)
-        if result is None:
-            pending += 1  # not run yet (an interrupted session)
-            continue
-        if result.get("worker_outcome") != "normal":
-            continue  # filtered out (an operator left out)
-        (mut,) = item["mutations"]
-        diff = "".join(result["diff"]) if isinstance(result["diff"], list) else result["diff"]
-        if result["test_outcome"] == "killed":
-            killed += 1
-        else:
-            survived.append(
-                {"line": mut["start_pos"][0], "operator": mut["operator_name"], "diff": diff.rstrip()}
-            )
-    survived.sort(key=lambda e: e["line"])
+    results = [json.loads(line)[1] for line in dump.splitlines()]
+    pending = sum(r is None for r in results)  # not run yet (an interrupted session)
+    killed = sum(
+        r is not None and r.get("worker_outcome") == "normal" and r["test_outcome"] == "killed"
+        for r in results
+    )
+    survived = sorted(survivors(dump), key=lambda e: e["line"])
     return {"killed": killed, "survived": survived, "pending": pending}
 
 
@@ -444,6 +432,12 @@ def survivors(dump: str) -> list[dict]:
              "line": mut["start_pos"][0], "diff": diff.rstrip()}
         )  # fmt: skip
     return out
+
+
+def _test_command(scratch: Path, tests) -> list[str]:
+    """The pytest client's command line in ``scratch`` (test files one at a time, up to the first failure)."""
+    return [sys.executable, str(scratch / "_pytest_client.py"), str(scratch / "_pytest.sock"),
+            "-x", "-q", "-p", "no:cacheprovider", *tests]  # fmt: skip
 
 
 def _changed_lines(diff: str) -> list[str]:
@@ -464,10 +458,10 @@ def recheck(cr: Path, scratch: Path, env, survivor: dict, tests, timeout: float)
         ).stdout
         if _changed_lines(now) != _changed_lines(survivor["diff"]):
             return "moved"
-        cmd = [sys.executable, str(scratch / "_pytest_client.py"), str(scratch / "_pytest.sock"),
-               "-x", "-q", "-p", "no:cacheprovider", *tests]  # fmt: skip
         try:
-            rc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, timeout=timeout).returncode
+            rc = subprocess.run(
+                _test_command(scratch, tests), cwd=scratch, env=env, capture_output=True, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             return "timeout"
         return "killed" if rc else "survived"

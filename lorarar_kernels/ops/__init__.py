@@ -89,10 +89,6 @@ class ApplyJob:
         up, down = pack_sources(self.sources)
         return ApplyJob(self.name, self.dst, self.src, up, down, self.col_scale, self.split)
 
-    def flops(self) -> int:
-        """Multiply-adds of the update counted as 2 FLOPs."""
-        return 2 * self.dst.shape[0] * self.dst.shape[1] * self.rank
-
 
 def scaled_down(job: ApplyJob) -> torch.Tensor:
     """``down * S`` as a new fp32 tensor (``down`` itself when there is no col_scale)."""
