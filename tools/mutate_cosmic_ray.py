@@ -100,6 +100,7 @@ def _live(dump: str) -> int:
 
 # every formats file: the format tests, fastest first
 FORMAT_TESTS = (
+    "tests/test_formats_refusals.py",  # pure, ~1 s: each reader's refusals
     "tests/test_formats_names.py",
     "tests/test_formats_loading.py",
     "tests/test_formats_legacy.py",
@@ -215,7 +216,11 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_factors.py",
             "tests/test_ops_cpu_isa.py",
         ),
-        "lorarar_kernels/ops/cpu_isa.py": ("tests/test_ops_cpu_isa.py", "tests/test_ops_native.py"),
+        "lorarar_kernels/ops/cpu_isa.py": (
+            "tests/test_cpu_isa_rules.py",  # pure: every path's rules, the paths this CPU lacks included
+            "tests/test_ops_cpu_isa.py",
+            "tests/test_ops_native.py",
+        ),
         "lorarar_kernels/ops/__init__.py": (
             "tests/test_ops_contract.py",
             "tests/test_ops_validate.py",
