@@ -75,10 +75,14 @@ def test_a_forced_path_is_read_case_blind_and_refused_where_it_cannot_run(cpu, m
     monkeypatch.setenv(cpu_isa.ENV, " AVX2\n")
     assert cpu_isa.selected() == "avx2"
     monkeypatch.setenv(cpu_isa.ENV, "avx512")
-    with pytest.raises(BackendUnavailableError, match="LORARAR_CPU_PATH=avx512: that CPU path cannot run here: no AVX-512"):
+    with pytest.raises(
+        BackendUnavailableError, match="LORARAR_CPU_PATH=avx512: that CPU path cannot run here: no AVX-512"
+    ):
         cpu_isa.selected()
     monkeypatch.setenv(cpu_isa.ENV, "sse2")
-    with pytest.raises(BackendUnavailableError, match="'sse2' is not one of auto, portable, avx2, avx512, amx"):
+    with pytest.raises(
+        BackendUnavailableError, match="'sse2' is not one of auto, portable, avx2, avx512, amx"
+    ):
         cpu_isa.selected()
 
 
@@ -86,7 +90,10 @@ def test_describe_says_the_path_and_whether_it_was_forced(cpu, monkeypatch):
     cpu(EVERY)
     monkeypatch.setattr(cpu_isa, "cpu_model", lambda: "Test CPU")
     monkeypatch.delenv(cpu_isa.ENV, raising=False)
-    assert cpu_isa.describe() == "Test CPU: path amx (bf16 weights on AMX tiles, fp32/fp16 on avx512), from cpuid"
+    assert (
+        cpu_isa.describe()
+        == "Test CPU: path amx (bf16 weights on AMX tiles, fp32/fp16 on avx512), from cpuid"
+    )
     monkeypatch.setenv(cpu_isa.ENV, "AUTO")
     assert cpu_isa.describe().endswith(", from cpuid")
     monkeypatch.setenv(cpu_isa.ENV, "avx2")
@@ -108,7 +115,10 @@ def test_auto_takes_cpp_only_on_the_paths_measured_faster(cpu, monkeypatch, dtyp
         if path in cpu_isa.AUTO_PATHS:
             assert why is None, path
         else:
-            assert why == "the cpp kernel's portable path is not measured faster than torch (see cpu_isa.AUTO_PATHS)"
+            assert (
+                why
+                == "the cpp kernel's portable path is not measured faster than torch (see cpu_isa.AUTO_PATHS)"
+            )
     monkeypatch.setenv(cpu_isa.ENV, "nope")
     assert "LORARAR_CPU_PATH='nope' is not one of" in cpu_isa.auto_unavailable(dtype)  # said, not raised
 

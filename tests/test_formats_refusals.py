@@ -53,7 +53,9 @@ def _saved(tmp_path, state, meta):
 
 def test_a_layer_in_two_formats_at_once_is_refused_not_merged_twice():
     state = {**_peft("x.to_q"), **_legacy("x.to_q.lora")}
-    with pytest.raises(LoraFileError, match=r"<state dict>: layers given twice in different formats: 'x\.to_q'"):
+    with pytest.raises(
+        LoraFileError, match=r"<state dict>: layers given twice in different formats: 'x\.to_q'"
+    ):
         lk.LoRA.load(state)
     assert set(lk.LoRA.load({**_peft("x.to_q"), **_legacy("x.to_k.lora")})) == {"x.to_q", "x.to_k"}
 
@@ -61,7 +63,9 @@ def test_a_layer_in_two_formats_at_once_is_refused_not_merged_twice():
 def test_write_lora_refuses_what_is_not_a_mapping_of_layers_and_writes_nothing(tmp_path):
     path = tmp_path / "out.safetensors"
     layer = lk.LoRALayer(*_pair(), 1.0)
-    with pytest.raises(LoraFileError, match=r"out\.safetensors: write_lora expects a mapping of layers, got list"):
+    with pytest.raises(
+        LoraFileError, match=r"out\.safetensors: write_lora expects a mapping of layers, got list"
+    ):
         write_lora([("x.to_q", layer)], path)
     with pytest.raises(LoraFileError, match=r"out\.safetensors: refusing to save a LoRA with no layers"):
         write_lora({}, path)
@@ -93,7 +97,9 @@ def test_an_alpha_pattern_takes_its_first_match_and_leaves_other_layers_at_lora_
 def test_metadata_that_is_json_but_not_an_object_is_refused(tmp_path, raw):
     path = tmp_path / "lora.safetensors"
     save_file(_peft("x.to_q"), str(path), metadata={"lora_adapter_metadata": raw})
-    with pytest.raises(LoraFileError, match=r"lora\.safetensors: metadata 'lora_adapter_metadata' is not a JSON object"):
+    with pytest.raises(
+        LoraFileError, match=r"lora\.safetensors: metadata 'lora_adapter_metadata' is not a JSON object"
+    ):
         lk.LoRA.load(path)
 
 
@@ -102,13 +108,17 @@ def test_metadata_that_is_json_but_not_an_object_is_refused(tmp_path, raw):
 
 @pytest.mark.parametrize("alpha", [torch.tensor(True), torch.tensor([1.0 + 2.0j])])
 def test_a_boolean_or_complex_alpha_is_refused(alpha):
-    with pytest.raises(LoraFileError, match=r"src: k\.alpha should be a real number, has dtype torch\.(bool|complex64)"):
+    with pytest.raises(
+        LoraFileError, match=r"src: k\.alpha should be a real number, has dtype torch\.(bool|complex64)"
+    ):
         scalar("src", "k.alpha", alpha)
 
 
 def test_an_alpha_of_many_numbers_is_refused_naming_its_shape():
     state = _kohya("lora_unet_x_to_q", alpha=torch.tensor([4.0, 4.0]))
-    with pytest.raises(LoraFileError, match=r"lora_unet_x_to_q\.alpha should hold one number, has shape \(2,\)"):
+    with pytest.raises(
+        LoraFileError, match=r"lora_unet_x_to_q\.alpha should hold one number, has shape \(2,\)"
+    ):
         lk.LoRA.load(state)
 
 
@@ -128,13 +138,17 @@ def test_a_boolean_alpha_in_a_kohya_file_is_refused_naming_the_key():
 )
 def test_kohya_variants_the_engine_cannot_represent_are_refused_by_name(suffix, what):
     state = {**_kohya("lora_unet_x_to_q"), f"lora_unet_x_to_q.{suffix}": torch.ones(6)}
-    with pytest.raises(LoraFileError, match=rf"{what}.*is not supported \(key 'lora_unet_x_to_q\.{suffix}'\)"):
+    with pytest.raises(
+        LoraFileError, match=rf"{what}.*is not supported \(key 'lora_unet_x_to_q\.{suffix}'\)"
+    ):
         lk.LoRA.load(state)
 
 
 def test_a_kohya_key_of_no_known_suffix_is_reported_as_unknown_not_dropped():
     state = {**_kohya("lora_unet_x_to_q"), "lora_unet_x_to_q.lora_gate.weight": torch.ones(2)}
-    with pytest.raises(LoraFileError, match=r"1 keys of no known LoRA format .*'lora_unet_x_to_q\.lora_gate\.weight'"):
+    with pytest.raises(
+        LoraFileError, match=r"1 keys of no known LoRA format .*'lora_unet_x_to_q\.lora_gate\.weight'"
+    ):
         lk.LoRA.load(state)
 
 
@@ -149,16 +163,22 @@ def test_two_kohya_spellings_of_one_layer_are_refused():
 def test_a_kohya_flux_layer_and_a_transformer_layer_adapting_one_module_are_refused():
     # final_layer_linear is Flux's proj_out, which lora_transformer_proj_out names directly
     state = {**_kohya("lora_transformer_proj_out"), **_kohya("lora_unet_final_layer_linear")}
-    with pytest.raises(LoraFileError, match=r"two kohya Flux layers adapt 'proj_out' \('lora_unet_final_layer_linear'\)"):
+    with pytest.raises(
+        LoraFileError, match=r"two kohya Flux layers adapt 'proj_out' \('lora_unet_final_layer_linear'\)"
+    ):
         lk.LoRA.load(state)
     assert set(lk.LoRA.load(_kohya("lora_unet_final_layer_linear"))) == {"proj_out"}
 
 
-@pytest.mark.parametrize("name", ["double_blocks_x_img_attn_qkv", "single_blocks_3_no_such_part", "double_blocks_"])
+@pytest.mark.parametrize(
+    "name", ["double_blocks_x_img_attn_qkv", "single_blocks_3_no_such_part", "double_blocks_"]
+)
 def test_a_flux_block_name_of_no_flux_module_is_listed_not_dropped(name):
     assert kohya_flux_target(name) is None
     state = {**_kohya("lora_unet_" + name), **_kohya("lora_unet_img_in")}
-    with pytest.raises(LoraFileError, match=rf"no counterpart in the model's layout.*Flux.*'lora_unet_{name}'"):
+    with pytest.raises(
+        LoraFileError, match=rf"no counterpart in the model's layout.*Flux.*'lora_unet_{name}'"
+    ):
         lk.LoRA.load(state)
 
 
@@ -193,14 +213,19 @@ def test_a_peft_layer_behind_two_wrappings_at_once_is_refused():
 def test_two_xlabs_keys_of_one_flux_module_are_refused():
     a = _legacy("double_blocks.0.processor.proj_lora1", n=6)
     b = _legacy("diffusion_model.double_blocks.0.processor.proj_lora1", n=6)
-    with pytest.raises(LoraFileError, match=r"two XLabs layers adapt 'transformer_blocks\.0\.attn\.to_out\.0'"):
+    with pytest.raises(
+        LoraFileError, match=r"two XLabs layers adapt 'transformer_blocks\.0\.attn\.to_out\.0'"
+    ):
         lk.LoRA.load({**a, **b})
     assert set(lk.LoRA.load(a)) == {"transformer_blocks.0.attn.to_out.0"}
 
 
 # --- sgm_names: the UNet layout a kohya SDXL / SD 1.5 file is mapped with ---------------------------------
 
-TYPES = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
+TYPES = {
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
 
 
 @pytest.mark.parametrize(
@@ -214,7 +239,10 @@ TYPES = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_
         ({**TYPES, "layers_per_block": {"a": 1}}, "layers_per_block must be an integer"),
         ({**TYPES, "down_block_types": "DownBlock2D"}, "down_block_types must be a list of block type names"),
         ({**TYPES, "up_block_types": ["UpBlock2D", 3]}, "up_block_types must be a list of block type names"),
-        ({**TYPES, "down_block_types": ["DownBlock2D"] * 65}, r"down_block_types has 65 blocks \(at most 64\)"),
+        (
+            {**TYPES, "down_block_types": ["DownBlock2D"] * 65},
+            r"down_block_types has 65 blocks \(at most 64\)",
+        ),
         ({"up_block_types": ["UpBlock2D"]}, "needs down_block_types and up_block_types"),
         ({**TYPES, "up_block_types": []}, "needs down_block_types and up_block_types"),
     ],

@@ -18,7 +18,9 @@ def _source() -> FactorSource:
     return FactorSource(torch.randn(7, 2, generator=gen), 0.5, torch.randn(2, 5, generator=gen))
 
 
-@pytest.mark.parametrize("field, value", [("up", torch.ones(7, 2)), ("scale", 2.0), ("down", torch.ones(2, 5))])
+@pytest.mark.parametrize(
+    "field, value", [("up", torch.ones(7, 2)), ("scale", 2.0), ("down", torch.ones(2, 5))]
+)
 def test_a_factor_source_is_frozen(field, value):
     source = _source()
     before = getattr(source, field)
