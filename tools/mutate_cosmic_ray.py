@@ -101,6 +101,7 @@ def _live(dump: str) -> int:
 # every formats file: the format tests, fastest first
 FORMAT_TESTS = (
     "tests/test_formats_refusals.py",  # pure, ~1 s: each reader's refusals
+    "tests/test_formats_scales.py",  # pure: which metadata config a layer's scale comes from
     "tests/test_formats_names.py",
     "tests/test_formats_loading.py",
     "tests/test_formats_legacy.py",
