@@ -59,3 +59,11 @@ def test_alpha_patterns_with_up_to_two_stars_are_evaluated_and_three_refused(tmp
     meta["alpha_pattern"] = {"x*.to*_q*": 2}
     with pytest.raises(LoraFileError, match=r"alpha_pattern key 'x\*\.to\*_q\*': only module-name patterns"):
         _load(tmp_path, _peft("x.to_q"), meta)
+
+
+@pytest.mark.parametrize("alpha", [True, "8", None, [8]])
+def test_a_lora_alpha_that_is_no_number_is_refused_booleans_included(tmp_path, alpha):
+    with pytest.raises(LoraFileError, match=r"bad lora_alpha / alpha_pattern \(expected a number, got"):
+        _load(tmp_path, _peft("x.to_q"), {"r": 2, "lora_alpha": alpha})
+    with pytest.raises(LoraFileError, match=r"bad lora_alpha / alpha_pattern \(expected a number, got"):
+        _load(tmp_path, _peft("x.to_q"), {"r": 2, "lora_alpha": 8, "alpha_pattern": {"to_q": alpha}})
