@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 import lorarar_kernels as lk
 from lorarar_kernels.errors import LoraFileError
 from lorarar_kernels.formats import write_lora
-from lorarar_kernels.formats.common import scalar
-from lorarar_kernels.formats.flux_names import kohya_flux_target
+from lorarar_kernels.formats.common import few, pair_up, scalar, split_fused
+from lorarar_kernels.formats.flux_names import kohya_flux_target, row_blocks
 from lorarar_kernels.formats.sgm_names import SDXL_UNET_CONFIG, sgm_block_table, sgm_to_diffusers
 
 G = torch.Generator().manual_seed(0)
@@ -294,3 +294,46 @@ def test_sgm_names_of_each_block_kind_map_to_their_diffusers_module():
     assert sgm_to_diffusers("output_blocks_2_2_conv", table) == "up_blocks.0.upsamplers.0.conv"
     assert sgm_to_diffusers("output_blocks_5_2_conv", table) == "up_blocks.1.upsamplers.0.conv"
     assert sgm_to_diffusers("out_2", table) == "conv_out"
+
+
+# --- common: the messages say how much is wrong ---------------------------------------------------------
+
+
+def test_few_names_the_first_keys_and_counts_the_rest():
+    assert few(["c", "a", "b"], 2) == "'a', 'b' and 1 more"
+    assert few(["c", "a", "b", "d", "e", "f", "g"]) == "'a', 'b', 'c', 'd', 'e' and 2 more"
+    assert few(["b", "a"], 2) == "'a', 'b'"  # exactly n: nothing more
+    assert few(["a"], 3) == "'a'"
+
+
+def test_an_incomplete_layer_names_its_missing_half_and_counts_the_other_incomplete_ones():
+    d, u = _pair()
+    with pytest.raises(LoraFileError, match=r"layer 'a' has no up matrix$"):
+        pair_up("src", {"a": d}, {})
+    with pytest.raises(LoraFileError, match=r"layer 'a' has no down matrix$"):
+        pair_up("src", {}, {"a": u})
+    with pytest.raises(
+        LoraFileError, match=r"layer 'a' has no down matrix \(and 2 more layers are incomplete\)$"
+    ):
+        pair_up("src", {"b": d, "c": d}, {"a": u})
+
+
+def test_an_empty_alpha_is_refused_naming_its_shape():
+    with pytest.raises(LoraFileError, match=r"src: k\.alpha should hold one number, has shape \(0,\)"):
+        scalar("src", "k.alpha", torch.empty(0))
+
+
+@pytest.mark.parametrize("down_shape, up_shape", [((2, 6, 1), (6, 2)), ((2, 6), (6, 2, 1)), ((2,), (6, 2))])
+def test_factors_of_three_dimensions_are_refused_on_either_side(down_shape, up_shape):
+    downs, ups = {"a": torch.ones(down_shape)}, {"a": torch.ones(up_shape)}
+    with pytest.raises(
+        LoraFileError, match=r"src: layer 'a': down .* must be 2-D \(linear\) or 4-D \(conv\)"
+    ):
+        pair_up("src", downs, ups)
+
+
+def test_a_swapped_split_is_told_by_its_value_not_its_identity():
+    layer = lk.LoRALayer(torch.ones(2, 4), torch.arange(12.0).reshape(6, 2), 1.0)
+    swap = "".join(["sw", "ap"])  # equal to "swap", not the same object
+    out = split_fused("src", "final", layer, swap, ("norm_out.linear",), row_blocks)
+    assert torch.equal(out["norm_out.linear"].up, torch.cat([layer.up[3:], layer.up[:3]]))
