@@ -17,7 +17,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @pytest.fixture
 def cpu(monkeypatch):
     """``cpu(runs)``: the extension's cpuid report replaced by ``runs`` ({path: None or why not}); `best()`'s
-    cache is cleared around the test so no other test sees the stand-in."""
+    cache is cleared around the test so no other test sees a stand-in (this one, or a test's own)."""
     cpu_isa.best.cache_clear()
 
     def pretend(runs: dict[str, str | None]) -> None:
@@ -123,14 +123,9 @@ def test_auto_takes_cpp_only_on_the_paths_measured_faster(cpu, monkeypatch, dtyp
     assert "LORARAR_CPU_PATH='nope' is not one of" in cpu_isa.auto_unavailable(dtype)  # said, not raised
 
 
-def test_without_the_extension_every_path_says_so(monkeypatch):
-    cpu_isa.best.cache_clear()
+def test_without_the_extension_every_path_says_so(cpu, monkeypatch):
     monkeypatch.setattr(cpu_isa, "_C", None)
-    try:
-        runs = cpu_isa.available()
-        assert set(runs) == set(cpu_isa.PATHS)
-        assert set(runs.values()) == {"the native extension lorarar_kernels._C is not built"}
-        assert cpu_isa.cpu_model() == "" and cpu_isa.best() == "portable"
-    finally:
-        monkeypatch.undo()
-        cpu_isa.best.cache_clear()
+    runs = cpu_isa.available()
+    assert set(runs) == set(cpu_isa.PATHS)
+    assert set(runs.values()) == {"the native extension lorarar_kernels._C is not built"}
+    assert cpu_isa.cpu_model() == "" and cpu_isa.best() == "portable"

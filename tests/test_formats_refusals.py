@@ -4,10 +4,9 @@ mis-scaled. Pure (no diffusers): state dicts and small safetensors files written
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from formats_helpers import factor_pair, peft_keys, saved_with_metadata
 from safetensors.torch import save_file
 
 import lorarar_kernels as lk
@@ -17,20 +16,9 @@ from lorarar_kernels.formats.common import few, pair_up, scalar, split_fused
 from lorarar_kernels.formats.flux_names import kohya_flux_target, row_blocks
 from lorarar_kernels.formats.sgm_names import SDXL_UNET_CONFIG, sgm_block_table, sgm_to_diffusers
 
-G = torch.Generator().manual_seed(0)
-
-
-def _pair(rank=2, n_in=6, n_out=6):
-    return torch.randn(rank, n_in, generator=G), torch.randn(n_out, rank, generator=G)
-
-
-def _peft(name, rank=2, n=6):
-    d, u = _pair(rank, n, n)
-    return {f"{name}.lora_A.weight": d, f"{name}.lora_B.weight": u}
-
 
 def _kohya(name, rank=2, n_in=6, n_out=6, alpha=None):
-    d, u = _pair(rank, n_in, n_out)
+    d, u = factor_pair(rank, n_in, n_out)
     out = {f"{name}.lora_down.weight": d, f"{name}.lora_up.weight": u}
     if alpha is not None:
         out[f"{name}.alpha"] = alpha
@@ -38,31 +26,25 @@ def _kohya(name, rank=2, n_in=6, n_out=6, alpha=None):
 
 
 def _legacy(stem, rank=2, n=6):
-    d, u = _pair(rank, n, n)
+    d, u = factor_pair(rank, n, n)
     return {f"{stem}.down.weight": d, f"{stem}.up.weight": u}
-
-
-def _saved(tmp_path, state, meta):
-    path = tmp_path / "lora.safetensors"
-    save_file(state, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})
-    return path
 
 
 # --- read_lora: one layer, one format -------------------------------------------------------------------
 
 
 def test_a_layer_in_two_formats_at_once_is_refused_not_merged_twice():
-    state = {**_peft("x.to_q"), **_legacy("x.to_q.lora")}
+    state = {**peft_keys("x.to_q"), **_legacy("x.to_q.lora")}
     with pytest.raises(
         LoraFileError, match=r"<state dict>: layers given twice in different formats: 'x\.to_q'"
     ):
         lk.LoRA.load(state)
-    assert set(lk.LoRA.load({**_peft("x.to_q"), **_legacy("x.to_k.lora")})) == {"x.to_q", "x.to_k"}
+    assert set(lk.LoRA.load({**peft_keys("x.to_q"), **_legacy("x.to_k.lora")})) == {"x.to_q", "x.to_k"}
 
 
 def test_write_lora_refuses_what_is_not_a_mapping_of_layers_and_writes_nothing(tmp_path):
     path = tmp_path / "out.safetensors"
-    layer = lk.LoRALayer(*_pair(), 1.0)
+    layer = lk.LoRALayer(*factor_pair(), 1.0)
     with pytest.raises(
         LoraFileError, match=r"out\.safetensors: write_lora expects a mapping of layers, got list"
     ):
@@ -81,7 +63,7 @@ def test_write_lora_refuses_what_is_not_a_mapping_of_layers_and_writes_nothing(t
 
 def test_an_alpha_pattern_key_that_is_no_regex_is_named(tmp_path):
     meta = {"r": 2, "lora_alpha": 8, "alpha_pattern": {"*to_q": 4}}
-    path = _saved(tmp_path, _peft("x.to_q"), meta)
+    path = saved_with_metadata(tmp_path, peft_keys("x.to_q"), meta)
     with pytest.raises(LoraFileError, match=r"lora\.safetensors: metadata lora_adapter_metadata: alpha_pattern "
                        r"key '\*to_q' is not a regex \(nothing to repeat"):  # fmt: skip
         lk.LoRA.load(path)
@@ -89,14 +71,14 @@ def test_an_alpha_pattern_key_that_is_no_regex_is_named(tmp_path):
 
 def test_an_alpha_pattern_takes_its_first_match_and_leaves_other_layers_at_lora_alpha(tmp_path):
     meta = {"r": 2, "lora_alpha": 8, "alpha_pattern": {"to_q": 4, "x.to_q": 1}}
-    lora = lk.LoRA.load(_saved(tmp_path, {**_peft("x.to_q"), **_peft("x.to_k")}, meta))
+    lora = lk.LoRA.load(saved_with_metadata(tmp_path, {**peft_keys("x.to_q"), **peft_keys("x.to_k")}, meta))
     assert lora["x.to_q"].scale == 4 / 2 and lora["x.to_k"].scale == 8 / 2
 
 
 @pytest.mark.parametrize("raw", ["[1, 2]", '"text"', "3"])
 def test_metadata_that_is_json_but_not_an_object_is_refused(tmp_path, raw):
     path = tmp_path / "lora.safetensors"
-    save_file(_peft("x.to_q"), str(path), metadata={"lora_adapter_metadata": raw})
+    save_file(peft_keys("x.to_q"), str(path), metadata={"lora_adapter_metadata": raw})
     with pytest.raises(
         LoraFileError, match=r"lora\.safetensors: metadata 'lora_adapter_metadata' is not a JSON object"
     ):
@@ -201,11 +183,11 @@ def test_two_legacy_stems_of_one_module_are_refused():
 )
 def test_peft_variants_the_engine_cannot_represent_are_refused_by_name(extra, what):
     with pytest.raises(LoraFileError, match=rf"<state dict>: {what} .*is not supported \(keys '"):
-        lk.LoRA.load({**_peft("x.to_q"), **extra})
+        lk.LoRA.load({**peft_keys("x.to_q"), **extra})
 
 
 def test_a_peft_layer_behind_two_wrappings_at_once_is_refused():
-    state = {**_peft("unet.x.to_q"), **_peft("base_model.model.unet.x.to_q")}
+    state = {**peft_keys("unet.x.to_q"), **peft_keys("base_model.model.unet.x.to_q")}
     with pytest.raises(LoraFileError, match=r"layer 'unet\.x\.to_q' appears twice"):
         lk.LoRA.load(state)
 
@@ -307,7 +289,7 @@ def test_few_names_the_first_keys_and_counts_the_rest():
 
 
 def test_an_incomplete_layer_names_its_missing_half_and_counts_the_other_incomplete_ones():
-    d, u = _pair()
+    d, u = factor_pair()
     with pytest.raises(LoraFileError, match=r"layer 'a' has no up matrix$"):
         pair_up("src", {"a": d}, {})
     with pytest.raises(LoraFileError, match=r"layer 'a' has no down matrix$"):
