@@ -38,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = Path(__file__).resolve().with_name("gpu_stages.py")
+SWEEP = Path(__file__).resolve().with_name("triton_sweep.py")
 T0 = time.perf_counter()
 GPU_TESTS = ["tests/test_ops_native.py", "tests/test_ops_triton.py", "tests/test_grouped_coefficients.py"]
 
@@ -275,7 +276,8 @@ def main(argv=None) -> int:
         plan += [(f"odd {b}", py + ["odd", b] + common, 120 if args.quick else 180) for b in args.backends]
         plan += [(f"sdxl {b}", py + ["sdxl", b] + common, long_limit) for b in args.backends]
         if not args.no_tests:  # after the stages only a GPU can give (timings); the odd stage checked first
-            tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            # -P: the tests import the installed lorarar_kernels (with its built _C), not the source tree in cwd
+            tests = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
             if args.dry_run:
                 tests += [*GPU_TESTS, "--collect-only"]
             elif args.quick:
@@ -284,6 +286,12 @@ def main(argv=None) -> int:
                 tests += GPU_TESTS
             plan.append(("pytest", tests, 120 if args.dry_run else 60 if args.quick else 150))
         plan.append(("prepare", py + ["prepare"] + common + ["--iters", "3" if args.quick else "5"], 90))
+        if "triton" in args.backends and not args.quick:  # last: what a change of Triton default would gain
+            sweep = [sys.executable, str(SWEEP), "--dtypes", ",".join(d for d in args.dtypes if d != "bf16"),
+                     "--fraction", str(args.fraction), "--bw", str(bw), "--iters", "2" if args.dry_run else "10"]  # fmt: skip
+            sweep += ["--cpu", "--configs", "2"] if args.dry_run else []
+            sweep += ["--hypernet", args.hypernet] if args.hypernet else []
+            plan.append(("triton sweep", sweep, 300 if args.dry_run else 150))
         for label, cmd, limit in plan:
             left = args.budget - (time.perf_counter() - T0)
             if left < 10:
@@ -294,7 +302,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 rc, tail = run_stage(cmd, min(limit, left), report, logf, label)
                 summary = next((x for x in reversed(tail) if x.strip()), f"exit {rc}").strip("= ")
-                report.rows["tests"].append([" ".join(x for x in cmd[5:] if x.startswith("tests/"))
+                report.rows["tests"].append([" ".join(x for x in cmd[6:] if x.startswith("tests/"))
                                              + (" (collect only)" if args.dry_run else " (quick: -k)" if args.quick else ""),
                                              summary, f"{time.perf_counter() - t:.0f}"])  # fmt: skip
                 report.write()

@@ -132,12 +132,23 @@ def coefficient_unavailable(kernel: str, device: torch.device, hypernet=None) ->
     return f"unknown coefficient kernel {kernel!r}; choose from {COEFFICIENT_KERNELS}"
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index filled in: an unindexed ``cuda`` is the current CUDA device (what a
+    tensor made on it reports, ``cuda:0`` say), an unindexed CPU stays ``cpu``. Devices are compared in this
+    form: ``torch.device("cuda") != torch.device("cuda:0")`` although both name the same GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def choose_coefficients(kernel: str, device: torch.device, hypernet, grad: bool) -> str:
     """The coefficient kernel to run: ``kernel`` itself (BackendUnavailableError if it cannot run) or the
     auto rule (module docstring)."""
     if kernel not in COEFFICIENT_KERNELS:
         raise LoraRarError(f"coefficient kernel must be one of {COEFFICIENT_KERNELS}, got {kernel!r}")
-    hdev = hypernet.output[1].weight.device if hypernet is not None else device
+    device = canonical_device(device)
+    hdev = canonical_device(hypernet.output[1].weight.device) if hypernet is not None else device
     if kernel == "auto":
         if grad or hdev != device:
             return "torch"

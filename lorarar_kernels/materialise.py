@@ -52,7 +52,7 @@ def materialise(
     coefficients do not need packed factors keep them where the LoRAs have them (checked finite, not
     copied; ``LayerFactors.up``/``down`` pack on first use).
     """
-    device = torch.device(device)
+    device = dispatch.canonical_device(device)  # "cuda" -> "cuda:0": compared with tensors' devices
     layers = rule.layers
     pack = Packer(device, native_ok=not grad)
     sources = [tuple(source_of(x) if x is not None else None for x in (r.content, r.style)) for r in layers]

@@ -68,7 +68,9 @@ def test_model_cpu_offload_swaps_resets_and_generations_in_any_order(keep):
     assert _bits_equal(_weights(pipe), expected[0][0])
     before = _probe(pipe).detach()  # held: the old storage stays alive, so its address cannot be reused
     assert torch.equal(_gen(swapper), expected[0][1])
-    assert _probe(pipe).data_ptr() != before.data_ptr()  # the hook moved the weights: the test exercises a move
+    assert (
+        _probe(pipe).data_ptr() != before.data_ptr()
+    )  # the hook moved the weights: the test exercises a move
     del before
     swapper.swap(*pairs[1])  # refused before ("storage moved: True")
     assert _bits_equal(_weights(pipe), expected[1][0])
