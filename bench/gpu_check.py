@@ -287,7 +287,7 @@ def main(argv=None) -> int:
             plan.append(("pytest", tests, 120 if args.dry_run else 60 if args.quick else 150))
         plan.append(("prepare", py + ["prepare"] + common + ["--iters", "3" if args.quick else "5"], 90))
         if "triton" in args.backends and not args.quick:  # last: what a change of Triton default would gain
-            sweep = [sys.executable, str(SWEEP), "--dtypes", ",".join(d for d in args.dtypes if d != "bf16"),
+            sweep = [sys.executable, str(SWEEP), "--dtypes", ",".join(args.dtypes),
                      "--fraction", str(args.fraction), "--bw", str(bw), "--iters", "2" if args.dry_run else "10"]  # fmt: skip
             sweep += ["--cpu", "--configs", "2"] if args.dry_run else []
             sweep += ["--hypernet", args.hypernet] if args.hypernet else []

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_stages import DTYPES, check, device_seconds, emit, make_sdxl_jobs, poison, sync  # noqa: E402
 
 # (block_m, block_n, block_k, num_warps, num_stages): around the default 128x128x32 w8 s3, larger tiles
-# (fewer re-reads of the fp32 factors per weight byte) and deeper rank blocks (fewer K steps at rank 128).
+# (fewer re-reads of the fp32 factors per weight byte), deeper rank blocks (fewer K steps at rank 128) and,
+# since the first H200 run found the kernel latency bound at low occupancy, smaller tiles.
 SETTINGS = [
     (128, 128, 32, 8, 3),
     (128, 128, 64, 8, 3),
@@ -41,6 +42,12 @@ SETTINGS = [
     (128, 128, 64, 4, 4),
     (256, 256, 32, 8, 2),
     (64, 64, 64, 4, 2),
+    # around the fastest of the first H200 sweep (128x64x32 w4 s3, 2026-12-04)
+    (128, 64, 32, 4, 4),
+    (128, 64, 64, 4, 3),
+    (256, 64, 32, 8, 3),
+    (128, 32, 32, 4, 3),
+    (64, 64, 32, 4, 3),
 ]
 
 

@@ -42,6 +42,7 @@ def test_gpu_check_dry_run_is_the_lease_command(tmp_path):
             and f"| {backend} | bf16 | plan run, back to back |" in table
         )
         assert f"| {backend} | bf16 | apply() synchronised |" in table
+    assert "| triton | bf16 | sweep 128x128x32 w8 s3 (default) |" in table  # the Triton settings sweep
     assert "FAIL" not in table and "stage `" not in table  # no failed check, no crashed or skipped stage
     assert "tests collected" in table and re.search(r"\| torch( \(auto\))? \| new objects \|", table)
     assert (tmp_path / "gpu_log.txt").stat().st_size > 0

@@ -134,3 +134,27 @@ def test_every_job_of_a_pass_is_written_and_the_backend_runs_everywhere():
     reference.TORCH.plan(jobs).run()
     for job, (want, term) in zip(jobs, wants):
         assert_rounded_once(job.dst, want, term)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_pass_writes_every_layer_then_names_the_first_non_finite_one(dtype):
+    """The flags of a pass are read once at its end: every layer is written (the swap rolls all of them
+    back), the error names the first bad layer in job order, and a plan's check_finite reads its last run."""
+    jobs, wants = [], []
+    for i in range(4):
+        src, up, down, cs = case(dtype, rows=30 + i, seed=20 + i)
+        if i in (1, 3):
+            src[2, 3] = float("nan")
+        jobs.append(ApplyJob(f"blocks.{i}.attn1.to_k", poisoned(src), src, up, down, cs, SPLIT))
+        wants.append((formula(src, up, down, cs, SPLIT), term_size(up, down, cs, SPLIT)))
+    with pytest.raises(NonFiniteError, match=r"blocks\.1\.attn1\.to_k"):
+        reference.apply(jobs)
+    for i in (0, 2):  # the finite layers after the first bad one were written too
+        assert_rounded_once(jobs[i].dst, *wants[i])
+    plan = reference.TORCH.plan(jobs)
+    with pytest.raises(NonFiniteError, match=r"blocks\.1\.attn1\.to_k"):
+        plan.run()
+    for j in jobs:
+        j.src.nan_to_num_(nan=0.5)
+    plan.run()  # finite now: no error, and check_finite reads this run's flags
+    plan.check_finite()

@@ -58,10 +58,14 @@ from .validate import check_job
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 # GPU launch settings (block_m, block_n, block_k cap, precision, warps, stages) per weight dtype; checked
-# for register spills by tools/kernel_resources.py (compiled for sm_90a, no GPU needed).
+# for register spills by tools/kernel_resources.py (compiled for sm_90a, no GPU needed). fp16: the fastest
+# of bench/triton_sweep.py's settings on an H200 (2026-12-04, SDXL's 560 layers, each checked against fp64
+# first): 128x64x32 w4 s3 ran the pass in 3.52 ms where 128x128x32 w8 s3 took 5.62 ms
+# (bench/results/gpu_h200.md). fp32 ran fastest there with the same setting (6.93 vs 9.07 ms) but spills
+# 20 B under Triton 3.9 (a candidate below); bf16 waits for a sweep that checks and times it.
 _GPU_SETTINGS = {
     torch.float32: (128, 128, 32, "tf32x3", 8, 3),
-    torch.float16: (128, 128, 32, "tf32", 8, 3),
+    torch.float16: (128, 64, 32, "tf32", 4, 3),
     torch.bfloat16: (128, 128, 32, "tf32", 8, 3),
 }
 # fp32 settings tools/kernel_resources.py compiles beside the default, to show why it is the default.
@@ -72,6 +76,7 @@ FP32_CANDIDATES = (
     (128, 128, 32, "tf32x3", 8, 2),
     (128, 128, 32, "tf32x3", 4, 3),
     (64, 128, 32, "tf32x3", 4, 3),
+    (128, 64, 32, "tf32x3", 4, 3),
 )
 _NF = 11  # int64 columns of the layer table, in this order:
 # dst, src, up, down, col_scale (element offsets), rows, cols, rank, split, has col_scale, first tile
