@@ -16,8 +16,10 @@ Built to survive a failure, since a lease is short:
    560 attention layers per dtype: correctness, ``apply()`` (host + launch + kernel, synchronised), the
    prepared plan's run back to back (device time; kernel time and GPU activities from torch.profiler),
    its CUDA-graph replay (checked bit for bit against the eager result); the GPU tests of ``tests/``
-   (pytest); ``plan_pair`` per coefficient kernel. Each timing row gives TB/s of the bytes that must
-   move, the fraction of the measured copy bandwidth and the ratio to the memory floor.
+   (pytest); ``plan_pair`` per coefficient kernel; last, the Triton launch-settings sweep
+   (`triton_sweep.py`, full runs only). Each timing row gives TB/s of the bytes that must move, the
+   fraction of the measured copy bandwidth and the ratio to the memory floor. ``--ncu`` then profiles the
+   apply kernels with Nsight Compute (``ncu_<backend>.txt``).
 ``--dry-run`` runs exactly this on CPU tensors (few layers, Triton in its interpreter, pytest only
 collecting), without installing: the test suite runs it so that the command cannot rot.
 Exit status: 1 when a check failed or a stage crashed, else 0.
@@ -233,6 +235,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fraction", type=int, default=None, help="every k-th SDXL attention layer (1 = all 560)")
     p.add_argument("--iters", type=int, default=None, help="timed repetitions per mode")
     p.add_argument("--budget", type=float, default=None, help="seconds after which stages are skipped")
+    p.add_argument("--ncu", action="store_true",
+                   help="after the table: Nsight Compute on the cuda and triton apply kernels (fp16, 56 layers), "
+                        "ncu_<backend>.txt in the output folder (~75 s each)")  # fmt: skip
     p.add_argument(
         "--hypernet", default=None, help="checkpoint (default: the official one if present, else random)"
     )
@@ -248,6 +253,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.iters = args.iters or (1 if dry else 5 if quick else 20)
     args.budget = args.budget or (170.0 if quick else 480.0)
     return args
+
+
+def profile_kernels(out: Path, backends: list[str], hypernet: str | None) -> None:
+    """Nsight Compute's speed-of-light, occupancy, launch and memory sections for the first two apply
+    launches of each backend (clocks left as they are: ``--clock-control none``); never raises."""
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        log("ncu: not on PATH, no kernel profile")
+        return
+    for backend in backends:
+        cmd = [ncu, "--clock-control", "none", "--kernel-name", "regex:apply_kernel", "--launch-count", "2"]
+        for section in ("SpeedOfLight", "Occupancy", "LaunchStats", "MemoryWorkloadAnalysis"):
+            cmd += ["--section", section]
+        cmd += [
+            sys.executable,
+            str(STAGES),
+            "sdxl",
+            backend,
+            "--dtypes",
+            "fp16",
+            "--fraction",
+            "10",
+            "--iters",
+            "1",
+        ]
+        cmd += ["--hypernet", hypernet] if hypernet else []
+        try:
+            res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90, check=False)
+            text = res.stdout + res.stderr
+        except subprocess.TimeoutExpired as exc:
+            text = f"ncu timed out after {exc.timeout} s"
+        (out / f"ncu_{backend}.txt").write_text(text)
+        log(f"ncu {backend}: ncu_{backend}.txt ({len(text.splitlines())} lines)")
 
 
 def main(argv=None) -> int:
@@ -310,6 +348,8 @@ def main(argv=None) -> int:
                 run_stage(cmd, min(limit, left), report, logf, label)
     report.write()
     print(report.text)
+    if args.ncu:
+        profile_kernels(out, [b for b in args.backends if b in ("cuda", "triton")], args.hypernet)
     log(f"table written to {out / 'gpu_table.md'}")
     return 1 if report.failed else 0
 

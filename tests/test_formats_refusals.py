@@ -167,10 +167,22 @@ def test_a_flux_block_name_of_no_flux_module_is_listed_not_dropped(name):
 # --- legacy, PEFT, XLabs: two spellings of one layer ------------------------------------------------------
 
 
-def test_two_legacy_stems_of_one_module_are_refused():
-    state = {**_legacy("x.processor.to_q_lora"), **_legacy("x.to_q.lora_layer")}
+@pytest.mark.parametrize("first", [0, 1], ids=["processor-first", "wrapped-first"])
+def test_two_legacy_stems_of_one_module_are_refused(first):
+    stems = ["x.processor.to_q_lora", "x.to_q.lora_layer"]
+    state = {**_legacy(stems[first]), **_legacy(stems[1 - first])}  # either order: the first seen is kept
     with pytest.raises(LoraFileError, match=r"both map to layer 'x\.to_q'"):
         lk.LoRA.load(state)
+
+
+def test_a_legacy_attention_key_names_the_module_of_its_component():
+    """UNet attention keys adapt ``to_q`` ... ``to_out.0`` with or without ``.processor``; a text encoder's
+    keys without it adapt CLIP's ``q_proj`` ... ``out_proj``."""
+    state = {**_legacy("x.to_q_lora"), **_legacy("y.processor.to_out_lora")}
+    state.update(_legacy("text_encoder.text_model.z.to_k_lora"))
+    state.update(_legacy("text_encoder.text_model.w.to_out_lora"))
+    assert set(lk.LoRA.load(state)) == {"x.to_q", "y.to_out.0", "text_encoder.text_model.z.k_proj",
+                                        "text_encoder.text_model.w.out_proj"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
