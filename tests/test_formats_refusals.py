@@ -198,8 +198,10 @@ def test_peft_variants_the_engine_cannot_represent_are_refused_by_name(extra, wh
         lk.LoRA.load({**peft_keys("x.to_q"), **extra})
 
 
-def test_a_peft_layer_behind_two_wrappings_at_once_is_refused():
-    state = {**peft_keys("unet.x.to_q"), **peft_keys("base_model.model.unet.x.to_q")}
+@pytest.mark.parametrize("first", [0, 1], ids=["short-first", "wrapped-first"])
+def test_a_peft_layer_behind_two_wrappings_at_once_is_refused(first):
+    raws = ["unet.x.to_q", "base_model.model.unet.x.to_q"]
+    state = {**peft_keys(raws[first]), **peft_keys(raws[1 - first])}  # either order
     with pytest.raises(LoraFileError, match=r"layer 'unet\.x\.to_q' appears twice"):
         lk.LoRA.load(state)
 
@@ -212,6 +214,32 @@ def test_two_xlabs_keys_of_one_flux_module_are_refused():
     ):
         lk.LoRA.load({**a, **b})
     assert set(lk.LoRA.load(a)) == {"transformer_blocks.0.attn.to_out.0"}
+
+
+def test_every_xlabs_part_of_a_block_is_read_beside_other_formats_keys():
+    """All four parts of a double block (the fused qkv of each stream split in thirds) and a single block's,
+    with a PEFT layer's keys first in the file: each XLabs part lands on its own module."""
+    state = dict(peft_keys("x_embedder"))
+    for part, rows in (("qkv_lora1", 18), ("proj_lora1", 6), ("qkv_lora2", 18), ("proj_lora2", 6)):
+        d, u = factor_pair(2, 6, rows)
+        state |= {
+            f"double_blocks.1.processor.{part}.down.weight": d,
+            f"double_blocks.1.processor.{part}.up.weight": u,
+        }
+    d, u = factor_pair(2, 6, 18)
+    state |= {
+        "single_blocks.0.processor.qkv_lora.down.weight": d,
+        "single_blocks.0.processor.qkv_lora.up.weight": u,
+    }
+    attn = "transformer_blocks.1.attn."
+    want = {attn + p for p in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                               "to_add_out")}  # fmt: skip
+    want |= {f"single_transformer_blocks.0.attn.to_{p}" for p in "qkv"} | {"x_embedder"}
+    lora = lk.LoRA.load(state)
+    assert set(lora) == want
+    assert torch.equal(
+        lora[attn + "add_k_proj"].up, state["double_blocks.1.processor.qkv_lora2.up.weight"][6:12]
+    )
 
 
 # --- sgm_names: the UNet layout a kohya SDXL / SD 1.5 file is mapped with ---------------------------------
@@ -331,3 +359,26 @@ def test_a_swapped_split_is_told_by_its_value_not_its_identity():
     swap = "".join(["sw", "ap"])  # equal to "swap", not the same object
     out = split_fused("src", "final", layer, swap, ("norm_out.linear",), row_blocks)
     assert torch.equal(out["norm_out.linear"].up, torch.cat([layer.up[3:], layer.up[:3]]))
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".txt", ".bin", ""])
+def test_a_lora_is_saved_only_as_safetensors_and_nothing_is_written_otherwise(tmp_path, suffix):
+    lora = lk.LoRA.load(peft_keys("x.to_q"))
+    path = tmp_path / f"lora{suffix}"
+    with pytest.raises(LoraFileError, match=r"LoRAs are saved as \.safetensors"):
+        lora.save(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_peft_writer_takes_its_options_by_keyword_only(tmp_path):
+    from lorarar_kernels.formats.peft import write_peft
+
+    lora = lk.LoRA.load(peft_keys("x.to_q"))
+    with pytest.raises(TypeError):  # a dtype passed where the denoiser could be meant
+        write_peft(lora, tmp_path / "a.safetensors", torch.float16)
+    write_peft(lora, path=tmp_path / "b.safetensors", dtype=torch.float16)  # path by name too
+    back = lk.LoRA.load(tmp_path / "b.safetensors")
+    assert set(back) == {"x.to_q"} and back["x.to_q"].down.dtype == torch.float16
