@@ -51,6 +51,9 @@ def test_sgm_layout_follows_the_config():
         "output_blocks_11_1_proj_out": ("up_blocks.3.attentions.2.proj_out", None),
         "middle_block_2_in_layers_2": ("mid_block.resnets.1.conv1", "mid_block.resnets.1.conv1"),
         "output_blocks_8_1_conv": (None, None),  # the last up block has no upsampler
+        "output_blocks_0_1_conv": (None, None),  # only an up block's last resnet row carries its upsampler
+        "output_blocks_1_2_conv": (None, None),
+        "output_blocks_4_2_op": (None, None),
         "input_blocks_4_1_conv": (None, None),  # not a module of an attention block
     }  # fmt: skip
     for sgm, (want15, wantxl) in cases.items():

@@ -23,8 +23,8 @@ weights): tensor cores read ``up`` and ``down * S`` as TF32 (wgmma truncates the
 magnitude (gpu_check's tolerance): about one fp16 ulp when |update| ~ |weight|, less for bf16. TF32
 rather than 16-bit operands: the factors are fp32 in memory (so 16-bit operands would save no
 bandwidth), TF32 has fp16's mantissa with fp32's range, and its MMA rate (~0.5 ms for SDXL's rank-128
-update on an H200) stays under the ~0.9 ms memory floor. The launch settings (`_GPU_SETTINGS`) were
-chosen by compiling for sm_90a (tools/kernel_resources.py): none spills. The interpreter computes every
+update on an H200) stays under the ~0.9 ms memory floor. The launch settings (`_GPU_SETTINGS`) compile
+for sm_90a without a spill (tools/kernel_resources.py); fp16's was timed fastest on an H200 (see there). The interpreter computes every
 ``tl.dot`` in exact fp32, so on CPU all three settings give the ``"ieee"`` result.
 
 Non-finite outputs: each program tests the fp32 sums it writes against the dtype's overflow threshold
@@ -237,7 +237,7 @@ def precision_note(precision: str) -> str:
 
 
 def _settings(dtype: torch.dtype, max_rank: int, cfg: Config) -> tuple[int, int, int, str, int, int]:
-    """Block sizes, precision, warps and stages: `_GPU_SETTINGS` on a GPU (spill-free, untimed yet)."""
+    """Block sizes, precision, warps and stages: `_GPU_SETTINGS` on a GPU (spill-free; see there)."""
     if interpreted():  # few, large programs: each costs milliseconds of numpy
         bm, bn, bk_cap, warps, stages = 128, 256, 128, 4, 1
         default_precision = _GPU_SETTINGS[dtype][3]
