@@ -129,3 +129,41 @@ def test_without_the_extension_every_path_says_so(cpu, monkeypatch):
     assert set(runs) == set(cpu_isa.PATHS)
     assert set(runs.values()) == {"the native extension lorarar_kernels._C is not built"}
     assert cpu_isa.cpu_model() == "" and cpu_isa.best() == "portable"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_forced_amx_path_read_from_the_environment_multiplies_as_amx_does(cpu, monkeypatch, dtype):
+    """The path named in LORARAR_CPU_PATH is a string built at run time, not the module's literal: it is
+    compared by value (fp32/fp16 weights on a forced amx path run on avx512, with fp32 operands)."""
+    cpu(EVERY)
+    monkeypatch.setenv(cpu_isa.ENV, " AMX ")
+    path = cpu_isa.selected()
+    assert path == "amx" and cpu_isa.path_for(path, dtype) == ("amx" if dtype == torch.bfloat16 else "avx512")
+    assert cpu_isa.operand_rounding(dtype) == (2.0**-8 if dtype == torch.bfloat16 else 0.0)
+
+
+def test_the_package_imports_without_its_extension(tmp_path):
+    """A pure-Python install (no `_C`): importing the engine works and the cpp backend says why it cannot
+    run, and the CPU paths all report the missing extension. Run in a fresh interpreter whose imports of
+    `_C` fail."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class NoExtension(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'lorarar_kernels._C':\n"
+        "            raise ImportError('no extension in this test')\n"
+        "sys.meta_path.insert(0, NoExtension())\n"
+        "import torch, lorarar_kernels as lk\n"
+        "from lorarar_kernels.ops import cpu_isa\n"
+        "print(lk.backends(torch.device('cpu'))['cpp'])\n"
+        "print(cpu_isa.best(), cpu_isa.cpu_model() == '')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert "not built" in lines[0] and lines[1] == "portable True", res.stdout
