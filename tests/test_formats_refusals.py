@@ -361,6 +361,21 @@ def test_a_swapped_split_is_told_by_its_value_not_its_identity():
     assert torch.equal(out["norm_out.linear"].up, torch.cat([layer.up[3:], layer.up[:3]]))
 
 
+@pytest.mark.parametrize(
+    "split, rows, want",
+    [("thirds", 9, [3, 3, 3]), ("thirds", 10, None), ("linear1", 14, [2, 2, 2, 8]), ("linear1", 15, None),
+     ("swap", 6, [3, 3]), ("swap", 7, None), ("one", 7, [7])],
+)  # fmt: skip
+def test_row_blocks_split_a_fused_up_or_say_it_cannot(split, rows, want):
+    assert row_blocks(split, rows) == want
+
+
+def test_an_odd_row_count_for_a_swapped_layer_is_refused_naming_the_layer():
+    state = _kohya("lora_unet_final_layer_adaLN_modulation_1", n_out=7)
+    with pytest.raises(LoraFileError, match=r"'lora_unet_final_layer_adaLN_modulation_1': its up has 7 rows"):
+        lk.LoRA.load(state)
+
+
 # --- writing ----------------------------------------------------------------------------------------------
 
 
