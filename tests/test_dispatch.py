@@ -178,3 +178,18 @@ def test_triton_coefficients_that_cannot_be_imported_are_reported_not_raised(mon
     why = dispatch.coefficient_unavailable("triton", CPU)
     assert why.startswith("Triton coefficients cannot be imported")
     assert dispatch.choose_coefficients("auto", CPU, hypernet("cpu"), grad=False) == "torch"
+
+
+@pytest.mark.parametrize("cuda_here", [True, False], ids=["cuda-present", "no-cuda"])
+def test_an_unindexed_cuda_device_is_the_current_one_and_other_devices_stay(monkeypatch, cuda_here):
+    """``torch.device("cuda")`` and a tensor's ``cuda:0`` name one GPU but compare unequal: devices are compared
+    in canonical form (the bug the first H200 run found: the grouped coefficient kernels never ran). Without
+    a GPU the CUDA runtime is stood in for (present, current device 3), or absent: then nothing changes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    want_cuda = torch.device("cuda", 3) if cuda_here else torch.device("cuda")
+    assert dispatch.canonical_device("cuda") == want_cuda
+    assert dispatch.canonical_device(torch.device("cuda")) == want_cuda
+    assert dispatch.canonical_device("cuda:1") == torch.device("cuda", 1)
+    for other in ("cpu", "meta", torch.device("cpu")):
+        assert dispatch.canonical_device(other) == torch.device(other)
