@@ -134,10 +134,12 @@ def test_a_kohya_key_of_no_known_suffix_is_reported_as_unknown_not_dropped():
         lk.LoRA.load(state)
 
 
-def test_two_kohya_spellings_of_one_layer_are_refused():
-    # lora_te_ and lora_te1_ both spell the first text encoder
-    state = {**_kohya("lora_te_text_model_x_q_proj"), **_kohya("lora_te1_text_model_x_q_proj")}
-    with pytest.raises(LoraFileError, match=r"'lora_te_text_model_x_q_proj' and 'lora_te1_text_model_x_q_proj' "
+@pytest.mark.parametrize("first", [0, 1], ids=["te-first", "te1-first"])
+def test_two_kohya_spellings_of_one_layer_are_refused(first):
+    # lora_te_ and lora_te1_ both spell the first text encoder; either order is refused, naming both
+    names = ["lora_te_text_model_x_q_proj", "lora_te1_text_model_x_q_proj"]
+    state = {**_kohya(names[first]), **_kohya(names[1 - first])}
+    with pytest.raises(LoraFileError, match=rf"'{names[first]}' and '{names[1 - first]}' "
                        r"both map to layer 'text_encoder\.text_model\.x\.q_proj'"):  # fmt: skip
         lk.LoRA.load(state)
 
@@ -162,6 +164,28 @@ def test_a_flux_block_name_of_no_flux_module_is_listed_not_dropped(name):
         LoraFileError, match=rf"no counterpart in the model's layout.*Flux.*'lora_unet_{name}'"
     ):
         lk.LoRA.load(state)
+
+
+def test_kohya_keys_after_another_formats_keys_are_all_read():
+    state = {**peft_keys("x.to_q"), **_kohya("lora_unet_mid_block_attentions_0_proj_in")}
+    state |= _kohya("lora_te1_text_model_encoder_layers_0_self_attn_k_proj")
+    assert set(lk.LoRA.load(state)) == {"x.to_q", "mid_block.attentions.0.proj_in",
+                                        "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [None, SDXL_UNET_CONFIG], ids=["sdxl-default", "given-config"])
+def test_every_unmapped_kohya_block_name_is_named_with_the_layout_it_was_mapped_with(config):
+    """All the SGM and Flux names with no counterpart are listed (not only the first of each kind), and the
+    error says which layout they were looked up in: the SDXL default or the unet_config given."""
+    bad = ["lora_unet_input_blocks_40_1_proj_in", "lora_unet_output_blocks_50_0_in_layers_2",
+           "lora_unet_double_blocks_0_img_nothing", "lora_unet_single_blocks_0_nothing"]  # fmt: skip
+    state = {}
+    for name in bad:
+        state |= _kohya(name)
+    layout = "SDXL base" if config is None else "given unet_config"
+    with pytest.raises(LoraFileError, match=rf"no counterpart in the model's layout \({layout};") as err:
+        lk.LoRA.load(state, unet_config=config)
+    assert all(repr(name) in str(err.value) for name in bad), str(err.value)
 
 
 # --- legacy, PEFT, XLabs: two spellings of one layer ------------------------------------------------------
