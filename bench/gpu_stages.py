@@ -155,6 +155,14 @@ def check(jobs, srcs, backend: str, dtype: torch.dtype) -> dict:
             "u": eps_op / 2, "worst": worst_layer}  # fmt: skip
 
 
+def pass_bytes(wl, jobs, dtype: torch.dtype) -> int:
+    """Bytes a pass over ``jobs`` must move: W0 read, W written, the fp32 factors and the column scales."""
+    from baselines import swap_bytes
+
+    nbytes = swap_bytes(wl.shapes, wl.update_rank, torch.tensor([], dtype=dtype).element_size())
+    return nbytes + sum(4 * j.col_scale.numel() for j in jobs if j.col_scale is not None)
+
+
 def poison(jobs) -> None:
     for j in jobs:
         if j.dst.data_ptr() != j.src.data_ptr():
@@ -274,7 +282,7 @@ def graph_of(fn, device: torch.device):
 
 
 def stage_sdxl(args, device) -> None:
-    from baselines import gpu_floor_seconds, swap_bytes
+    from baselines import gpu_floor_seconds
     from workload import make_workload
 
     from lorarar_kernels import dispatch
@@ -298,8 +306,7 @@ def stage_sdxl(args, device) -> None:
             continue
         jobs, _ = make_sdxl_jobs(wl, dtype, device)
         srcs = [j.src for j in jobs]  # out of place: W0 is the snapshot, never written
-        nbytes = swap_bytes(wl.shapes, wl.update_rank, torch.tensor([], dtype=dtype).element_size())
-        nbytes += sum(4 * j.col_scale.numel() for j in jobs if j.col_scale is not None)
+        nbytes = pass_bytes(wl, jobs, dtype)
         floor = gpu_floor_seconds(nbytes, args.bw)
         poison(jobs)
         impl.apply(jobs)

@@ -1,6 +1,6 @@
 """Triton apply: launch settings swept over SDXL's 560 attention layers on a GPU (a `gpu_check.py` stage).
 
-    python3 bench/triton_sweep.py --dtypes fp16,fp32 --bw 4.26e12     # GPU machine, repo root (~1-2 min)
+    python3 bench/triton_sweep.py --dtypes fp16,fp32 --bw 4.26e12     # GPU: ~3 s a setting and dtype (32 in ~100 s)
     python bench/triton_sweep.py --cpu --fraction 280 --configs 2      # here: the same code on CPU (interpreter)
 
 For each setting (block_m x block_n x block_k, warps, stages) the prepared plan (`TritonPlan`) writes every
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_stages import DTYPES, check, device_seconds, emit, make_sdxl_jobs, poison, sync  # noqa: E402
+from gpu_stages import DTYPES, check, device_seconds, emit, make_sdxl_jobs, pass_bytes, poison, sync  # noqa: E402
 
 # (block_m, block_n, block_k, num_warps, num_stages): around the default 128x128x32 w8 s3, larger tiles
 # (fewer re-reads of the fp32 factors per weight byte), deeper rank blocks (fewer K steps at rank 128) and,
@@ -52,7 +52,7 @@ SETTINGS = [
 
 
 def sweep(args, device: torch.device) -> None:
-    from baselines import gpu_floor_seconds, swap_bytes
+    from baselines import gpu_floor_seconds
     from workload import make_workload
 
     from lorarar_kernels.ops import triton_apply as ta
@@ -64,8 +64,7 @@ def sweep(args, device: torch.device) -> None:
         default_key = (default[0], default[1], default[2], default[4], default[5])
         jobs, _ = make_sdxl_jobs(wl, dtype, device)
         srcs = [j.src for j in jobs]
-        nbytes = swap_bytes(wl.shapes, wl.update_rank, torch.tensor([], dtype=dtype).element_size())
-        nbytes += sum(4 * j.col_scale.numel() for j in jobs if j.col_scale is not None)
+        nbytes = pass_bytes(wl, jobs, dtype)
         floor = gpu_floor_seconds(nbytes, args.bw)
         for bm, bn, bk, warps, stages in SETTINGS[: args.configs]:
             label = f"sweep {bm}x{bn}x{bk} w{warps} s{stages}"

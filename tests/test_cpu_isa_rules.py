@@ -142,7 +142,7 @@ def test_a_forced_amx_path_read_from_the_environment_multiplies_as_amx_does(cpu,
     assert cpu_isa.operand_rounding(dtype) == (2.0**-8 if dtype == torch.bfloat16 else 0.0)
 
 
-def test_the_package_imports_without_its_extension(tmp_path):
+def test_the_package_imports_without_its_extension():
     """A pure-Python install (no `_C`): importing the engine works and the cpp backend says why it cannot
     run, and the CPU paths all report the missing extension. Run in a fresh interpreter whose imports of
     `_C` fail."""

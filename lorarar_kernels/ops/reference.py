@@ -27,10 +27,7 @@ def unavailable(device: torch.device) -> str | None:
 
 def apply(jobs: Sequence[ApplyJob]) -> None:
     """dst = round(fp32(src) + up @ (down * S)) for every job; see `lorarar_kernels.ops`."""
-    jobs = list(jobs)
-    flags = [_write(job) for job in jobs]
-    if not _capturing(flags):
-        check_finite(jobs, flags)
+    ReferencePlan(jobs).run()
 
 
 def apply_one(job: ApplyJob) -> None:

@@ -24,8 +24,9 @@ magnitude (gpu_check's tolerance): about one fp16 ulp when |update| ~ |weight|, 
 rather than 16-bit operands: the factors are fp32 in memory (so 16-bit operands would save no
 bandwidth), TF32 has fp16's mantissa with fp32's range, and its MMA rate (~0.5 ms for SDXL's rank-128
 update on an H200) stays under the ~0.9 ms memory floor. The launch settings (`_GPU_SETTINGS`) compile
-for sm_90a without a spill (tools/kernel_resources.py); fp16's was timed fastest on an H200 (see there). The interpreter computes every
-``tl.dot`` in exact fp32, so on CPU all three settings give the ``"ieee"`` result.
+for sm_90a without a spill (tools/kernel_resources.py); fp16's was timed fastest on an H200 (see there).
+The interpreter computes every ``tl.dot`` in exact fp32, so on CPU all three settings give the ``"ieee"``
+result.
 
 Non-finite outputs: each program tests the fp32 sums it writes against the dtype's overflow threshold
 (as the CPU kernel does) and sets its layer's flag in a per-launch int32 buffer; after the launches the
