@@ -12,7 +12,7 @@ ifneq ($(strip $(CUDACXX)),)
 export CUDACXX
 endif
 
-.PHONY: setup demo test bench bench-report lint mutation clean
+.PHONY: setup demo test bench bench-report lint mutation mutation-cpp clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
@@ -43,6 +43,12 @@ bench-report: $(STAMP)
 MUTATION_ARGS ?=
 mutation: $(STAMP)
 	$(PY) tools/mutate.py $(MUTATION_ARGS)
+
+# Generated mutants of the CPU kernels (csrc/cpu_*: every operator and integer literal; each rebuilds the
+# extension in a scratch copy). MUTATION_CPP_ARGS="--sample 250 --seed 0" is the README's documented run.
+MUTATION_CPP_ARGS ?=
+mutation-cpp: $(STAMP)
+	$(PY) tools/mutate_cpp.py $(MUTATION_CPP_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lorarar_kernels python_api tests bench tools
