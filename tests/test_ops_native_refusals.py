@@ -141,3 +141,152 @@ def test_can_pack_takes_two_dimensional_factors_only():
     assert not native.can_pack(up, down.reshape(-1))
     assert not native.can_pack(up[..., None], down)
     assert not native.can_pack(up, down[..., None])
+
+
+def _extension_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lorarar_kernels._C") is not None
+
+
+@pytest.mark.skipif(not _extension_installed(), reason="native extension not built")
+def test_an_installed_extension_of_these_sources_is_used():
+    """The stale-extension guard fires only for an extension whose tables differ: one built from these
+    sources is taken (a guard that fired on every extension made every cpp test skip, not fail)."""
+    assert native._C is not None and native._IMPORT_ERROR is None
+
+
+def _run_engine(finder: str, body: str) -> list[str]:
+    """``body``'s printed lines, in a fresh interpreter whose `lorarar_kernels._C` import goes through
+    ``finder`` (the source of a MetaPathFinder class named Finder)."""
+    import subprocess
+    import sys
+
+    code = f"import importlib.abc, importlib.util, sys\n{finder}\nsys.meta_path.insert(0, Finder())\n{body}"
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip().splitlines()
+
+
+_NO_EXTENSION = """
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "lorarar_kernels._C":
+            raise ImportError("no extension in this test")
+"""
+
+
+def test_without_the_extension_the_native_side_says_so_and_packs_nothing():
+    """A pure-Python install: `ops.native` imports, the cpp backend names the missing extension, and
+    nothing claims CUDA kernels or a pack that cannot run."""
+    lines = _run_engine(
+        _NO_EXTENSION,
+        "import torch\nfrom lorarar_kernels.ops import native\n"
+        "print(native.CPP.unavailable(torch.device('cpu')))\n"
+        "print(native.compiled_with_cuda(), native.can_pack(torch.ones(3, 2), torch.ones(2, 4)))\n",
+    )
+    assert lines[0].startswith(
+        "the native extension lorarar_kernels._C is not built (no extension in this test"
+    )
+    assert lines[1] == "False False"
+
+
+# An extension whose PackJob field table is not the Python's: built from other sources (a stale build)
+_STALE = """
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "lorarar_kernels._C":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        real = spec.loader
+
+        class Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return real.create_module(spec)
+
+            def exec_module(self, module):
+                real.exec_module(module)
+                module.PACK_FIELDS = CHANGE(tuple(module.PACK_FIELDS))
+
+        spec.loader = Loader()
+        return spec
+"""
+
+
+@pytest.mark.skipif(not _extension_installed(), reason="native extension not built")
+@pytest.mark.parametrize("change", ["lambda f: f + ('extra',)", "lambda f: f[::-1]", "lambda f: f[:-1]"])
+def test_a_stale_extension_is_refused_with_what_to_do(change):
+    """Fields added, reordered or dropped (sorting after, before and as a prefix of the Python's): the
+    cpp backend is unavailable and says to reinstall; nothing calls into the stale module."""
+    lines = _run_engine(
+        f"CHANGE = {change}\n{_STALE}",
+        "import torch\nfrom lorarar_kernels.ops import native\n"
+        "print(native._C is None)\nprint(native.CPP.unavailable(torch.device('cpu')))\n",
+    )
+    assert lines == ["True", "lorarar_kernels._C is stale (its PackJob fields differ); reinstall the package"]
+
+
+@needs_cpp
+def test_a_job_table_refused_by_the_cpp_pass_names_the_layer():
+    """The C++ entry validates the table again on every run: a row that went bad after planning (here an
+    empty weight) is refused naming the job's layer, not as a bare ValueError, and nothing is written."""
+    src = torch.randn(4, 6, generator=GEN)
+    dst = torch.full_like(src, float("nan"))
+    job = ApplyJob(
+        "blocks.0.to_v", dst, src, torch.randn(4, 2, generator=GEN), torch.randn(2, 6, generator=GEN)
+    )
+    plan = native.CPP.plan([job])
+    plan.table[0, list(native._C.JOB_FIELDS).index("rows")] = 0
+    with pytest.raises(LayerMismatchError, match=r"^blocks\.0\.to_v: rows: empty weight \[0, 6\]$"):
+        plan.run()
+    assert torch.isnan(dst).all()
+
+
+@needs_cpp
+def test_can_pack_is_false_where_the_cpu_kernels_cannot_run(monkeypatch):
+    """`_C.cpu_unsupported()` (the CPU report of csrc/cpu_isa.cpp) naming a reason: no factor is packed
+    natively; stood in for by a wrapper of the real module that reports one."""
+
+    class NoKernels:
+        def __getattr__(self, name):
+            return getattr(native._C, name)
+
+        def cpu_unsupported(self):
+            return "this CPU lacks SSE2 (test stand-in)"
+
+    up, _, down, _, _ = _part()
+    real = native._C
+    native._cpu_kernels_run.cache_clear()
+    monkeypatch.setattr(native, "_C", NoKernels())
+    try:
+        assert not native.can_pack(up, down)
+    finally:
+        monkeypatch.setattr(native, "_C", real)
+        native._cpu_kernels_run.cache_clear()
+    assert native.can_pack(up, down)
+
+
+@needs_cpp
+def test_pack_factors_refuses_a_rank_mismatch_either_way_and_takes_ranks_past_256():
+    """up with more rank columns than down has rows is refused as well as fewer; equal ranks above 256
+    (ints that are not cached objects) are taken."""
+    up, scale, down, _, _ = _part(rank=3)
+    with pytest.raises(LoraRarError, match=r"^pack_factors: up \(6, 3\) and down \(2, 5\) differ in rank$"):
+        native.pack_factors([(up, scale, torch.randn(2, 5), None, None)])
+    up, scale, down, up_dst, down_dst = _part(rank=300)
+    assert native.pack_factors([(up, scale, down, up_dst, down_dst)]) == [True]
+    assert torch.equal(up_dst, up * scale) and torch.equal(down_dst, down)
+
+
+@needs_cpp
+@pytest.mark.parametrize("which, shape", [("up", (5, 2)), ("up", (6, 3)), ("down", (2, 6)), ("down", (3, 5))])
+def test_pack_factors_refuses_a_destination_too_small_or_too_large(which, shape):
+    """Every destination shape but its source's, smaller and larger (the test above: one of each)."""
+    up, scale, down, up_dst, down_dst = _part()
+    dst = (torch.zeros(shape), down_dst) if which == "up" else (up_dst, torch.zeros(shape))
+    with pytest.raises(LoraRarError, match=r"^pack_factors: up \(6, 2\) -> \("):
+        native.pack_factors([(up, scale, down, *dst)])
+    assert torch.isnan(up_dst).all() and torch.isnan(down_dst).all()
