@@ -25,9 +25,10 @@ WHY = native.CPP.unavailable(CPU)
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"cpp backend unavailable: {WHY}")
 RUNS = cpu_isa.available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# (out, in, r_content, r_style): SDXL attention widths at rank 64 + 64, odd sizes, rank 1, one-sided
+# (out, in, r_content, r_style): SDXL attention widths at rank 64 + 64, odd sizes, rank 1, one-sided; the
+# last column tile 17 and 31 wide (each side of the 16-lane mask boundary of the 32-wide AVX-512/AMX tiles)
 SHAPES = ((640, 640, 64, 64), (1280, 2048, 64, 64), (2048, 1280, 64, 64), (1000, 1333, 5, 11),
-          (37, 5, 1, 2), (640, 640, 1, 0), (33, 70, 0, 1))  # fmt: skip
+          (37, 5, 1, 2), (640, 640, 1, 0), (33, 70, 0, 1), (29, 49, 3, 2), (23, 31, 2, 2))  # fmt: skip
 
 
 def path_param(path: str):
