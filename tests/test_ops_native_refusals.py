@@ -156,77 +156,64 @@ def test_an_installed_extension_of_these_sources_is_used():
     assert native._C is not None and native._IMPORT_ERROR is None
 
 
-def _run_engine(finder: str, body: str) -> list[str]:
-    """``body``'s printed lines, in a fresh interpreter whose `lorarar_kernels._C` import goes through
-    ``finder`` (the source of a MetaPathFinder class named Finder)."""
-    import subprocess
+def _native_importing(monkeypatch, ext):
+    """A fresh copy of `ops/native.py` (the file this process imported) whose `from .. import _C` gets
+    ``ext`` (None: that import fails, as in a pure-Python install). In-process, so that it is the file
+    under test that runs (a subprocess would import the installed package)."""
+    import importlib.util
     import sys
 
-    code = f"import importlib.abc, importlib.util, sys\n{finder}\nsys.meta_path.insert(0, Finder())\n{body}"
-    res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res.stdout.strip().splitlines()
+    import lorarar_kernels
+
+    if ext is None:
+        monkeypatch.delattr(lorarar_kernels, "_C", raising=False)
+    else:
+        monkeypatch.setattr(lorarar_kernels, "_C", ext, raising=False)
+    monkeypatch.setitem(sys.modules, "lorarar_kernels._C", ext)  # None in sys.modules: ImportError
+    spec = importlib.util.spec_from_file_location("lorarar_kernels.ops._native_under_test", native.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-_NO_EXTENSION = """
-class Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "lorarar_kernels._C":
-            raise ImportError("no extension in this test")
-"""
-
-
-def test_without_the_extension_the_native_side_says_so_and_packs_nothing():
+def test_without_the_extension_the_native_side_says_so_and_packs_nothing(monkeypatch):
     """A pure-Python install: `ops.native` imports, the cpp backend names the missing extension, and
     nothing claims CUDA kernels or a pack that cannot run."""
-    lines = _run_engine(
-        _NO_EXTENSION,
-        "import torch\nfrom lorarar_kernels.ops import native\n"
-        "print(native.CPP.unavailable(torch.device('cpu')))\n"
-        "print(native.compiled_with_cuda(), native.can_pack(torch.ones(3, 2), torch.ones(2, 4)))\n",
+    copy = _native_importing(monkeypatch, None)
+    assert copy._C is None
+    assert copy.CPP.unavailable(torch.device("cpu")).startswith(
+        "the native extension lorarar_kernels._C is not built (import of lorarar_kernels._C halted"
     )
-    assert lines[0].startswith(
-        "the native extension lorarar_kernels._C is not built (no extension in this test"
-    )
-    assert lines[1] == "False False"
+    assert copy.compiled_with_cuda() is False
+    assert copy.can_pack(torch.ones(3, 2), torch.ones(2, 4)) is False
 
 
-# An extension whose PackJob field table is not the Python's: built from other sources (a stale build)
-_STALE = """
-class Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "lorarar_kernels._C":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        real = spec.loader
+class _StaleExtension:
+    """The real extension, but with a PackJob field table that is not the Python's (a build from other
+    sources)."""
 
-        class Loader(importlib.abc.Loader):
-            def create_module(self, spec):
-                return real.create_module(spec)
+    def __init__(self, real, change):
+        self._real, self.PACK_FIELDS = real, change(tuple(real.PACK_FIELDS))
 
-            def exec_module(self, module):
-                real.exec_module(module)
-                module.PACK_FIELDS = CHANGE(tuple(module.PACK_FIELDS))
-
-        spec.loader = Loader()
-        return spec
-"""
+    def __getattr__(self, name):
+        return getattr(self._real, name)
 
 
-@pytest.mark.skipif(not _extension_installed(), reason="native extension not built")
-@pytest.mark.parametrize("change", ["lambda f: f + ('extra',)", "lambda f: f[::-1]", "lambda f: f[:-1]"])
-def test_a_stale_extension_is_refused_with_what_to_do(change):
+@pytest.mark.skipif(native._C is None, reason="native extension not built")
+@pytest.mark.parametrize(
+    "change",
+    [lambda f: f + ("extra",), lambda f: f[::-1], lambda f: f[:-1]],
+    ids=["field-added", "reordered", "field-dropped"],
+)
+def test_a_stale_extension_is_refused_with_what_to_do(monkeypatch, change):
     """Fields added, reordered or dropped (sorting after, before and as a prefix of the Python's): the
     cpp backend is unavailable and says to reinstall; nothing calls into the stale module."""
-    lines = _run_engine(
-        f"CHANGE = {change}\n{_STALE}",
-        "import torch\nfrom lorarar_kernels.ops import native\n"
-        "print(native._C is None)\nprint(native.CPP.unavailable(torch.device('cpu')))\n",
+    copy = _native_importing(monkeypatch, _StaleExtension(native._C, change))
+    assert copy._C is None
+    assert copy.CPP.unavailable(torch.device("cpu")) == (
+        "lorarar_kernels._C is stale (its PackJob fields differ); reinstall the package"
     )
-    assert lines == ["True", "lorarar_kernels._C is stale (its PackJob fields differ); reinstall the package"]
+    assert copy.compiled_with_cuda() is False
 
 
 @needs_cpp
