@@ -51,15 +51,15 @@ Features detect() {
 #ifdef LORARAR_X86
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
-  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  const bool osxsave = c & (1u << 27);
   const uint64_t x = osxsave ? xcr0() : 0;
   unsigned b7 = 0, c7 = 0, d7 = 0;
   if (__get_cpuid_count(7, 0, &a, &b7, &c7, &d7)) {
-    const bool ymm = (x & 0x6) == 0x6, zmm = (x & 0xE6) == 0xE6, tiles = (x & 0x60000) == 0x60000;
-    f.avx2 = avx && fma && f16c && (b7 & (1u << 5)) && ymm;
-    f.avx512 = f.avx2 && (b7 & (1u << 16)) && (b7 & (1u << 30)) && (b7 & (1u << 31)) && zmm;
-    f.amx_cpu = f.avx512 && (d7 & (1u << 24)) && (d7 & (1u << 22));
-    f.amx_os = f.amx_cpu && tiles && request_amx_permission();
+    const CpuFeatures w = cpu_features_from(c, b7, d7, x);
+    f.avx2 = w.avx2;
+    f.avx512 = w.avx512;
+    f.amx_cpu = w.amx_cpu;
+    f.amx_os = w.amx_cpu && w.amx_tiles_os && request_amx_permission();
   }
   unsigned brand[12];
   if (__get_cpuid(0x80000000, &a, &b, &c, &d) && a >= 0x80000004) {
@@ -83,6 +83,19 @@ const Features& features() {
 }
 
 }  // namespace
+
+CpuFeatures cpu_features_from(uint32_t ecx1, uint32_t ebx7, uint32_t edx7, uint64_t xcr0_bits) {
+  const bool fma = ecx1 & (1u << 12), osxsave = ecx1 & (1u << 27), avx = ecx1 & (1u << 28),
+             f16c = ecx1 & (1u << 29);
+  const uint64_t x = osxsave ? xcr0_bits : 0;
+  const bool ymm = (x & 0x6) == 0x6, zmm = (x & 0xE6) == 0xE6, tiles = (x & 0x60000) == 0x60000;
+  CpuFeatures f;
+  f.avx2 = avx && fma && f16c && (ebx7 & (1u << 5)) && ymm;
+  f.avx512 = f.avx2 && (ebx7 & (1u << 16)) && (ebx7 & (1u << 30)) && (ebx7 & (1u << 31)) && zmm;
+  f.amx_cpu = f.avx512 && (edx7 & (1u << 24)) && (edx7 & (1u << 22));
+  f.amx_tiles_os = tiles;
+  return f;
+}
 
 const char* cpu_path_name(int path) {
   switch (path) {

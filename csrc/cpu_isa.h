@@ -17,6 +17,14 @@ std::string cpu_path_unsupported(int path);            // "" when this binary an
 int cpu_best_path();                                   // the fastest path that runs here
 std::string cpu_model();                               // the CPU's brand string ("" when unknown)
 
+// The rule behind the paths, from the registers alone (a pure function, so that tests can feed it any CPU):
+// ecx1 = cpuid(1).ecx, ebx7 / edx7 = cpuid(7, 0).ebx / .edx, xcr0_bits = XGETBV(0) (ignored without OSXSAVE).
+// amx_tiles_os: the OS saves tile state (XCR0 bits 17-18); amx also needs Linux's permission (cpu_isa.cpp).
+struct CpuFeatures {
+  bool avx2 = false, avx512 = false, amx_cpu = false, amx_tiles_os = false;
+};
+CpuFeatures cpu_features_from(uint32_t ecx1, uint32_t ebx7, uint32_t edx7, uint64_t xcr0_bits);
+
 // One task of the pass (see cpu_blocking.h): rows [r0, r0 + kTaskRows) x columns [c0, c0 + block_cols)
 // of one job. ap / bp: per-thread scratch of cpu_scratch_floats(rank) floats each, 64-byte aligned.
 // Returns whether any value the task wrote is non-finite (tested on the write-back, cpu_blocking.h).

@@ -338,6 +338,19 @@ PYBIND11_MODULE(_C, m) {
         "The fastest CPU kernel path this binary runs on this CPU: 'amx', 'avx512', 'avx2' or 'portable'.");
   m.def("cpu_paths", &cpu_paths, "{CPU kernel path: None if it runs here, else why not}, slowest first.");
   m.def("cpu_model", &lorarar::cpu_model, "The CPU's brand string from cpuid ('' when unknown).");
+  m.def(
+      "cpu_features_from",
+      [](uint32_t ecx1, uint32_t ebx7, uint32_t edx7, uint64_t xcr0) {
+        const lorarar::CpuFeatures f = lorarar::cpu_features_from(ecx1, ebx7, edx7, xcr0);
+        py::dict d;
+        d["avx2"] = f.avx2;
+        d["avx512"] = f.avx512;
+        d["amx_cpu"] = f.amx_cpu;
+        d["amx_tiles_os"] = f.amx_tiles_os;
+        return d;
+      },
+      py::arg("ecx1"), py::arg("ebx7"), py::arg("edx7"), py::arg("xcr0"),
+      "The feature rule of cpu_paths() from the registers alone: cpuid(1).ecx, cpuid(7,0).ebx/.edx, XCR0.");
   m.def("cpu_unsupported", &cpu_unsupported, "None when this CPU can run the pack kernel, else why not.");
   m.def("cpu_apply", &cpu_apply, py::arg("table"), py::arg("n_jobs"), py::arg("n_threads"),
         py::arg("path") = -1,

@@ -167,3 +167,42 @@ def test_the_package_imports_without_its_extension():
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert "not built" in lines[0] and lines[1] == "portable True", res.stdout
+
+
+# The registers each feature needs (csrc/cpu_isa.cpp): (register, bit). xcr0 counts only with OSXSAVE.
+_AVX2_BITS = [("ecx1", 12), ("ecx1", 27), ("ecx1", 28), ("ecx1", 29), ("ebx7", 5), ("xcr0", 1), ("xcr0", 2)]
+_AVX512_BITS = _AVX2_BITS + [("ebx7", 16), ("ebx7", 30), ("ebx7", 31), ("xcr0", 5), ("xcr0", 6), ("xcr0", 7)]
+_NEEDS = {
+    "avx2": _AVX2_BITS,  # AVX, FMA, F16C, OSXSAVE, AVX2; the OS saves xmm/ymm
+    "avx512": _AVX512_BITS,  # + AVX-512 F/BW/VL; opmask and zmm state
+    "amx_cpu": _AVX512_BITS + [("edx7", 24), ("edx7", 22)],  # + AMX-TILE, AMX-BF16
+    "amx_tiles_os": [("ecx1", 27), ("xcr0", 17), ("xcr0", 18)],  # the OS saves tile config and data
+}
+_WIDTH = {"ecx1": 32, "ebx7": 32, "edx7": 32, "xcr0": 64}
+needs_extension = pytest.mark.skipif(
+    not hasattr(cpu_isa._C, "cpu_features_from"), reason="native extension not built"
+)
+
+
+def _features(**regs) -> dict[str, bool]:
+    return dict(cpu_isa._C.cpu_features_from(regs["ecx1"], regs["ebx7"], regs["edx7"], regs["xcr0"]))
+
+
+@needs_extension
+def test_each_feature_needs_exactly_its_cpuid_and_xcr0_bits():
+    """The feature rule of every path, on any CPU: from registers with every bit set, clearing one bit
+    turns off exactly the features that need it (so a rule reading a neighbouring bit, or one that needs
+    only some of its bits, is caught here even on a CPU that has them all); from all-zero registers, the
+    needed bits alone turn a feature on."""
+    full = {r: (1 << w) - 1 for r, w in _WIDTH.items()}
+    assert _features(**full) == {f: True for f in _NEEDS}
+    for reg, width in _WIDTH.items():
+        for bit in range(width):
+            got = _features(**{**full, reg: full[reg] & ~(1 << bit)})
+            want = {f: (reg, bit) not in needs for f, needs in _NEEDS.items()}
+            assert got == want, (reg, bit, got)
+    for feature, needs in _NEEDS.items():
+        regs = {r: 0 for r in _WIDTH}
+        for reg, bit in needs:
+            regs[reg] |= 1 << bit
+        assert _features(**regs)[feature], (feature, regs)

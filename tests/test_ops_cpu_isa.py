@@ -212,3 +212,58 @@ def test_auto_rule(force, dtype):
     force("auto")
     want = "cpp" if cpu_isa.best() in cpu_isa.AUTO_PATHS else "torch"
     assert dispatch.choose("auto", CPU, dtype)[0] == want
+
+
+def _kernel_cpu_flags() -> set[str] | None:
+    """The first CPU's feature flags as the Linux kernel reports them (it leaves out what the OS does not
+    enable), or None off Linux x86-64."""
+    import platform
+    from pathlib import Path
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next(
+        (set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), None
+    )
+
+
+def _amx_permission_granted() -> bool:
+    """Linux's tile-data permission for this process, asked through libc (arch_prctl ARCH_REQ_XCOMP_PERM,
+    XFEATURE 18), independently of the extension's own request."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64
+
+
+@pytest.mark.skipif(_kernel_cpu_flags() is None, reason="needs Linux on x86-64 (/proc/cpuinfo)")
+def test_the_paths_found_at_run_time_are_the_ones_the_kernel_reports():
+    """csrc/cpu_isa.cpp's cpuid / XGETBV reading against an independent oracle, /proc/cpuinfo: a path runs
+    exactly when the kernel lists every feature it needs (a detection that lost a path would make that
+    path's tests skip here, not fail). Paths this build left out are not compared."""
+    flags = _kernel_cpu_flags()
+    avx2 = {"avx", "avx2", "fma", "f16c"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl"} <= flags
+    amx = avx512 and {"amx_tile", "amx_bf16"} <= flags and _amx_permission_granted()
+    want = {"portable": True, "avx2": avx2, "avx512": avx512, "amx": amx}
+    got = {}
+    for path, why in cpu_isa.available().items():
+        if why is None or not why.startswith("this build has no"):
+            got[path] = why is None
+    assert got == {p: want[p] for p in got}, (got, cpu_isa.available())
+
+
+@pytest.mark.skipif(_kernel_cpu_flags() is None, reason="needs Linux on x86-64 (/proc/cpuinfo)")
+def test_the_cpu_model_is_the_brand_string_the_kernel_reports():
+    """cpuid's brand string (leaves 0x80000002-4), trimmed, is /proc/cpuinfo's `model name`."""
+    from pathlib import Path
+
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
+    if not name:
+        pytest.skip("/proc/cpuinfo names no model")
+    assert cpu_isa.cpu_model() == name
