@@ -40,9 +40,9 @@ FILES = tuple(sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").glo
 FILE_PATH = {"csrc/cpu_apply_avx2.cpp": "avx2", "csrc/cpu_apply_avx512.cpp": "avx512",
              "csrc/cpu_avx512_io.h": "avx512", "csrc/cpu_apply_amx.cpp": "amx"}  # fmt: skip
 # fastest to fail first; -x stops at the first failure
-TESTS = ("tests/test_cpu_isa_rules.py", "tests/test_ops_ties.py", "tests/test_ops_cpu_isa.py", "tests/test_ops_native.py",
-         "tests/test_ops_native_sources.py", "tests/test_ops_pack.py", "tests/test_ops_nonfinite.py",
-         "tests/test_oracle.py", "tests/test_merge_in_place.py")  # fmt: skip
+TESTS = ("tests/test_cpu_isa_rules.py", "tests/test_ops_ties.py", "tests/test_ops_cpu_isa.py",
+         "tests/test_ops_native.py", "tests/test_ops_native_sources.py", "tests/test_ops_pack.py",
+         "tests/test_ops_nonfinite.py", "tests/test_oracle.py", "tests/test_merge_in_place.py")  # fmt: skip
 
 # (kind, regex of the site, replacements): binary operators need a space on both sides
 _SPACED = [
