@@ -38,8 +38,7 @@ from workload import (
 )
 
 import lorarar_kernels as lk
-from lorarar_kernels.ops import ApplyJob
-from lorarar_kernels.ops import cpu_isa
+from lorarar_kernels.ops import ApplyJob, cpu_isa
 from lorarar_kernels.ops import reference as torch_backend
 
 pytest.importorskip("pytest_benchmark")
