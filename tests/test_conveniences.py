@@ -201,6 +201,36 @@ def _peft_te_lora(directory):
     return directory
 
 
+def test_a_swapper_built_directly_merges_text_encoder_layers_by_default(tmp_path):
+    """`Swapper(pipe)` takes the LoRA's text-encoder layers as `attach(pipe)` does (text_encoders=True)."""
+    from lorarar import Swapper
+
+    lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
+    pipe = tiny.build_tiny_pipeline(0)
+    before = _state(pipe.text_encoder)
+    sw = Swapper(pipe)
+    sw.swap(lora)
+    try:
+        assert set(sw.text_encoder_merges) == {"text_encoder", "text_encoder_2"}
+        assert not _bits_equal(_state(pipe.text_encoder), before)
+    finally:
+        sw.reset()
+
+
+def test_a_styles_text_encoder_layers_are_merged_when_the_content_has_none(tmp_path):
+    """Text-encoder layers of the style alone (the content LoRA is UNet-only) reach the text encoders."""
+    lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
+    pipe = tiny.build_tiny_pipeline(0)
+    before = _state(pipe.text_encoder_2)
+    sw = attach(pipe)
+    sw.swap(tiny.random_lora(pipe.unet, 2, seed=5), lora)
+    try:
+        assert set(sw.text_encoder_merges) == {"text_encoder", "text_encoder_2"}
+        assert not _bits_equal(_state(pipe.text_encoder_2), before)
+    finally:
+        sw.reset()
+
+
 def test_text_encoder_layers_merged_as_diffusers_fuses_them(tmp_path):
     d = _peft_te_lora(tmp_path / "lora")
     ref = tiny.build_tiny_pipeline(0)

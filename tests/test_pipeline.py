@@ -231,3 +231,39 @@ def test_swap_prepares_while_a_generation_holds_the_lock():
     ref = tiny.build_tiny_pipeline(seed=0)
     lk.merge(ref.unet, c2, s2, net)
     assert _same_state(unet_state(ref), unet_state(pipe))
+
+
+def test_a_swap_overtaken_while_it_waits_for_the_lock_prepares_again_and_lands():
+    """A swap prepared while a generation holds the lock, then overtaken by another swap landing first (here
+    from the thread in the generation: the lock is re-entrant), is prepared again and lands: the pair asked
+    for last by that thread is the one merged, and its call returns the handle (it neither raises the
+    stale error nor returns having merged nothing)."""
+    pipe = tiny.build_tiny_pipeline(seed=0)
+    net = _SignallingHypernet(widths=tiny.attention_widths(pipe.unet), hidden=8)
+    swapper = attach(pipe, net)
+    (c1, s1), (c2, s2), (c3, s3) = _pairs(pipe.unet, 3)
+    swapper.swap(c1, s1)
+    net.computing.clear()
+    result: dict = {}
+
+    def worker_swap():
+        try:
+            result["handle"] = swapper.swap(c2, s2)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    with swapper.hold():  # a generation in flight
+        worker = threading.Thread(target=worker_swap)
+        worker.start()
+        # The worker is preparing (under the target's work lock): the swap below leases after it and lands
+        # first, so the worker's prepared swap is overtaken before it can take the lock.
+        assert net.computing.wait(30), "the worker's swap did not start preparing"
+        swapper.swap(c3, s3)
+        assert lk.current(pipe.unet).content is c3
+    worker.join(60)
+    assert not worker.is_alive()
+    assert "error" not in result, result.get("error")
+    assert result["handle"] is not None and lk.current(pipe.unet).content is c2
+    ref = tiny.build_tiny_pipeline(seed=0)
+    lk.merge(ref.unet, c2, s2, net)
+    assert _same_state(unet_state(ref), unet_state(pipe))

@@ -273,6 +273,7 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
     # the integration's swap code: the diffusers swapper (real tiny pipelines, real accelerate and PEFT)
     "integration": {
         "python_api/lorarar/pipeline.py": (
+            "tests/test_pipeline_promises.py",  # keyword-only options, progress, SGM names, export, repr
             "tests/test_pipeline_peft_fuse.py",
             "tests/test_pipeline_offload.py",
             "tests/test_pipeline.py",
