@@ -126,8 +126,12 @@ def test_kohya_variants_the_engine_cannot_represent_are_refused_by_name(suffix, 
         lk.LoRA.load(state)
 
 
-def test_a_kohya_key_of_no_known_suffix_is_reported_as_unknown_not_dropped():
-    state = {**_kohya("lora_unet_x_to_q"), "lora_unet_x_to_q.lora_gate.weight": torch.ones(2)}
+@pytest.mark.parametrize("unknown_first", [False, True], ids=["after", "before"])
+def test_a_kohya_key_of_no_known_suffix_is_reported_as_unknown_not_dropped(unknown_first):
+    """Wherever it sorts among the layer's keys: the keys after it are still read (only it is unknown)."""
+    unknown = {"lora_unet_x_to_q.lora_gate.weight": torch.ones(2)}
+    layer = _kohya("lora_unet_x_to_q")
+    state = {**unknown, **layer} if unknown_first else {**layer, **unknown}
     with pytest.raises(
         LoraFileError, match=r"1 keys of no known LoRA format .*'lora_unet_x_to_q\.lora_gate\.weight'"
     ):
@@ -421,3 +425,10 @@ def test_the_peft_writer_takes_its_options_by_keyword_only(tmp_path):
     write_peft(lora, path=tmp_path / "b.safetensors", dtype=torch.float16)  # path by name too
     back = lk.LoRA.load(tmp_path / "b.safetensors")
     assert set(back) == {"x.to_q"} and back["x.to_q"].down.dtype == torch.float16
+
+
+def test_a_negative_kohya_alpha_gives_a_negative_scale():
+    """alpha / rank for every alpha but 0 (which means rank: scale 1), negative ones included."""
+    lora = lk.LoRA.load(_kohya("lora_unet_x_to_q", rank=2, alpha=torch.tensor(-4.0)))
+    assert lora["x.to_q"].scale == -2.0
+    assert lk.LoRA.load(_kohya("lora_unet_x_to_q", rank=2, alpha=torch.tensor(0.0)))["x.to_q"].scale == 1.0
