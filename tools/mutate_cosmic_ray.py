@@ -280,9 +280,12 @@ PROFILES: dict[str, dict[str, tuple[str, ...]]] = {
             "tests/test_conveniences.py",
         ),
         "python_api/lorarar/pipeline_targets.py": (
+            "tests/test_pipeline_promises.py",
+            "tests/test_conveniences.py",  # text encoders, progress, the rollback across models
             "tests/test_pipeline.py",
             "tests/test_pipeline_dit.py",
             "tests/test_fused_qkv.py",
+            "tests/test_transactional.py",
         ),
     },
 }
