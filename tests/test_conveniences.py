@@ -148,6 +148,43 @@ def test_progress_reports_layers(unet_pair, capsys):
     sw.reset()
 
 
+def test_progress_counts_the_text_encoders_put_back(tmp_path):
+    """A swap that restores the text encoders (the new pair has no text-encoder layers) counts their layers
+    too: the last report is (total, total), twice the layers written and put back."""
+    te_lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
+    pipe = tiny.build_tiny_pipeline(0)
+    sw = attach(pipe)
+    sw.swap(te_lora)
+    te_layers = sum(len(m.layers) for m in sw.text_encoder_merges.values())
+    unet_only = tiny.random_lora(pipe.unet, 2, seed=5)
+    seen = []
+    sw.swap(unet_only, progress=lambda done, total: seen.append((done, total)))
+    n = 2 * (len(set(unet_only)) + te_layers)
+    assert seen[-1] == (n, n), (seen[-1], n)
+    sw.reset()
+
+
+def test_given_coefficients_reach_the_unet_only(tmp_path):
+    """`swap(..., coefficients=...)` overrides the hypernetwork for those UNet layers (as `lk.merge` does)
+    while the pair's text-encoder layers are merged beside them."""
+    te_lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
+    pipe = tiny.build_tiny_pipeline(0)
+    hyper = tiny.default_hypernet(pipe.unet)
+    style = tiny.random_lora(pipe.unet, 3, seed=6)
+    layer = next(n for n in te_lora.unet_layers() if n in style.unet_layers())
+    width = te_lora[layer].in_features
+    coefficients = {layer: (torch.full((width,), 0.25), torch.full((width,), 1.5))}
+    ref = tiny.build_tiny_pipeline(0)
+    lk.merge(ref.unet, te_lora, style, hyper, coefficients=coefficients)  # the UNet's layers of both
+    sw = attach(pipe, hyper)
+    sw.swap(te_lora, style, coefficients=coefficients)
+    try:
+        assert set(sw.text_encoder_merges) == {"text_encoder", "text_encoder_2"}
+        assert _bits_equal(_state(pipe.unet), _state(ref.unet))
+    finally:
+        sw.reset()
+
+
 def test_cli_takes_lora_directories_and_weights(tmp_path, capsys):
     """A PEFT ``save_pretrained`` directory, one LoRA, and --weights, as the API takes them."""
     from peft import LoraConfig, get_peft_model

@@ -111,3 +111,15 @@ def test_the_repr_names_the_pair_merged(pipe_and_pair):
         assert repr(sw) == f"Swapper({type(pipe).__name__}, {c.source} + -, backend='torch')"
     finally:
         sw.reset()
+
+
+@pytest.mark.parametrize("progress", [0, 1, "yes", 0.0])
+def test_progress_is_true_false_or_a_callable_nothing_else(pipe_and_pair, progress):
+    """0 and 1 are not False and True here: refused before anything is written."""
+    pipe, c, s = pipe_and_pair
+    sw = attach(pipe, backend="torch")
+    before = unet_state(pipe)
+    with pytest.raises(lk.LoraRarError, match=r"progress must be True, False or a callable, got "):
+        sw.swap(c, s, progress=progress)
+    after = unet_state(pipe)
+    assert all(torch.equal(after[k], before[k]) for k in before)
