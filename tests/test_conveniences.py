@@ -185,6 +185,28 @@ def test_given_coefficients_reach_the_unet_only(tmp_path):
         sw.reset()
 
 
+def test_a_swap_waits_for_a_text_encoders_own_lock(tmp_path):
+    """While another thread holds a text encoder's engine lock (`lk.target_lock`: a direct merge or a read
+    of its weights in progress), a swap that writes that encoder writes nothing (not even the UNet) until it
+    is released, then lands."""
+    import threading
+
+    te_lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
+    pipe = tiny.build_tiny_pipeline(0)
+    sw = attach(pipe)
+    unet_before = _state(pipe.unet)
+    done = threading.Event()
+    with lk.target_lock(pipe.text_encoder_2):
+        worker = threading.Thread(target=lambda: (sw.swap(te_lora), done.set()))
+        worker.start()
+        assert not done.wait(1.0), "the swap wrote a text encoder whose lock another thread holds"
+        # all or nothing: no model is written before every lock is held (the UNet still has no pair)
+        assert lk.current(pipe.unet) is None and _bits_equal(_state(pipe.unet), unet_before)
+    worker.join(60)
+    assert done.is_set() and set(sw.text_encoder_merges) == {"text_encoder", "text_encoder_2"}
+    sw.reset()
+
+
 def test_cli_takes_lora_directories_and_weights(tmp_path, capsys):
     """A PEFT ``save_pretrained`` directory, one LoRA, and --weights, as the API takes them."""
     from peft import LoraConfig, get_peft_model
