@@ -40,6 +40,7 @@ from workload import (
     gemm_seconds,
     machine_info,
     make_workload,
+    operand_slack,
 )
 
 import lorarar_kernels as lk
@@ -159,7 +160,7 @@ def build(args, wl: Workload) -> tuple[list[Candidate], list[str]]:
                 lk.merge(module, *wl.pairs[1], wl.hypernet, backend="torch")
                 m = lk.merge(module, *wl.pairs[0], wl.hypernet, backend=b)
                 if check:  # + the documented bf16 operand rounding of the cpp kernel's amx path
-                    op = 2.5 * cpu_isa.operand_rounding(dtype) if m.backend == "cpp" else 0.0
+                    op = operand_slack(m.backend, dtype)
                     check_merge(
                         weights_of(module), ref, plan, eps=eps + op, what=f"{m.backend} {dname}", names=names
                     )

@@ -35,10 +35,11 @@ from workload import (
     gemm_rate,
     gemm_seconds,
     make_workload,
+    operand_slack,
 )
 
 import lorarar_kernels as lk
-from lorarar_kernels.ops import ApplyJob, cpu_isa
+from lorarar_kernels.ops import ApplyJob
 from lorarar_kernels.ops import reference as torch_backend
 
 pytest.importorskip("pytest_benchmark")
@@ -172,8 +173,7 @@ def test_swap(benchmark, wl, rate, targets, backend, dtype_name):
     # weights holding pair 1 first, so that a backend that wrote nothing could not pass the check
     lk.merge(tgt.module, *wl.pairs[1], wl.hypernet, backend="torch")
     m = lk.merge(tgt.module, *wl.pairs[0], wl.hypernet, backend=backend)
-    # + the documented bf16 operand rounding of the cpp kernel's amx path (0 on every other path)
-    op = 2.5 * cpu_isa.operand_rounding(dtype) if m.backend == "cpp" else 0.0
+    op = operand_slack(m.backend, dtype)  # the amx path's documented bf16 operands
     check_merge(
         weights_of(tgt.module),
         tgt.ref,

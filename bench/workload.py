@@ -250,6 +250,14 @@ _TERMS: dict[
 ] = {}  # id(plan) -> (plan, {name: terms}); the plan is held so ids stay unique
 
 
+def operand_slack(backend: str, dtype: torch.dtype) -> float:
+    """What a merge by ``backend`` adds to `check_merge`'s ``eps``: 2.5 x the `cpp` kernel's documented operand
+    rounding (bf16 operands on its amx path: `ops.cpu_isa.operand_rounding`), 0 for anything else."""
+    from lorarar_kernels.ops import cpu_isa
+
+    return 2.5 * cpu_isa.operand_rounding(dtype) if backend == "cpp" else 0.0
+
+
 def check_merge(out, ref, plan, *, eps: float, ulps: float = 1.0, what: str = "", names=None) -> float:
     """Assert ``|out - ref| <= ulps * ulp(ref) + eps * mag`` on every layer; returns the worst error/bound.
 

@@ -148,10 +148,9 @@ def test_progress_reports_layers(unet_pair, capsys):
     sw.reset()
 
 
-def test_progress_counts_the_text_encoders_put_back(tmp_path):
+def test_progress_counts_the_text_encoders_put_back(te_lora):
     """A swap that restores the text encoders (the new pair has no text-encoder layers) counts their layers
     too: the last report is (total, total), twice the layers written and put back."""
-    te_lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
     pipe = tiny.build_tiny_pipeline(0)
     sw = attach(pipe)
     sw.swap(te_lora)
@@ -164,10 +163,9 @@ def test_progress_counts_the_text_encoders_put_back(tmp_path):
     sw.reset()
 
 
-def test_given_coefficients_reach_the_unet_only(tmp_path):
+def test_given_coefficients_reach_the_unet_only(te_lora):
     """`swap(..., coefficients=...)` overrides the hypernetwork for those UNet layers (as `lk.merge` does)
     while the pair's text-encoder layers are merged beside them."""
-    te_lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
     pipe = tiny.build_tiny_pipeline(0)
     hyper = tiny.default_hypernet(pipe.unet)
     style = tiny.random_lora(pipe.unet, 3, seed=6)
@@ -185,13 +183,12 @@ def test_given_coefficients_reach_the_unet_only(tmp_path):
         sw.reset()
 
 
-def test_a_swap_waits_for_a_text_encoders_own_lock(tmp_path):
+def test_a_swap_waits_for_a_text_encoders_own_lock(te_lora):
     """While another thread holds a text encoder's engine lock (`lk.target_lock`: a direct merge or a read
     of its weights in progress), a swap that writes that encoder writes nothing (not even the UNet) until it
     is released, then lands."""
     import threading
 
-    te_lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
     pipe = tiny.build_tiny_pipeline(0)
     sw = attach(pipe)
     unet_before = _state(pipe.unet)
@@ -260,32 +257,30 @@ def _peft_te_lora(directory):
     return directory
 
 
-def test_a_swapper_built_directly_merges_text_encoder_layers_by_default(tmp_path):
-    """`Swapper(pipe)` takes the LoRA's text-encoder layers as `attach(pipe)` does (text_encoders=True)."""
+@pytest.fixture(scope="module")
+def te_lora(tmp_path_factory):
+    """`_peft_te_lora`'s file, written once for the module and read as an `lk.LoRA`."""
+    return lk.LoRA.load(_peft_te_lora(tmp_path_factory.mktemp("te") / "lora"))
+
+
+@pytest.mark.parametrize("how", ["Swapper-default-content", "attach-style-alone"])
+def test_text_encoder_layers_reach_the_text_encoders(te_lora, how):
+    """`Swapper(pipe)` takes the LoRA's text-encoder layers as `attach(pipe)` does (text_encoders=True); and
+    the style's alone reach them when the content LoRA is UNet-only."""
     from lorarar import Swapper
 
-    lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
     pipe = tiny.build_tiny_pipeline(0)
-    before = _state(pipe.text_encoder)
-    sw = Swapper(pipe)
-    sw.swap(lora)
+    before = {name: _state(getattr(pipe, name)) for name in ("text_encoder", "text_encoder_2")}
+    if how == "Swapper-default-content":
+        sw = Swapper(pipe)
+        sw.swap(te_lora)
+    else:
+        sw = attach(pipe)
+        sw.swap(tiny.random_lora(pipe.unet, 2, seed=5), te_lora)
     try:
         assert set(sw.text_encoder_merges) == {"text_encoder", "text_encoder_2"}
-        assert not _bits_equal(_state(pipe.text_encoder), before)
-    finally:
-        sw.reset()
-
-
-def test_a_styles_text_encoder_layers_are_merged_when_the_content_has_none(tmp_path):
-    """Text-encoder layers of the style alone (the content LoRA is UNet-only) reach the text encoders."""
-    lora = lk.LoRA.load(_peft_te_lora(tmp_path / "lora"))
-    pipe = tiny.build_tiny_pipeline(0)
-    before = _state(pipe.text_encoder_2)
-    sw = attach(pipe)
-    sw.swap(tiny.random_lora(pipe.unet, 2, seed=5), lora)
-    try:
-        assert set(sw.text_encoder_merges) == {"text_encoder", "text_encoder_2"}
-        assert not _bits_equal(_state(pipe.text_encoder_2), before)
+        for name, state in before.items():
+            assert not _bits_equal(_state(getattr(pipe, name)), state), name
     finally:
         sw.reset()
 

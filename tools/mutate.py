@@ -20,6 +20,7 @@ mutant run is killed or accepted (`Mutant.accepted`, with the reason), 1 otherwi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -166,6 +167,33 @@ def cannot_run_here(m) -> str | None:
     return cpu_isa.available()[m.cpu_path]
 
 
+@contextlib.contextmanager
+def scratch_dir(prefix: str, keep: bool, log):
+    """A fresh scratch folder for one run; removed afterwards unless ``keep`` (its path is then logged)."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield scratch
+    finally:
+        if keep:
+            log(f"scratch copy kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def score_line(results, seconds: float) -> tuple[bool, str]:
+    """(every mutant run killed or accepted, the run's score line) for ``[(mutant, verdict, tail)]``:
+    killed / (killed + SURVIVED); accepted, stillborn and not-run mutants are counted apart."""
+    counted = [r for r in results if r[1] in ("killed", "SURVIVED")]
+    killed = sum(r[1] == "killed" for r in counted)
+    n = {v: sum(r[1] == v for r in results) for v in ("accepted", "stillborn", "not run")}
+    line = (
+        f"score: {killed}/{len(counted)} killed = {100 * killed / max(len(counted), 1):.1f} % "
+        f"({n['accepted']} accepted survivors, {n['stillborn']} stillborn, "
+        f"{n['not run']} not run on this CPU; {seconds:.0f} s)"
+    )
+    return killed == len(counted), line
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])  # fmt: skip
@@ -205,9 +233,8 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    scratch = Path(tempfile.mkdtemp(prefix="lorarar-mutate-"))
     t_start = time.perf_counter()
-    try:
+    with scratch_dir("lorarar-mutate-", args.keep, log) as scratch:
         scratch_copy(scratch)
         shutil.copy2(installed_extension(), scratch / "lorarar_kernels")
         tests = sorted({t for m in chosen for t in m.tests})
@@ -242,26 +269,15 @@ def main(argv=None) -> int:
             log(f"{verdict:9s} {m.id}  ({time.perf_counter() - t0:.0f} s: {tail})")
         if built:
             build_extension(scratch, log)
-        counted = [r for r in results if r[1] in ("killed", "SURVIVED")]
-        killed = sum(r[1] == "killed" for r in counted)
+        all_killed, line = score_line(results, time.perf_counter() - t_start)
         log("")
-        log(
-            f"score: {killed}/{len(counted)} killed = {100 * killed / max(len(counted), 1):.1f} % "
-            f"({sum(r[1] == 'accepted' for r in results)} accepted survivors, "
-            f"{sum(r[1] == 'stillborn' for r in results)} stillborn, "
-            f"{sum(r[1] == 'not run' for r in results)} not run on this CPU; {time.perf_counter() - t_start:.0f} s)"
-        )
+        log(line)
         for m, verdict, _ in results:
             if verdict == "accepted":
                 log(f"  accepted {m.id}: {m.accepted}")
             elif verdict == "SURVIVED":
                 log(f"  SURVIVED {m.id}: no test in {list(m.tests)} fails")
-        return 0 if killed == len(counted) else 1
-    finally:
-        if args.keep:
-            log(f"scratch copy kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        return 0 if all_killed else 1
 
 
 if __name__ == "__main__":

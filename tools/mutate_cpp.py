@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,10 +207,9 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    scratch = Path(tempfile.mkdtemp(prefix="lorarar-mutate-cpp-"))
     t_start = time.perf_counter()
     results: list[tuple[CppMutant, str, str]] = []
-    try:
+    with mutate.scratch_dir("lorarar-mutate-cpp-", args.keep, log) as scratch:
         mutate.scratch_copy(scratch)
         if not mutate.build_extension(scratch, log):
             raise SystemExit("mutate_cpp: the unmutated copy does not build")
@@ -242,24 +239,14 @@ def main(argv=None) -> int:
                 (scratch / m.file).write_text(original)
             results.append((m, verdict, tail))
             log(f"[{i}/{len(chosen)}] {verdict:9s} {m.id}  ({time.perf_counter() - t0:.0f} s: {tail})")
-        counted = [r for r in results if r[1] in ("killed", "SURVIVED")]
-        killed = sum(r[1] == "killed" for r in counted)
+        all_killed, line = mutate.score_line(results, time.perf_counter() - t_start)
         log("")
-        log(
-            f"score: {killed}/{len(counted)} killed = {100 * killed / max(len(counted), 1):.1f} % "
-            f"({sum(r[1] == 'stillborn' for r in results)} stillborn, "
-            f"{sum(r[1] == 'not run' for r in results)} not run on this CPU; {time.perf_counter() - t_start:.0f} s)"
-        )
+        log(line)
         texts = {f: (ROOT / f).read_text().split("\n") for f in {m.file for m, _, _ in results}}
         for m, verdict, _ in results:
             if verdict == "SURVIVED":
                 log(f"  SURVIVED {m.id}  {m.old!r} -> {m.new!r}  in: {texts[m.file][m.line - 1].strip()}")
-        return 0 if killed == len(counted) else 1
-    finally:
-        if args.keep:
-            log(f"scratch copy kept: {scratch}")
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
+        return 0 if all_killed else 1
 
 
 if __name__ == "__main__":
